@@ -1,0 +1,31 @@
+# mixSGA-bench: the workflow entry point.
+#
+#   snakemake --cores all                                # offline default (config/config.yaml)
+#   snakemake --cores all --configfile config/paper.yaml # paper profile (GPU, hub checkpoints)
+#   snakemake -n                                         # list the grid's jobs
+#
+# The config is validated (and completed with defaults) against
+# workflow/schemas/config.schema.yaml before any job is built. The grid
+# model x method x budget x seed is expanded once, in workflow/rules/common.smk.
+# Rules stay thin: each calls one `python -m harness ...` / `python -m analysis ...`.
+
+from snakemake.utils import min_version
+
+min_version("9.0")
+
+
+configfile: "config/config.yaml"
+
+
+include: "workflow/rules/common.smk"
+include: "workflow/rules/data.smk"
+include: "workflow/rules/tokenizer.smk"
+include: "workflow/rules/models.smk"
+include: "workflow/rules/runs.smk"
+include: "workflow/rules/analysis.smk"
+
+
+rule all:
+    input:
+        all_targets(),
+    default_target: True

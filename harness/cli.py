@@ -1,0 +1,199 @@
+"""Command line of the harness: ``python -m harness <command> ...`` (also ``mixsga-bench``).
+
+Each Snakemake rule calls exactly one of these commands; they are equally usable by hand.
+Heavy imports happen inside the commands so that ``--help`` and ``grid`` stay fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Sequence
+
+DEFAULT_CONFIG = "config/config.yaml"
+
+
+def _set_threads(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(max(1, threads))
+
+
+def cmd_corpus(args: argparse.Namespace) -> None:
+    from harness.corpus import build_corpus
+
+    fp = build_corpus(args.out, val_fraction=args.val_fraction, test_fraction=args.test_fraction)
+    print(json.dumps(fp, indent=2, sort_keys=True))
+
+
+def cmd_instruct(args: argparse.Namespace) -> None:
+    from harness.instruct import build_instruct
+
+    print(json.dumps(build_instruct(args.out, args.corpus), indent=2, sort_keys=True, default=str))
+
+
+def cmd_tokenizer(args: argparse.Namespace) -> None:
+    _set_threads(args.threads)
+    from harness.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size)
+    print(f"tokenizer with {len(tok)} tokens saved to {args.out}")
+
+
+def cmd_unigram(args: argparse.Namespace) -> None:
+    from harness.corpus import read_split
+    from harness.perplexity import unigram_perplexity
+    from harness.records import write_json_atomic
+    from harness.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(args.tokenizer)
+    value = unigram_perplexity(tokenizer, read_split(args.corpus, "train"), read_split(args.corpus, args.split))
+    write_json_atomic(args.out, {"ppl_unigram": float(value), "split": args.split, "tokenizer": str(args.tokenizer)})
+    print(f"unigram perplexity on {args.split}: {value:.2f}")
+
+
+def cmd_pretrain(args: argparse.Namespace) -> None:
+    _set_threads(args.threads)
+    from harness.pretrain import pretrain
+    from harness.provenance import resolve_device
+
+    summary = pretrain(
+        args.family,
+        args.size,
+        args.tokenizer,
+        args.corpus,
+        args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        seed=args.seed,
+        device=resolve_device(args.device),
+    )
+    print(json.dumps(summary, indent=2, sort_keys=True, default=str))
+
+
+def cmd_check_config(args: argparse.Namespace) -> None:
+    import yaml
+
+    from harness.config import load_config
+
+    print(yaml.safe_dump(load_config(args.configfile), sort_keys=False), end="")
+
+
+def cmd_grid(args: argparse.Namespace) -> None:
+    from harness.config import RUN_TABLE_COLUMNS, load_config, run_table, write_run_table
+
+    rows = run_table(load_config(args.configfile))
+    if args.out:
+        write_run_table(rows, args.out)
+    print("\t".join(RUN_TABLE_COLUMNS))
+    for row in rows:
+        print("\t".join(str(row[c]) for c in RUN_TABLE_COLUMNS))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    from harness.config import load_config, run_spec
+    from harness.run import execute_run
+
+    if (args.spec is None) == (args.run_id is None):
+        raise ValueError("give exactly one of --spec (JSON, as the workflow does) or --run-id (with --configfile)")
+    spec = json.loads(args.spec) if args.spec is not None else run_spec(load_config(args.configfile), args.run_id)
+    record = execute_run(
+        spec,
+        args.out,
+        model_path=args.model,
+        corpus_dir=args.corpus,
+        unigram_path=args.unigram,
+        threads=args.threads,
+    )
+    q = record["quality"]
+    print(f"{record['identity']['run_id']}: ppl_token={q['ppl_token']:.3f} ppl_word={q['ppl_word']:.3f} -> {args.out}")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every harness command."""
+    parser = argparse.ArgumentParser(
+        prog="python -m harness",
+        description="mixSGA-bench harness: build data, tokenizer and base models, run one grid cell, "
+        "inspect the config grid. Snakemake calls these; see README.md.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, func: Callable[[argparse.Namespace], None], help_: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_, description=help_)
+        p.set_defaults(func=func)
+        return p
+
+    def threads(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+
+    p = add("corpus", cmd_corpus, "build the offline text corpus (stdlib source split by module)")
+    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--val-fraction", type=float, default=0.10)
+    p.add_argument("--test-fraction", type=float, default=0.05)
+
+    p = add("instruct", cmd_instruct, "build the offline instruction set (code -> docstring summary)")
+    p.add_argument("--corpus", required=True, help="corpus directory")
+    p.add_argument("--out", required=True, help="output directory")
+
+    p = add("tokenizer", cmd_tokenizer, "train the byte-level BPE tokenizer on the corpus training split")
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--vocab-size", type=int, default=4096)
+    threads(p)
+
+    p = add("unigram", cmd_unigram, "unigram (token frequency) perplexity: the floor a language model must beat")
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--split", default="test", choices=["validation", "test"])
+    p.add_argument("--out", required=True, help="JSON file")
+
+    p = add("pretrain", cmd_pretrain, "pretrain a small base model of one family on the corpus")
+    p.add_argument("--family", required=True)
+    p.add_argument("--size", required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--steps", type=int, required=True)
+    p.add_argument("--batch-size", type=int, required=True)
+    p.add_argument("--seq-len", type=int, required=True)
+    p.add_argument("--lr", type=float, required=True)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
+    threads(p)
+
+    p = add("check-config", cmd_check_config, "validate config file(s) and print the resolved config")
+    p.add_argument("--configfile", nargs="+", default=[DEFAULT_CONFIG], help="later files override earlier ones")
+
+    p = add("grid", cmd_grid, "print the run table (model x method x budget x seed) of a config")
+    p.add_argument("--configfile", nargs="+", default=[DEFAULT_CONFIG])
+    p.add_argument("--out", help="also write the table here (TSV)")
+
+    p = add("run", cmd_run, "run one grid cell and write its record (skipped if a valid record exists)")
+    p.add_argument("--spec", help="the run's resolved config as JSON (what the workflow passes)")
+    p.add_argument("--run-id", help="alternatively: a run id of --configfile's grid")
+    p.add_argument("--configfile", nargs="+", default=[DEFAULT_CONFIG])
+    p.add_argument("--model", help="directory of a model pretrained here (omit for hub models)")
+    p.add_argument("--corpus", help="corpus directory (eval texts for text_set 'corpus', fingerprint)")
+    p.add_argument("--unigram", help="JSON from 'harness unigram' (models pretrained here)")
+    p.add_argument("--out", required=True, help="record path (JSON)")
+    threads(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point; bad input exits with status 2 and a one-line reason instead of a traceback."""
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (ValueError, FileNotFoundError, NotImplementedError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

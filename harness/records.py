@@ -1,0 +1,251 @@
+"""One JSON record per run: schema, constructor, validation, atomic writer, reader.
+
+A record has the sections identity, provenance, budget, quality, performance, flags
+and wall_time_s. Numbers not measured yet are ``null``, never invented. ``analysis/``
+reads only these records.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Mapping
+
+from jsonschema import Draft202012Validator
+
+SCHEMA_VERSION = 1
+
+_NUM = {"type": "number"}
+_NUM_OR_NULL = {"type": ["number", "null"]}
+_POS_OR_NULL = {"type": ["number", "null"], "minimum": 0}
+_STR_OR_NULL = {"type": ["string", "null"]}
+
+
+def _section(properties: dict, required: list[str] | None = None) -> dict:
+    return {
+        "type": "object",
+        "additionalProperties": False,
+        "required": list(properties) if required is None else required,
+        "properties": properties,
+    }
+
+
+RECORD_SCHEMA: dict = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "mixSGA-bench run record",
+    **_section(
+        {
+            "schema_version": {"const": SCHEMA_VERSION},
+            "identity": _section(
+                {
+                    "run_id": {"type": "string", "minLength": 1},
+                    "model": {"type": "string", "minLength": 1},
+                    "family": {"type": "string", "minLength": 1},
+                    "method": {"type": "string", "minLength": 1},
+                    "seed": {"type": "integer", "minimum": 0},
+                    "config": {"type": "object"},
+                }
+            ),
+            "provenance": _section(
+                {
+                    "git": _section(
+                        {"commit": _STR_OR_NULL, "dirty": {"type": ["boolean", "null"]}}
+                    ),
+                    "packages": {"type": "object", "additionalProperties": _STR_OR_NULL},
+                    "python": {"type": "string"},
+                    "platform": {"type": "string"},
+                    "hostname": {"type": "string"},
+                    "device": {
+                        "type": "object",
+                        "required": ["type", "name"],
+                        "properties": {"type": {"type": "string"}, "name": {"type": "string"}},
+                    },
+                    "seed": {"type": "integer", "minimum": 0},
+                    "dataset_fingerprint": {"type": ["object", "null"]},
+                    "started_at": {"type": "string", "format": "date-time"},
+                    "finished_at": {"type": "string", "format": "date-time"},
+                }
+            ),
+            "budget": _section(
+                {
+                    "nominal": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+                    "realized": _POS_OR_NULL,
+                    "analytic_bytes_per_token": _POS_OR_NULL,
+                    "base_bytes_per_token": _POS_OR_NULL,
+                    "measured_bytes": _POS_OR_NULL,
+                    "measured_tokens": {"type": ["integer", "null"], "minimum": 0},
+                    "dtype": {"type": "string"},
+                    "params": {"type": ["object", "null"]},
+                }
+            ),
+            "quality": _section(
+                {
+                    "ppl_token": _POS_OR_NULL,
+                    "ppl_word": _POS_OR_NULL,
+                    "ppl_unigram": _POS_OR_NULL,
+                    "eval_set": _STR_OR_NULL,
+                    "eval_tokens": {"type": ["integer", "null"], "minimum": 0},
+                    "eval_words": {"type": ["integer", "null"], "minimum": 0},
+                    "rouge_l": _POS_OR_NULL,
+                    "rouge_impl": _STR_OR_NULL,
+                    "gen_len": _POS_OR_NULL,
+                }
+            ),
+            "performance": _section(
+                {
+                    "prefill_ms": _POS_OR_NULL,
+                    "decode_tokens_per_s": {
+                        "oneOf": [
+                            {"type": "null"},
+                            _section({k: _POS_OR_NULL for k in ("mean", "p50", "p90", "std")}),
+                        ]
+                    },
+                    "peak_memory_bytes": _section(
+                        {k: _POS_OR_NULL for k in ("prefill", "decode")}
+                    ),
+                }
+            ),
+            "flags": _section(
+                {"simulated": {"type": "boolean"}, "query_aware": {"type": ["boolean", "null"]}}
+            ),
+            "wall_time_s": {"type": "number", "minimum": 0},
+        }
+    ),
+}
+
+_VALIDATOR = Draft202012Validator(RECORD_SCHEMA, format_checker=Draft202012Validator.FORMAT_CHECKER)
+
+
+def empty_quality() -> dict:
+    """Quality section with nothing measured."""
+    return {k: None for k in RECORD_SCHEMA["properties"]["quality"]["properties"]}
+
+
+def empty_performance() -> dict:
+    """Performance section with nothing measured."""
+    return {"prefill_ms": None, "decode_tokens_per_s": None, "peak_memory_bytes": {"prefill": None, "decode": None}}
+
+
+def new_record(
+    *,
+    spec: Mapping[str, Any],
+    provenance: Mapping[str, Any],
+    budget: Mapping[str, Any],
+    quality: Mapping[str, Any] | None = None,
+    performance: Mapping[str, Any] | None = None,
+    flags: Mapping[str, Any],
+    wall_time_s: float,
+) -> dict:
+    """Assemble and validate a record; ``spec`` is the run's resolved config (harness.config.run_spec)."""
+    record = {
+        "schema_version": SCHEMA_VERSION,
+        "identity": {
+            "run_id": spec["run_id"],
+            "model": spec["model"]["name"],
+            "family": spec["model"]["family"],
+            "method": spec["method"],
+            "seed": spec["seed"],
+            "config": dict(spec),
+        },
+        "provenance": dict(provenance),
+        "budget": dict(budget),
+        "quality": {**empty_quality(), **(quality or {})},
+        "performance": {**empty_performance(), **(performance or {})},
+        "flags": dict(flags),
+        "wall_time_s": float(wall_time_s),
+    }
+    validate_record(record)
+    return record
+
+
+def _key_name(path) -> str:
+    parts = []
+    for p in path:
+        parts.append(f"[{p}]" if isinstance(p, int) else (("." if parts else "") + str(p)))
+    return "".join(parts) or "<top level>"
+
+
+def _non_finite(value, path=()) -> list[str]:
+    """Paths of NaN / inf numbers (JSON cannot hold them portably, so records may not either)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [_key_name(path)]
+    if isinstance(value, dict):
+        return [p for k, v in value.items() for p in _non_finite(v, (*path, k))]
+    if isinstance(value, list):
+        return [p for i, v in enumerate(value) for p in _non_finite(v, (*path, i))]
+    return []
+
+
+def validate_record(record: Mapping[str, Any]) -> None:
+    """Raise ValueError naming each field that breaks the record schema."""
+    errors = sorted(_VALIDATOR.iter_errors(record), key=lambda e: list(map(str, e.absolute_path)))
+    problems = [f"record field '{_key_name(e.absolute_path)}': {e.message}" for e in errors]
+    problems += [f"record field '{p}': not a finite number" for p in _non_finite(record)]
+    if not problems and record["identity"]["seed"] != record["provenance"]["seed"]:
+        problems.append("record field 'provenance.seed': differs from identity.seed")
+    if problems:
+        raise ValueError("invalid record:\n  " + "\n  ".join(problems))
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write JSON atomically: temp file in the same directory, fsync, os.replace, fsync the directory.
+
+    A reader (or a resumed workflow) sees either the old file or the complete new one.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def write_record(path: str | Path, record: Mapping[str, Any]) -> Path:
+    """Validate ``record``, then write it atomically (see write_json_atomic)."""
+    validate_record(record)
+    return write_json_atomic(path, record)
+
+
+def read_record(path: str | Path) -> dict:
+    """Load and validate one record; ValueError naming the file if it is not a valid record."""
+    path = Path(path)
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path}: not valid JSON ({exc})") from exc
+    try:
+        validate_record(record)
+    except ValueError as exc:
+        raise ValueError(f"{path}: {exc}") from exc
+    return record
+
+
+def existing_record(path: str | Path, spec: Mapping[str, Any]) -> dict | None:
+    """The record at ``path`` if it is valid and was made from exactly ``spec`` (resume), else None."""
+    path = Path(path)
+    if not path.exists():
+        return None
+    try:
+        record = read_record(path)
+    except ValueError:
+        return None
+    # compare through JSON so that tuples / lists and int / float spellings agree
+    wanted = json.loads(json.dumps(dict(spec)))
+    return record if record["identity"]["config"] == wanted else None

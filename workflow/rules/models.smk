@@ -1,0 +1,32 @@
+# Base models: each config model with a `size` is pretrained here on the corpus.
+# (Models with a `hub` checkpoint are loaded by the runs directly.)
+
+
+rule pretrain:
+    input:
+        tokenizer=TOKENIZER,
+        corpus=CORPUS,
+    output:
+        directory(f"{WORK}/models/{{model}}/base"),
+    params:
+        family=pretrain_param("family"),
+        size=pretrain_param("size"),
+        steps=config["pretrain"]["steps"],
+        batch_size=config["pretrain"]["batch_size"],
+        seq_len=config["pretrain"]["seq_len"],
+        lr=config["pretrain"]["lr"],
+        seed=config["pretrain"]["seed"],
+        device=config["device"],
+        code=code_hash(CODE["pretrain"]),
+    threads: config["threads"]
+    log:
+        f"{RESULTS}/logs/pretrain/{{model}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/pretrain/{{model}}.tsv"
+    conda:
+        ENV
+    shell:
+        "python -m harness pretrain --family {params.family} --size {params.size} "
+        "--tokenizer {input.tokenizer} --corpus {input.corpus} --out {output} "
+        "--steps {params.steps} --batch-size {params.batch_size} --seq-len {params.seq_len} "
+        "--lr {params.lr} --seed {params.seed} --device {params.device} --threads {threads} > {log} 2>&1"
