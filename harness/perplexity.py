@@ -1,0 +1,142 @@
+"""Held-out perplexity, per token and per word, and the unigram baseline of the same tokens.
+
+Protocol (shared by the model and the unigram baseline so that the two are comparable):
+
+* Each document becomes ``<bos> tokens <eos>`` and the documents are concatenated into one
+  stream (optionally cut to its first ``max_tokens`` tokens).
+* The stream is scored in non-overlapping windows of ``seq_len`` predictions: window ``i``
+  feeds tokens ``[i*L, (i+1)*L)`` and predicts ``[i*L+1, (i+1)*L+1)``, so every token after the
+  first is predicted exactly once and the context restarts at each window (the standard
+  non-overlapping protocol; a strided evaluation would give lower numbers at higher cost).
+* Targets that are ``<bos>`` are not scored (a ``<bos>`` always follows ``<eos>``, so it would
+  flatter the model); ``<eos>`` targets are scored (ending a document is a real prediction).
+* Per-word perplexity divides the same negative log-likelihood by the number of
+  whitespace-separated words of the scored text (as lm-evaluation-harness does).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+
+def token_stream(tokenizer, texts: Sequence[str], *, max_tokens: int | None = None) -> tuple[list[int], int]:
+    """``(ids, words)``: documents as ``<bos> tokens <eos>`` back to back, and the word count of that text.
+
+    With ``max_tokens`` the stream stops after that many tokens; the last document's words are
+    counted on the decoded part that made it in.
+    """
+    if tokenizer.bos_token_id is None or tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer needs bos and eos tokens to delimit documents")
+    if max_tokens is not None and max_tokens < 2:
+        raise ValueError(f"max_tokens must be >= 2, got {max_tokens!r}")
+    ids: list[int] = []
+    words = 0
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    chunk = 32  # encode documents in batches (fast) but stop early once max_tokens is reached
+    for c in range(0, len(texts), chunk):
+        batch = list(texts[c : c + chunk])
+        encoded = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
+        for text, body in zip(batch, encoded):
+            doc = [bos, *body, eos]
+            if max_tokens is not None and len(ids) + len(doc) > max_tokens:
+                part = doc[: max_tokens - len(ids)]
+                ids.extend(part)
+                words += len(tokenizer.decode([t for t in part if t not in (bos, eos)]).split())
+                return ids, words
+            ids.extend(doc)
+            words += len(text.split())
+    if len(ids) < 2:
+        raise ValueError("nothing to score: the texts produce fewer than 2 tokens")
+    return ids, words
+
+
+@torch.inference_mode()
+def perplexity(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    seq_len: int,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    max_tokens: int | None = None,
+) -> dict:
+    """Perplexity of ``model`` on ``texts``: ``{"ppl_token", "ppl_word", "tokens", "words", "nll_sum", ...}``.
+
+    ``tokens`` is the number of scored targets; ``nll_sum`` is in nats.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    ids, words = token_stream(tokenizer, texts, max_tokens=max_tokens)
+    stream = torch.tensor(ids, dtype=torch.long)
+    n_pred = len(ids) - 1
+    full, rest = divmod(n_pred, seq_len)
+    # Equal-length windows go in batches; the short last window runs alone (no padding, so
+    # methods that route or evict per sequence see exactly the scored tokens).
+    batches = [[(s, seq_len) for s in range(b * seq_len, min(b + batch_size, full) * seq_len, seq_len)]
+               for b in range(0, full, batch_size)]
+    if rest:
+        batches.append([(full * seq_len, rest)])
+    was_training = model.training
+    model.eval()
+    nll_sum, scored = 0.0, 0
+    try:
+        for batch in batches:
+            n = batch[0][1]
+            inputs = torch.stack([stream[s : s + n] for s, _ in batch]).to(device)
+            targets = torch.stack([stream[s + 1 : s + n + 1] for s, _ in batch]).to(device)
+            logits = model(input_ids=inputs, use_cache=False).logits.float()
+            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+            mask = targets.reshape(-1) != tokenizer.bos_token_id
+            nll_sum += float(nll[mask].sum(dtype=torch.float64))
+            scored += int(mask.sum())
+    finally:
+        model.train(was_training)
+    return {
+        "ppl_token": math.exp(nll_sum / scored),
+        "ppl_word": math.exp(nll_sum / words) if words else float("nan"),
+        "tokens": scored,
+        "words": words,
+        "nll_sum": nll_sum,
+        "seq_len": seq_len,
+        "protocol": "non-overlapping windows over <bos> doc <eos> stream; <bos> targets not scored",
+    }
+
+
+def unigram_counts(tokenizer, texts: Sequence[str]) -> Counter:
+    """Token counts of ``texts`` in the scoring stream format (``<bos>`` excluded, ``<eos>`` included)."""
+    ids, _ = token_stream(tokenizer, texts)
+    counts = Counter(ids)
+    counts.pop(tokenizer.bos_token_id, None)
+    return counts
+
+
+def unigram_perplexity(
+    tokenizer,
+    train_texts: Sequence[str],
+    eval_texts: Sequence[str],
+    *,
+    max_tokens: int | None = None,
+    train_counts: Counter | None = None,
+) -> float:
+    """Per-token perplexity of an add-one-smoothed unigram model fitted on ``train_texts``.
+
+    Scores the same targets as :func:`perplexity` (every token after the first, ``<bos>``
+    excluded) over the whole vocabulary (``len(tokenizer)``). ``train_counts`` skips re-counting.
+    """
+    counts = train_counts if train_counts is not None else unigram_counts(tokenizer, train_texts)
+    vocab = len(tokenizer)
+    total = sum(counts.values()) + vocab
+    ids, _ = token_stream(tokenizer, eval_texts, max_tokens=max_tokens)
+    targets = [t for t in ids[1:] if t != tokenizer.bos_token_id]
+    if not targets:
+        raise ValueError("no tokens to score in eval_texts")
+    nll = -sum(math.log((counts.get(t, 0) + 1) / total) for t in targets)
+    return math.exp(nll / len(targets))
