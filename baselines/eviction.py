@@ -1,0 +1,537 @@
+"""Token eviction as transformers cache classes: H2O, StreamingLLM, SnapKV, TOVA.
+
+How it plugs into transformers 5.x (no patching of model code):
+
+* :class:`EvictionCache` is a ``transformers.cache_utils.Cache`` whose layers are
+  :class:`EvictionLayer` (a ``DynamicLayer`` subclass). ``update`` appends the new
+  tokens' K/V and returns past + new, like ``DynamicLayer``.
+* The attention function registered as ``"kv_eviction"`` in
+  ``transformers.AttentionInterface`` (:func:`enable_eviction_attention` switches a
+  model to it) computes attention explicitly, including the probabilities, and
+  hands them to the cache layer that was just updated, which scores its tokens
+  and evicts down to the budget. Without an eviction cache the function is plain
+  exact attention, so the switched model still trains and evaluates normally.
+* The layer reports the number of tokens *seen* as its sequence length (so
+  positions and padding masks stay right) and asks transformers only for the
+  mask of the current chunk; the mask over the kept past tokens is built from
+  the layer's own bookkeeping (validity, absolute token index, sliding window).
+
+Budget: ``keep`` is the kept fraction of the tokens seen, applied per sample and
+after every forward pass (prefill and each decode step): sample ``b`` keeps
+``floor(keep * n_b)`` of its ``n_b`` real (non-padding) tokens, so stored K/V
+never exceeds ``keep`` x the base model's cache for the same tokens. Tensors are
+rectangular over the batch; rows of samples that keep fewer tokens carry
+masked filler slots, which are counted in the live bytes. Eviction happens after
+the attention of a step, so inside one forward pass the current chunk is seen
+in full (the standard prefill-then-compress behaviour).
+
+Storage is at K/V-head granularity ``[batch, kv_heads, kept, head_dim]``, never
+per query head. A group's query heads share one stored K/V, so H2O and SnapKV
+sum their attention over the group's query heads into one score per K/V head
+(the mean would rank identically) and each K/V head keeps its own token set;
+TOVA averages over all heads of the layer and StreamingLLM is position-only, so
+both keep the same tokens in every head.
+
+Policies (``EvictionPolicy.method``):
+
+* ``h2o``: accumulated attention each key received from every query so far
+  (heavy hitters) plus the most recent ``recent_fraction`` of the budget.
+* ``streamingllm``: the first ``sink_tokens`` real tokens plus the most recent
+  ones. Under RoPE the cached keys are re-rotated after eviction so that the
+  kept tokens sit at consecutive positions ending just before the next query,
+  i.e. the query sees the in-cache distances StreamingLLM prescribes. RoPE
+  attention depends only on position differences, so this is done by rotating
+  each stored key by (target - current position). OPT's learned absolute
+  positions are baked into the hidden states and cannot be moved; there the
+  original positions are kept (``EvictionCache.repositions`` is False).
+* ``snapkv``: at prefill, the attention of the last ``window`` prompt queries
+  (the observation window), average-pooled over neighbouring keys with
+  ``kernel``; the window itself is always kept. During decode each generated
+  query joins the observation window (its attention is added to the scores)
+  and the ``window`` most recent tokens stay protected.
+* ``tova``: the attention of the newest query, averaged over heads; the lowest
+  tokens are evicted.
+
+``compress_question=False`` with ``question_tokens=q`` protects the last ``q``
+tokens of the prompt (the question) from eviction; they count against the
+budget. The flag is part of the policy, so records can carry it.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import asdict, dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AttentionInterface
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+from baselines.attention import decoder_layers
+
+ATTENTION_NAME = "kv_eviction"
+METHODS = ("h2o", "streamingllm", "snapkv", "tova")
+#: Whether a policy's selection looks at queries (and so at the question, when it is in the prompt).
+QUERY_AWARE = {"h2o": True, "streamingllm": False, "snapkv": True, "tova": True}
+
+_PENDING = threading.local()
+
+
+@dataclass(frozen=True)
+class EvictionPolicy:
+    """What to evict and how much to keep (see the module docstring for each method)."""
+
+    method: str
+    keep: float
+    recent_fraction: float = 0.5
+    sink_tokens: int = 4
+    window: int = 32
+    kernel: int = 5
+    compress_question: bool = True
+    question_tokens: int = 0
+    reposition: bool = True
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"unknown eviction method {self.method!r}; known: {', '.join(METHODS)}")
+        if not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
+            raise ValueError(f"keep fraction must be in (0, 1], got {self.keep!r}")
+        if not 0 <= self.recent_fraction <= 1:
+            raise ValueError(f"recent_fraction must be in [0, 1], got {self.recent_fraction!r}")
+        if self.sink_tokens < 0:
+            raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens!r}")
+        if self.window < 1:
+            raise ValueError(f"SnapKV observation window must be >= 1, got {self.window!r}")
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"SnapKV pooling kernel must be a positive odd number, got {self.kernel!r}")
+        if self.question_tokens < 0:
+            raise ValueError(f"question_tokens must be >= 0, got {self.question_tokens!r}")
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def capacity(keep: float, seen: torch.Tensor) -> torch.Tensor:
+    """Tokens a sample may keep after seeing ``seen`` real tokens: ``floor(keep * seen)``."""
+    return torch.floor(seen.double() * keep + 1e-9).long()
+
+
+class EvictionLayer(DynamicLayer):
+    """One layer's evicting K/V store; see the module docstring.
+
+    Besides ``keys`` / ``values`` (``[B, kv_heads, S, D]``) it keeps, per stored
+    slot, the absolute token index (``slots``), whether it holds a real token
+    (``valid``), its eviction score and its current RoPE position. These are
+    bookkeeping, reported apart from the K/V bytes (:meth:`metadata_bytes`).
+    """
+
+    is_croppable = False
+
+    def __init__(self, policy: EvictionPolicy, layer_idx: int, sliding_window: int | None = None,
+                 inv_freq: torch.Tensor | None = None):
+        super().__init__()
+        self.policy = policy
+        self.layer_idx = layer_idx
+        self.sliding_window = sliding_window
+        self.is_sliding = sliding_window is not None
+        self.inv_freq = inv_freq
+        self._clear()
+
+    def _clear(self) -> None:
+        self.keys = self.values = None
+        self.slots = self.valid = self.score = self.rope_pos = None
+        self.n_seen = 0
+        self.n_real: torch.Tensor | None = None
+        self.prompt_end: int | None = None
+        self.awaiting_attention = False
+        self.is_initialized = False
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        bsz, heads, _, dim = key_states.shape
+        self.keys = key_states.new_zeros((bsz, heads, 0, dim))
+        self.values = value_states.new_zeros((bsz, heads, 0, value_states.shape[-1]))
+        self.slots = torch.zeros((bsz, heads, 0), dtype=torch.long, device=self.device)
+        self.valid = torch.zeros((bsz, heads, 0), dtype=torch.bool, device=self.device)
+        self.score = torch.zeros((bsz, heads, 0), dtype=torch.float32, device=self.device)
+        self.rope_pos = torch.zeros((bsz, heads, 0), dtype=torch.long, device=self.device)
+        self.n_real = torch.zeros(bsz, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        """Append the chunk and return past + chunk; eviction follows in :meth:`observe`."""
+        if self.awaiting_attention:
+            raise RuntimeError(
+                f"eviction cache layer {self.layer_idx} was updated twice without its attention scores: the model "
+                f"is not using the {ATTENTION_NAME!r} attention; call baselines.enable_eviction_attention(model)"
+            )
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        bsz, heads, length, _ = key_states.shape
+        new_slots = torch.arange(self.n_seen, self.n_seen + length, device=self.device)
+        new_slots = new_slots.expand(bsz, heads, length)
+        self.keys = torch.cat([self.keys, key_states], dim=-2)
+        self.values = torch.cat([self.values, value_states], dim=-2)
+        self.slots = torch.cat([self.slots, new_slots], dim=-1)
+        self.valid = torch.cat([self.valid, torch.ones_like(new_slots, dtype=torch.bool)], dim=-1)
+        self.score = torch.cat([self.score, torch.zeros_like(new_slots, dtype=torch.float32)], dim=-1)
+        self.rope_pos = torch.cat([self.rope_pos, new_slots.clone()], dim=-1)
+        self.n_seen += length
+        self.awaiting_attention = True
+        _PENDING.layer = self
+        return self.keys, self.values
+
+    # -- what transformers asks of a cache layer ------------------------------------------
+
+    def get_seq_length(self) -> int:
+        return self.n_seen
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        # transformers builds the mask of the current chunk only; the past is masked from our bookkeeping.
+        return query_length, self.n_seen
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def crop(self, tokens_to_remove: int) -> None:
+        raise NotImplementedError("an evicting cache cannot be rolled back (crop)")
+
+    def reset(self) -> None:
+        self._clear()
+
+    def _per_sample(self) -> list[str]:
+        return ["keys", "values", "slots", "valid", "score", "rope_pos", "n_real"]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            for name in self._per_sample():
+                setattr(self, name, getattr(self, name).index_select(0, beam_idx.to(self.device)))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            for name in self._per_sample():
+                setattr(self, name, getattr(self, name).repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            for name in self._per_sample():
+                setattr(self, name, getattr(self, name)[indices, ...])
+
+    # -- sizes ------------------------------------------------------------------------------
+
+    def kv_bytes(self) -> int:
+        """Bytes of the stored K and V tensors (what the budget counts)."""
+        if not self.is_initialized:
+            return 0
+        return self.keys.nbytes + self.values.nbytes
+
+    def metadata_bytes(self) -> int:
+        """Bytes of the per-slot bookkeeping (token index, validity, score, RoPE position)."""
+        if not self.is_initialized:
+            return 0
+        return sum(getattr(self, n).nbytes for n in ("slots", "valid", "score", "rope_pos"))
+
+    def kept_tokens(self) -> torch.Tensor:
+        """Real tokens stored per sample and K/V head, ``[B, kv_heads]``."""
+        return self.valid.sum(-1)
+
+    # -- eviction ---------------------------------------------------------------------------
+
+    def past_visibility(self, query_length: int) -> torch.Tensor:
+        """``[B, kv_heads, T, S_past]``: which stored past slots each query of the current chunk may attend to."""
+        past = self.keys.shape[-2] - query_length
+        visible = self.valid[:, :, None, :past].expand(-1, -1, query_length, -1)
+        if self.sliding_window is not None:
+            q_slots = torch.arange(self.n_seen - query_length, self.n_seen, device=self.device)
+            near = (q_slots[:, None] - self.slots[:, :, None, :past]) < self.sliding_window
+            visible = visible & near
+        return visible
+
+    def observe(self, probs: torch.Tensor, chunk_valid: torch.Tensor, position_ids: torch.Tensor | None) -> None:
+        """Take the chunk's attention probabilities ``[B, kv_heads, group, T, S]``, score and evict."""
+        if not self.awaiting_attention:
+            raise RuntimeError(f"eviction layer {self.layer_idx} got attention scores without an update")
+        self.awaiting_attention = False
+        bsz, heads, _, length, total = probs.shape
+        past = total - length
+        policy = self.policy
+        chunk_valid = chunk_valid.to(torch.bool)
+        self.valid[:, :, past:] = chunk_valid[:, None, :]
+        if position_ids is not None:
+            pos = position_ids.to(self.device).long().expand(bsz, length)
+            self.rope_pos[:, :, past:] = pos[:, None, :]
+        self.n_real = self.n_real + chunk_valid.sum(-1)
+        first_chunk = self.prompt_end is None
+        if first_chunk:
+            self.prompt_end = self.n_seen
+            if policy.method == "snapkv":
+                shortest = int(chunk_valid.sum(-1).min())
+                if shortest < policy.window:
+                    raise ValueError(
+                        f"SnapKV observation window ({policy.window} tokens) is longer than the prompt "
+                        f"({shortest} tokens)"
+                    )
+        weights = probs * chunk_valid.to(probs.dtype)[:, None, None, :, None]
+        if policy.method == "h2o":
+            self.score = self.score + weights.sum(dim=(2, 3))
+        elif policy.method == "snapkv":
+            # Queries among the last `window` real queries of the chunk form the observation window.
+            later = chunk_valid.flip(-1).long().cumsum(-1).flip(-1) - chunk_valid.long()
+            in_window = chunk_valid & (later < policy.window)
+            gain = (weights * in_window.to(probs.dtype)[:, None, None, :, None]).sum(dim=(2, 3))
+            if length > 1:
+                gain = F.avg_pool1d(gain.reshape(bsz * heads, 1, total), policy.kernel, stride=1,
+                                    padding=policy.kernel // 2, count_include_pad=False).reshape(bsz, heads, total)
+            self.score = self.score + gain
+        elif policy.method == "tova":
+            steps = torch.arange(1, length + 1, device=self.device)
+            last = (chunk_valid.long() * steps).argmax(-1)  # newest real query of each sample
+            rows = weights[torch.arange(bsz, device=self.device), :, :, last, :]  # [B, kv_heads, group, S]
+            self.score = rows.mean(dim=(1, 2))[:, None, :].expand(bsz, heads, total).contiguous()
+        self._evict(position_ids)
+
+    def _evict(self, position_ids: torch.Tensor | None) -> None:
+        policy = self.policy
+        valid = self.valid
+        if self.sliding_window is not None:
+            # The next query (token index n_seen) sees only slots > n_seen - window; older ones are dead.
+            valid = valid & (self.slots > self.n_seen - self.sliding_window)
+        cap = capacity(policy.keep, self.n_real)[:, None, None]
+        rank_from_start = valid.long().cumsum(-1) - 1
+        rank_from_end = valid.sum(-1, keepdim=True) - 1 - rank_from_start
+        tier = torch.zeros_like(self.slots)
+        value = self.score.clone()
+        if policy.method == "streamingllm":
+            sink = rank_from_start < policy.sink_tokens
+            tier = torch.where(sink, 2, tier)
+            value = torch.where(sink, -self.slots, self.slots).float()  # earliest sinks, then newest tokens
+        elif policy.method == "h2o":
+            recent = rank_from_end < torch.floor(cap * policy.recent_fraction + 1e-9).long()
+            tier = torch.where(recent, 1, tier)
+        elif policy.method == "snapkv":
+            tier = torch.where(rank_from_end < policy.window, 1, tier)
+        if not policy.compress_question and policy.question_tokens:
+            question = (self.slots >= self.prompt_end - policy.question_tokens) & (self.slots < self.prompt_end)
+            question &= valid
+            if bool((question.sum(-1, keepdim=True) > cap).any()):
+                raise ValueError(
+                    f"the protected question ({policy.question_tokens} tokens) does not fit the budget of "
+                    f"{int(cap.min())} tokens (keep={policy.keep})"
+                )
+            tier = torch.where(question, 3, tier)
+        tier = torch.where(valid, tier, -1)
+        # Rank slots by (tier, value), best first; stable sorts keep ties in storage order.
+        by_value = torch.argsort(value, dim=-1, descending=True, stable=True)
+        by_tier = torch.argsort(tier.gather(-1, by_value), dim=-1, descending=True, stable=True)
+        order = by_value.gather(-1, by_tier)
+        positions = torch.arange(order.shape[-1], device=self.device).expand_as(order)
+        rank = torch.empty_like(order).scatter_(-1, order, positions)
+        keep = valid & (rank < cap)
+        total = keep.shape[-1]
+        new_len = int(keep.sum(-1).max()) if total else 0
+        if new_len == total:
+            self.valid = keep
+        else:
+            index = torch.arange(total, device=self.device).expand_as(keep)
+            chosen = torch.argsort(torch.where(keep, index, index + total), dim=-1)[..., :new_len]
+            self.keys = self.keys.gather(2, chosen[..., None].expand(-1, -1, -1, self.keys.shape[-1]))
+            self.values = self.values.gather(2, chosen[..., None].expand(-1, -1, -1, self.values.shape[-1]))
+            self.slots = self.slots.gather(-1, chosen)
+            self.score = self.score.gather(-1, chosen)
+            self.rope_pos = self.rope_pos.gather(-1, chosen)
+            self.valid = keep.gather(-1, chosen)
+        if policy.method == "streamingllm" and policy.reposition and self.inv_freq is not None \
+                and position_ids is not None:
+            self._reposition(position_ids)
+
+    def _reposition(self, position_ids: torch.Tensor) -> None:
+        """Rotate kept keys so they occupy consecutive RoPE positions ending at the newest token's."""
+        bsz = self.keys.shape[0]
+        newest = position_ids.to(self.device).long().expand(bsz, -1)[:, -1]
+        kept = self.valid.sum(-1, keepdim=True)
+        order = self.valid.long().cumsum(-1) - 1
+        target = newest[:, None, None] - (kept - 1 - order)
+        delta = torch.where(self.valid, target - self.rope_pos, 0)
+        if not bool(delta.any()):
+            return
+        self.keys = rotate_keys(self.keys, delta, self.inv_freq)
+        self.rope_pos = torch.where(self.valid, target, self.rope_pos)
+
+
+def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """Move RoPE-rotated ``keys`` ``[B, H, S, D]`` by ``delta`` ``[B, H, S]`` positions (Llama / Gemma half-split RoPE)."""
+    angles = delta.to(torch.float64)[..., None] * inv_freq.to(device=keys.device, dtype=torch.float64)
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    k = keys.to(torch.float64)
+    half = k.shape[-1] // 2
+    rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
+    return (k * cos + rotated * sin).to(keys.dtype)
+
+
+class EvictionCache(Cache):
+    """A cache of :class:`EvictionLayer` for every decoder layer of a model config.
+
+    Make a new one for every ``generate`` call or sequence batch; state is never
+    shared between caches.
+    """
+
+    def __init__(self, config, policy: EvictionPolicy, inv_freq: torch.Tensor | None = None):
+        text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+        layers = int(text.num_hidden_layers)
+        types = getattr(text, "layer_types", None) or ["full_attention"] * layers
+        window = getattr(text, "sliding_window", None)
+        built = [
+            EvictionLayer(policy, i, sliding_window=window if t == "sliding_attention" else None, inv_freq=inv_freq)
+            for i, t in enumerate(types[:layers])
+        ]
+        super().__init__(layers=built)
+        self.policy = policy
+
+    @property
+    def repositions(self) -> bool:
+        """Whether StreamingLLM positions are re-rotated (RoPE model) rather than kept as original."""
+        return self.policy.method == "streamingllm" and self.policy.reposition and self.layers[0].inv_freq is not None
+
+    def kv_bytes(self) -> int:
+        """Summed ``nbytes`` of every layer's stored K and V."""
+        return sum(layer.kv_bytes() for layer in self.layers)
+
+    def metadata_bytes(self) -> int:
+        return sum(layer.metadata_bytes() for layer in self.layers)
+
+
+# -- the attention function ------------------------------------------------------------------
+
+def _take_pending(layer_idx: int | None) -> EvictionLayer | None:
+    layer = getattr(_PENDING, "layer", None)
+    _PENDING.layer = None
+    if layer is not None and layer_idx is not None and layer.layer_idx != layer_idx:
+        raise RuntimeError(f"attention of layer {layer_idx} received the cache update of layer {layer.layer_idx}")
+    return layer
+
+
+def grouped_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, allowed: torch.Tensor,
+                      scaling: float, softcap: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention with explicit probabilities, K/V at their own head count (no repeat).
+
+    ``query [B, H, T, D]``, ``key``/``value [B, Hkv, S, D]``, ``allowed`` bool
+    broadcastable to ``[B, Hkv, T, S]``. Returns the output ``[B, T, H, D]`` and
+    the probabilities ``[B, Hkv, H // Hkv, T, S]`` (float32).
+    """
+    bsz, heads, length, dim = query.shape
+    kv_heads = key.shape[1]
+    grouped = query.reshape(bsz, kv_heads, heads // kv_heads, length, dim)
+    logits = torch.matmul(grouped, key.unsqueeze(2).transpose(-1, -2)).float() * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.masked_fill(~allowed.unsqueeze(2), torch.finfo(torch.float32).min)
+    probs = torch.softmax(logits, dim=-1)
+    output = torch.matmul(probs.to(value.dtype), value.unsqueeze(2))
+    return output.reshape(bsz, heads, length, -1).transpose(1, 2).contiguous(), probs
+
+
+def _as_bool(mask: torch.Tensor) -> torch.Tensor:
+    return mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+
+
+def eviction_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    softcap: float | None = None,
+    sliding_window: int | None = None,
+    position_ids: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``"kv_eviction"`` attention: exact attention that feeds its probabilities to an evicting cache layer.
+
+    Dropout is not applied: eviction is an inference-time method.
+    """
+    if scaling is None:
+        scaling = module.head_dim**-0.5
+    length, total = query.shape[2], key.shape[2]
+    layer = _take_pending(getattr(module, "layer_idx", None))
+    if attention_mask is None:
+        chunk = torch.ones(length, total, dtype=torch.bool, device=query.device).tril(total - length)
+        mask = chunk[None, None]
+    else:
+        mask = _as_bool(attention_mask)
+    if layer is None:
+        output, probs = grouped_attention(query, key, value, mask, scaling, softcap)
+        return output, probs.flatten(1, 2)
+    chunk_mask = mask[..., -length:]
+    bsz = query.shape[0]
+    chunk_mask = chunk_mask.expand(bsz, -1, -1, -1)
+    chunk_valid = torch.diagonal(chunk_mask[:, 0], dim1=-2, dim2=-1)
+    allowed = torch.cat([layer.past_visibility(length), chunk_mask.expand(-1, key.shape[1], -1, -1)], dim=-1)
+    output, probs = grouped_attention(query, key, value, allowed, scaling, softcap)
+    layer.observe(probs, chunk_valid, position_ids)
+    return output, probs.flatten(1, 2)
+
+
+def _chunk_mask(*args, **kwargs):
+    # Always materialise the boolean mask (never the is_causal shortcut): padding must be readable.
+    kwargs["allow_is_causal_skip"] = False
+    return sdpa_mask(*args, **kwargs)
+
+
+def register_eviction_attention() -> None:
+    """Register ``"kv_eviction"`` in transformers' attention and mask registries (idempotent)."""
+    AttentionInterface.register(ATTENTION_NAME, eviction_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(ATTENTION_NAME, _chunk_mask)
+
+
+def enable_eviction_attention(model: nn.Module) -> nn.Module:
+    """Switch ``model`` to the ``"kv_eviction"`` attention; returns it. Exact attention without an eviction cache."""
+    register_eviction_attention()
+    model.set_attn_implementation(ATTENTION_NAME)
+    return model
+
+
+def rope_inv_freq(model: nn.Module) -> torch.Tensor | None:
+    """The model's RoPE inverse frequencies (``None`` for models without RoPE, e.g. OPT)."""
+    head_dim = getattr(model.config, "head_dim", None) or model.config.hidden_size // model.config.num_attention_heads
+    for module in model.modules():
+        inv_freq = getattr(module, "inv_freq", None)
+        if isinstance(inv_freq, torch.Tensor):
+            if 2 * inv_freq.numel() != head_dim:
+                raise ValueError("partial-rotary RoPE is not supported by the StreamingLLM repositioning")
+            return inv_freq.detach().clone()
+    return None
+
+
+def eviction_cache_factory(model: nn.Module, policy: EvictionPolicy) -> Callable[[], EvictionCache]:
+    """Enable the eviction attention on ``model`` and return a function making a fresh cache per call."""
+    if any(getattr(layer.self_attn, "kv_source", None) is not None for layer in decoder_layers(model)):
+        raise ValueError("token eviction on a CLA model (layers sharing K/V) is not supported")
+    enable_eviction_attention(model)
+    inv_freq = rope_inv_freq(model)
+    config = model.config
+    return lambda: EvictionCache(config, policy, inv_freq=inv_freq)
+
+
+def forward_in_chunks(model: nn.Module, input_ids: torch.Tensor, cache: Cache, chunk_size: int = 1,
+                      attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Logits for every position, feeding ``input_ids`` through ``cache`` ``chunk_size`` tokens at a time.
+
+    This is how a bounded cache must be scored (perplexity): inside one forward
+    pass a chunk sees itself in full, so eviction only bites between chunks.
+    """
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size!r}")
+    logits = []
+    for start in range(0, input_ids.shape[1], chunk_size):
+        stop = min(start + chunk_size, input_ids.shape[1])
+        mask = attention_mask[:, :stop] if attention_mask is not None else None
+        out = model(input_ids=input_ids[:, start:stop], attention_mask=mask, past_key_values=cache, use_cache=True)
+        logits.append(out.logits)
+    return torch.cat(logits, dim=1)
