@@ -1,0 +1,483 @@
+"""One trainer for continued pretraining (CPT) and supervised fine-tuning (SFT).
+
+* Data: :func:`cpt_data` cuts the ``<bos> doc <eos>`` stream (the perplexity protocol's
+  format) into ``seq_len`` blocks; :func:`sft_data` turns ``{"prompt", "references"}`` rows
+  into ``prompt + first reference + <eos>`` with the prompt tokens masked (-100) in the
+  labels. Both give a :class:`TrainData` with a content fingerprint.
+* Same tokens for every method: :func:`plan_batches` orders the examples from the seed
+  and the recipe alone (per-epoch permutations, incomplete last batch dropped), never from
+  the model. ``token_hash`` (sha256 of the data fingerprint and the plan) identifies the
+  token stream; two runs with equal hashes trained on the same tokens in the same order.
+* Optimisation: AdamW (weight decay on matrices only), linear warm-up then cosine decay,
+  gradient clipping, gradient accumulation (``batch_size / micro_batch_size``), bf16
+  autocast on a GPU with bf16 and fp32 on CPU. The loss of a step is the mean over all of
+  its target tokens (micro-batches weighted by their target-token counts, so padding and
+  prompt lengths don't skew SFT).
+* mixSGA: a converted model adds its weighted aux loss into ``out.loss``; the trainer logs
+  ``out.aux_loss`` when the output has it and the model's routing statistics (an object
+  with ``summary()`` / ``reset()`` exposed as ``model.routing_stats``, or returned by a
+  ``model.routing_stats()`` method). Plain models train without either.
+* Several GPUs: ``accelerate`` (DDP) on the same code path; each process takes every
+  ``world_size``-th micro-batch of the global batch, so the plan and the loss are the
+  same for any number of processes. On one CPU the accelerator is a pass-through.
+* Resume: every ``checkpoint_every`` steps (and when stopped) ``checkpoint.pt`` holds the
+  model, optimiser, scheduler, RNG states, step and history, written atomically (temp
+  file, fsync, rename). A rerun with the same data, recipe and seed continues from it;
+  on CPU the resumed run is bit-identical to an uninterrupted one. A finished run's
+  checkpoint makes a rerun load the trained weights and return the stored result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Mapping, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from harness.perplexity import token_stream
+from harness.recipes import Recipe
+
+IGNORE_INDEX = -100
+CHECKPOINT_FILE = "checkpoint.pt"
+RESULT_FILE = "train.json"
+CHECKPOINT_FORMAT = 1
+
+
+@dataclass
+class TrainData:
+    """Tokenised training examples: ``input_ids[i]`` and ``labels[i]`` (1-D long tensors, same length)."""
+
+    kind: str
+    input_ids: list[torch.Tensor]
+    labels: list[torch.Tensor]
+    pad_token_id: int
+    meta: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.input_ids) != len(self.labels):
+            raise ValueError(f"{len(self.input_ids)} input sequences but {len(self.labels)} label sequences")
+        for i, (x, y) in enumerate(zip(self.input_ids, self.labels)):
+            if x.shape != y.shape or x.dim() != 1:
+                raise ValueError(f"example {i}: input_ids {tuple(x.shape)} and labels {tuple(y.shape)} differ")
+        digest = hashlib.sha256(f"{self.kind}:{self.pad_token_id}:".encode())
+        for x, y in zip(self.input_ids, self.labels):
+            digest.update(len(x).to_bytes(4, "little"))
+            digest.update(x.to(torch.int32).numpy().tobytes())
+            digest.update(y.to(torch.int32).numpy().tobytes())
+        self.fingerprint = digest.hexdigest()
+
+    def __len__(self) -> int:
+        return len(self.input_ids)
+
+
+def cpt_data(tokenizer, texts: Sequence[str], seq_len: int, *, max_tokens: int | None = None) -> TrainData:
+    """Continued-pretraining blocks: the ``<bos> doc <eos>`` stream cut into ``seq_len``-token blocks.
+
+    Labels equal the inputs (the model shifts them); the incomplete last block is dropped.
+    """
+    if seq_len < 2:
+        raise ValueError(f"seq_len must be >= 2, got {seq_len!r}")
+    ids, _ = token_stream(tokenizer, texts, max_tokens=max_tokens)
+    n_blocks = len(ids) // seq_len
+    if n_blocks < 1:
+        raise ValueError(f"the texts give {len(ids)} tokens, fewer than one block of seq_len {seq_len}")
+    blocks = torch.tensor(ids[: n_blocks * seq_len], dtype=torch.long).view(n_blocks, seq_len)
+    rows = list(blocks.unbind(0))
+    return TrainData("cpt", rows, [r.clone() for r in rows], _pad_id(tokenizer),
+                     meta={"stream_tokens": len(ids), "blocks": n_blocks, "seq_len": seq_len})
+
+
+def sft_data(tokenizer, rows: Sequence[Mapping[str, Any]], seq_len: int) -> TrainData:
+    """Fine-tuning examples ``prompt + first reference + <eos>``, prompt tokens masked in the labels.
+
+    The prompt is encoded with the tokenizer's special tokens (``<bos>``), the response without,
+    as generation will see them. Sequences longer than ``seq_len`` lose their response tail; a
+    row whose prompt alone fills ``seq_len`` has nothing to learn and is skipped (counted in
+    ``meta["skipped"]``).
+    """
+    if tokenizer.eos_token_id is None:
+        raise ValueError("tokenizer needs an eos token to end responses")
+    inputs, labels, skipped, truncated = [], [], 0, 0
+    for i, row in enumerate(rows):
+        prompt, response = _prompt_and_response(row, i)
+        p = tokenizer(prompt, verbose=False)["input_ids"]
+        r = tokenizer(response, add_special_tokens=False, verbose=False)["input_ids"] + [tokenizer.eos_token_id]
+        ids = (p + r)[:seq_len]
+        if len(p) >= len(ids):
+            skipped += 1
+            continue
+        truncated += len(p) + len(r) > seq_len
+        x = torch.tensor(ids, dtype=torch.long)
+        y = x.clone()
+        y[: len(p)] = IGNORE_INDEX
+        inputs.append(x)
+        labels.append(y)
+    if not inputs:
+        raise ValueError(f"no usable SFT example: all {len(rows)} prompts fill seq_len {seq_len}")
+    return TrainData("sft", inputs, labels, _pad_id(tokenizer),
+                     meta={"rows": len(rows), "examples": len(inputs), "skipped": skipped,
+                           "truncated": truncated, "seq_len": seq_len})
+
+
+def _prompt_and_response(row: Mapping[str, Any], index: int) -> tuple[str, str]:
+    if not isinstance(row, Mapping) or "prompt" not in row or "references" not in row:
+        raise ValueError(f"SFT row {index} needs 'prompt' and 'references' keys, got {row!r:.200}")
+    refs = row["references"]
+    if isinstance(refs, str) or not refs or not isinstance(refs[0], str):
+        raise ValueError(f"SFT row {index}: 'references' must be a non-empty list of strings, got {refs!r:.200}")
+    return row["prompt"], refs[0]
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pad is None:
+        raise ValueError("tokenizer has neither a pad nor an eos token to pad batches with")
+    return int(pad)
+
+
+def plan_batches(num_examples: int, recipe: Recipe, seed: int) -> list[list[int]]:
+    """Example indices of every optimiser step: per-epoch permutations seeded by ``(seed, epoch)``."""
+    steps = recipe.num_steps(num_examples)
+    needed = steps * recipe.batch_size
+    order: list[int] = []
+    epoch = 0
+    while len(order) < needed:
+        gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        order.extend(torch.randperm(num_examples, generator=gen).tolist())
+        epoch += 1
+    b = recipe.batch_size
+    return [order[s * b : (s + 1) * b] for s in range(steps)]
+
+
+def token_hash(data: TrainData, plan: Sequence[Sequence[int]]) -> str:
+    """sha256 of the training token stream: the data's fingerprint and the order of the plan."""
+    digest = hashlib.sha256(data.fingerprint.encode())
+    digest.update(np.asarray(plan, dtype=np.int64).tobytes())
+    return digest.hexdigest()
+
+
+def collate(data: TrainData, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+    """Right-padded ``input_ids`` / ``attention_mask`` / ``labels`` (-100 on padding)."""
+    length = max(len(data.input_ids[i]) for i in indices)
+    ids = torch.full((len(indices), length), data.pad_token_id, dtype=torch.long)
+    labels = torch.full((len(indices), length), IGNORE_INDEX, dtype=torch.long)
+    mask = torch.zeros((len(indices), length), dtype=torch.long)
+    for row, i in enumerate(indices):
+        n = len(data.input_ids[i])
+        ids[row, :n] = data.input_ids[i]
+        labels[row, :n] = data.labels[i]
+        mask[row, :n] = 1
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def target_tokens(labels: torch.Tensor) -> int:
+    """Tokens the causal-LM loss scores: labels after the shift that are not -100."""
+    return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def lr_multiplier(step: int, *, total: int, warmup: int, min_ratio: float) -> float:
+    """LR factor of optimiser step ``step`` (0-based): linear warm-up, then cosine to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.AdamW:
+    """AdamW with weight decay on matrices (>= 2-D) only: biases and norm weights are not decayed."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters")
+    decay = [p for p in params if p.dim() >= 2]
+    no_decay = [p for p in params if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.lr, betas=recipe.betas, eps=recipe.eps)
+
+
+def resolve_precision(recipe: Recipe, device: torch.device) -> str:
+    """``"bf16"`` or ``"fp32"``: bf16 autocast on a GPU with bf16 (``auto`` / ``bf16``), fp32 otherwise.
+
+    CPU always trains in fp32 (the offline profile's precision), whatever the recipe says.
+    """
+    if recipe.precision == "fp32" or device.type != "cuda":
+        return "fp32"
+    if torch.cuda.is_bf16_supported():
+        return "bf16"
+    if recipe.precision == "bf16":
+        raise ValueError(f"recipe {recipe.name!r} asks for bf16 but {torch.cuda.get_device_name(device)} lacks it")
+    return "fp32"
+
+
+def routing_source(model: torch.nn.Module):
+    """The model's routing-statistics object (``summary()`` / ``reset()``), or None for plain models."""
+    stats = getattr(model, "routing_stats", None)
+    if callable(stats) and not hasattr(stats, "summary"):
+        stats = stats()
+    return stats if stats is not None and hasattr(stats, "summary") else None
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: Mapping[str, Any]) -> None:
+    random.setstate(state["python"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    """Seed python, numpy and torch (all devices)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _save_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as fh:
+        torch.save(obj, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def _write_json_atomic(obj: Any, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _make_accelerator(device: str | torch.device):
+    from accelerate import Accelerator
+
+    dev = torch.device(device)
+    try:
+        # Precision is applied by our own autocast (the recipe decides it), so the accelerator's
+        # process-wide state never has to change between runs in one process.
+        return Accelerator(cpu=dev.type == "cpu", mixed_precision="no")
+    except ValueError as exc:
+        raise ValueError(f"cannot train on {str(dev)!r} in this process: accelerate is already set up "
+                         f"for another device ({exc})") from exc
+
+
+def _finite(x: float | None) -> float | None:
+    return None if x is None or not math.isfinite(x) else x
+
+
+def train(
+    model: torch.nn.Module,
+    data: TrainData,
+    recipe: Recipe,
+    out_dir: str | os.PathLike,
+    *,
+    seed: int,
+    device: str | torch.device = "cpu",
+    resume: bool = True,
+    log: Callable[[dict], None] | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> dict:
+    """Train ``model`` in place on ``data`` with ``recipe``; return the result (also ``out_dir/train.json``).
+
+    The result holds ``final_loss`` (last step), ``final_loss_avg`` (mean of the last 10),
+    ``steps``, ``tokens_seen`` (non-padding input tokens), ``target_tokens``, ``token_hash``,
+    ``wall_time_s`` (summed over resumed runs) and the per-step ``history`` (loss, lr, grad
+    norm, aux loss, routing statistics where the model has them). ``stop_after`` stops after
+    that many steps *in this call* with a checkpoint (to bound a job's time, or to simulate a
+    crash); the result then has ``"completed": False``. ``log`` receives each history entry.
+    """
+    if data.kind != recipe.kind:
+        raise ValueError(f"recipe {recipe.name!r} is for {recipe.kind!r} but the data are {data.kind!r}")
+    if stop_after is not None and stop_after < 0:
+        raise ValueError(f"stop_after must be >= 0, got {stop_after!r}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    accelerator = _make_accelerator(device)
+    dev = accelerator.device
+    world, rank = accelerator.num_processes, accelerator.process_index
+    n_micro = recipe.batch_size // recipe.micro_batch_size
+    if n_micro % world:
+        raise ValueError(f"batch_size / micro_batch_size = {n_micro} micro-batches per step do not split over "
+                         f"{world} processes")
+    too_long = max(len(x) for x in data.input_ids)
+    if too_long > recipe.seq_len:
+        raise ValueError(f"an example has {too_long} tokens, more than the recipe's seq_len {recipe.seq_len}")
+
+    plan = plan_batches(len(data), recipe, seed)
+    total = len(plan)
+    stream_hash = token_hash(data, plan)
+    precision = resolve_precision(recipe, dev)
+    warmup = recipe.warmup_steps(total)
+    identity = {"recipe": recipe.to_dict(), "seed": seed, "token_hash": stream_hash, "steps": total}
+
+    seed_everything(seed)
+    model.to(dev)
+    optimizer = make_optimizer(model, recipe)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_multiplier(s, total=total, warmup=warmup, min_ratio=recipe.min_lr_ratio))
+    start, history, wall_before, resumed_from = 0, [], 0.0, None
+    ckpt_path = out / CHECKPOINT_FILE
+    if resume and ckpt_path.is_file():
+        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
+        if state.get("format") != CHECKPOINT_FORMAT or state.get("identity") != json.loads(json.dumps(identity)):
+            raise ValueError(f"{ckpt_path} was written by a different run (data, recipe or seed differ); "
+                             f"remove it or pass resume=False")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        _set_rng_state(state["rng"])
+        start, history, wall_before = state["step"], state["history"], state["wall_time_s"]
+        resumed_from = start
+    elif not resume and ckpt_path.exists():
+        ckpt_path.unlink()
+
+    model, optimizer = accelerator.prepare(model, optimizer)
+    inner = accelerator.unwrap_model(model)
+    routing = routing_source(inner)
+    def autocast():
+        return torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+
+    was_training = inner.training
+    model.train()
+
+    def save(step: int, wall: float) -> None:
+        if accelerator.is_main_process:
+            _save_atomic({"format": CHECKPOINT_FORMAT, "identity": identity, "step": step,
+                          "model": inner.state_dict(), "optimizer": optimizer.state_dict(),
+                          "scheduler": scheduler.state_dict(), "rng": _rng_state(), "history": history,
+                          "wall_time_s": wall}, ckpt_path)
+        accelerator.wait_for_everyone()
+
+    t0 = time.perf_counter()
+    end = total if stop_after is None else min(total, start + stop_after)
+    bar = tqdm(total=total, initial=start, desc=f"train {recipe.name}", dynamic_ncols=True, mininterval=2.0,
+               disable=not progress or not accelerator.is_main_process)
+    for step in range(start, end):
+        global_batch = plan[step]
+        micro = [global_batch[i : i + recipe.micro_batch_size]
+                 for i in range(0, len(global_batch), recipe.micro_batch_size)]
+        batches = [collate(data, m) for m in micro]
+        n_targets = sum(target_tokens(b["labels"]) for b in batches)
+        if n_targets == 0:
+            raise ValueError(f"step {step}: the batch has no target tokens")
+        mine = batches[rank::world]
+        if routing is not None:
+            routing.reset()
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        aux_sum = torch.zeros((), dtype=torch.float64, device=dev)
+        has_aux = False
+        for i, batch in enumerate(mine):
+            batch = {k: v.to(dev) for k, v in batch.items()}
+            weight = target_tokens(batch["labels"]) / n_targets
+            sync = accelerator.no_sync(model) if i < len(mine) - 1 else nullcontext()
+            with sync:
+                with autocast():
+                    out_ = model(**batch, use_cache=False)
+                # DDP averages gradients over processes, so scale by world to get the global token mean.
+                accelerator.backward(out_.loss * (weight * world))
+            loss_sum += out_.loss.detach().double() * weight
+            aux = getattr(out_, "aux_loss", None)
+            if aux is not None:
+                has_aux = True
+                aux_sum += aux.detach().double() * weight
+        grad_norm = accelerator.clip_grad_norm_(
+            model.parameters(), recipe.grad_clip if recipe.grad_clip is not None else float("inf"))
+        lr_used = scheduler.get_last_lr()[0]
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        loss_value = float(accelerator.reduce(loss_sum, reduction="sum"))
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"training loss became {loss_value} at step {step} "
+                                     f"(recipe {recipe.name!r}, lr {recipe.lr})")
+        entry: dict[str, Any] = {
+            "step": step + 1,
+            "loss": loss_value,
+            "lr": lr_used,
+            "grad_norm": _finite(float(grad_norm)),
+            "target_tokens": n_targets,
+            "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches)),
+        }
+        if has_aux:
+            entry["aux_loss"] = float(accelerator.reduce(aux_sum, reduction="sum"))
+        if routing is not None and ((step + 1) % recipe.log_every == 0 or step + 1 == total):
+            entry["routing"] = _jsonable(routing.summary())
+        history.append(entry)
+        if log is not None and accelerator.is_main_process and (
+                (step + 1) % recipe.log_every == 0 or step + 1 == total):
+            log(entry)
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{entry['lr']:.2e}", refresh=False)
+        bar.update(1)
+        done = step + 1
+        if done % recipe.checkpoint_every == 0 or done == end:
+            save(done, wall_before + time.perf_counter() - t0)
+    bar.close()
+    inner.train(was_training)
+    done = len(history)
+    wall = wall_before + time.perf_counter() - t0
+    losses = [h["loss"] for h in history]
+    result = {
+        "completed": done == total,
+        "recipe": recipe.to_dict(),
+        "kind": recipe.kind,
+        "seed": seed,
+        "steps": done,
+        "total_steps": total,
+        "warmup_steps": warmup,
+        "accumulation": n_micro // world,
+        "world_size": world,
+        "device": str(dev),
+        "precision": precision,
+        "token_hash": stream_hash,
+        "data_fingerprint": data.fingerprint,
+        "data_meta": data.meta,
+        "tokens_seen": sum(h["tokens"] for h in history),
+        "target_tokens": sum(h["target_tokens"] for h in history),
+        "final_loss": losses[-1] if losses else None,
+        "final_loss_avg": sum(losses[-10:]) / len(losses[-10:]) if losses else None,
+        "aux_loss_history": [h["aux_loss"] for h in history if "aux_loss" in h],
+        "routing_history": [{"step": h["step"], **h["routing"]} for h in history if "routing" in h],
+        "history": history,
+        "resumed_from": resumed_from,
+        "wall_time_s": wall,
+    }
+    if result["completed"] and accelerator.is_main_process:
+        _write_json_atomic(result, out / RESULT_FILE)
+    return result
+
+
+def _jsonable(value: Any) -> Any:
+    """Routing summaries as JSON-safe values (NaN agreement before any comparison becomes None)."""
+    if isinstance(value, float):
+        return _finite(value)
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, torch.Tensor):
+        return _jsonable(value.tolist())
+    return value
