@@ -1,5 +1,54 @@
-"""mixSGA: mixture of weight-shared heterogeneous group-attention experts."""
+"""mixSGA: mixture of weight-shared heterogeneous group-attention experts (Song et al., EMNLP 2025).
 
-from mixsga.budget import kv_budget, mixsga_kv_bytes_per_token, full_kv_bytes_per_token
+Public API::
 
-__all__ = ["kv_budget", "mixsga_kv_bytes_per_token", "full_kv_bytes_per_token"]
+    from mixsga import MixSGAConfig, convert_to_mixsga, kv_budget
+    cfg = MixSGAConfig(ratios=(3, 1, 6), group_sizes=(1, 2, 4))   # ratios normalised
+    model = convert_to_mixsga(model, cfg)   # transformers Llama / OPT / Gemma2 causal LM, in place
+    out = model(input_ids=ids, labels=ids)  # out.loss includes aux_loss_weight / L * sum of aux losses
+    model.generate(ids, max_new_tokens=32)  # uses a MixSGACache (per-expert compact stores)
+    kv_budget((3, 1, 6), (1, 2, 4))         # -> 0.5
+
+* ``MixSGAConfig(ratios, group_sizes=(1, 2, 4), aux_loss_weight=0.1, aux_loss="softmax"|"sigmoid",
+  router="learned"|"random", seed=0)``; ``.validate_for(model_config)``, ``.budget``, ``.to_dict()``.
+* ``convert_to_mixsga(model, cfg)``; ``load_mixsga(path, **from_pretrained_kwargs)`` reloads a
+  converted model saved with ``model.save_pretrained(path)``.
+* ``MixSGACache(config)``: ``kv_bytes()``, ``expert_counts()``, ``expert_fractions()``,
+  ``expert_index(layer, sample)``, ``num_tokens(sample)``, ``keep_tokens(keep, layer_idx=None, sample=0)``
+  (token eviction stacked on top); ``generate(..., past_key_values=MixSGACache(model.config))`` to keep it.
+* ``routing_stats(model)`` (prefill / decode expert fractions, argmax-vs-expert-choice agreement);
+  ``model.mixsga_runtime``: ``.reset_stats()``, ``.last_aux_loss``, ``.force_routing(expert_ids)``.
+* Ledger (``mixsga.budget``): ``kv_budget``, ``kv_shape``, ``dtype_bytes``, ``normalise_ratios``,
+  ``full_kv_bytes_per_token``, ``grouped_kv_bytes_per_token``, ``mixsga_kv_bytes_per_token``,
+  ``mixsga_kv_bytes_for_counts`` (exact bytes of a realised routing = ``MixSGACache.kv_bytes()``).
+
+Module map: ``config`` (MixSGAConfig), ``routing`` (router, expert-choice, argmax, aux loss,
+statistics), ``experts`` (head pooling), ``cache`` (MixSGACache and decode attention),
+``attention`` (the registered ``"mixsga"`` attention and mask functions), ``convert``
+(conversion, hooks, loading), ``budget`` (the ledger).
+"""
+
+from mixsga.budget import (
+    full_kv_bytes_per_token,
+    grouped_kv_bytes_per_token,
+    kv_budget,
+    mixsga_kv_bytes_for_counts,
+    mixsga_kv_bytes_per_token,
+)
+from mixsga.cache import MixSGACache, MixSGALayer
+from mixsga.config import MixSGAConfig
+from mixsga.convert import convert_to_mixsga, load_mixsga, routing_stats
+
+__all__ = [
+    "MixSGACache",
+    "MixSGAConfig",
+    "MixSGALayer",
+    "convert_to_mixsga",
+    "full_kv_bytes_per_token",
+    "grouped_kv_bytes_per_token",
+    "kv_budget",
+    "load_mixsga",
+    "mixsga_kv_bytes_for_counts",
+    "mixsga_kv_bytes_per_token",
+    "routing_stats",
+]

@@ -119,3 +119,35 @@ def mixsga_kv_bytes_per_token(
     kv = full_kv_bytes_per_token(config, dtype) * kv_budget(ratios, group_sizes)
     bits = expert_index_bits(len(group_sizes)) if index_bits is None else int(index_bits)
     return kv + shape.num_layers * bits / 8
+
+
+def mixsga_kv_bytes_for_counts(
+    config,
+    counts: Sequence[Sequence[int]],
+    group_sizes: Sequence[int] = (1, 2, 4),
+    dtype: torch.dtype | str = torch.float32,
+    index_bits: int = CACHE_INDEX_BITS,
+) -> float:
+    """Exact mixSGA KV bytes for a realised routing.
+
+    ``counts[l][e]`` is the number of tokens layer l stored with expert e (what
+    ``MixSGACache.expert_counts()`` returns). Each token costs its expert's pooled
+    K and V heads plus ``index_bits`` for its expert index in that layer.
+    """
+    shape = kv_shape(config)
+    if len(counts) != shape.num_layers:
+        raise ValueError(f"need counts for {shape.num_layers} layers, got {len(counts)}")
+    bad = [g for g in group_sizes if shape.num_kv_heads % int(g)]
+    if bad:
+        raise ValueError(
+            f"group sizes {tuple(bad)} do not divide the model's {shape.num_kv_heads} KV heads"
+        )
+    per_elem = dtype_bytes(dtype)
+    total = 0.0
+    for row in counts:
+        if len(row) != len(group_sizes):
+            raise ValueError(f"need one count per group size {tuple(group_sizes)}, got {tuple(row)}")
+        for n, g in zip(row, group_sizes):
+            total += int(n) * 2 * (shape.num_kv_heads // int(g)) * shape.head_dim * per_elem
+        total += sum(int(n) for n in row) * index_bits / 8
+    return total

@@ -1,0 +1,84 @@
+"""The ``"mixsga"`` attention function and mask function, registered with transformers.
+
+A converted model runs with ``config._attn_implementation == "mixsga"``. Each
+family's own attention module still projects Q/K/V, applies RoPE (Llama, Gemma 2),
+OPT's pre-scaled queries and biases, and calls the cache; this function then does
+mixSGA's part:
+
+* full-sequence pass (training, prefill, or no cache): every token's K/V is
+  replaced by its expert's pooled K/V broadcast back to the layer's KV heads, and
+  the model's base attention runs unchanged (its mask, scaling, dropout, Gemma 2
+  sliding window and soft-capping);
+* decode (the cache already held tokens): attention reads the compact per-expert
+  stores (``MixSGALayer.attend``), never expanding them.
+
+The base attention is ``"eager"`` (the family's own eager function) or
+``"sdpa"``; Gemma 2 always uses eager, since sdpa cannot soft-cap logits. The
+mask function delegates to the base implementation's mask function.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Callable
+
+import torch
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+
+from mixsga.experts import mix_experts
+
+ATTN_NAME = "mixsga"
+BASE_IMPLEMENTATIONS = ("eager", "sdpa")
+
+
+def base_attention(module: torch.nn.Module, base: str) -> Callable:
+    """The attention function the unconverted module would call."""
+    if base == "eager":
+        family = sys.modules[type(module).__module__]
+        return family.eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[base]
+
+
+def mixsga_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Attention for a mixSGA layer; the routing was set by the layer's pre-hook."""
+    spec = module.mixsga_spec
+    route = spec.route
+    if route is None:
+        raise RuntimeError(f"no routing decision for {type(module).__name__} {getattr(module, 'layer_idx', '?')}")
+    spec.route = None
+    if scaling is None:
+        scaling = module.head_dim**-0.5
+    if route.decode:
+        out = route.cache_layer.attend(
+            query, route, scaling, kwargs.get("softcap"), kwargs.get("sliding_window")
+        )
+        return out, None
+    key = mix_experts(key, route.expert, spec.group_sizes, spec.active)
+    value = mix_experts(value, route.expert, spec.group_sizes, spec.active)
+    extra = {k: v for k, v in kwargs.items() if v is not None}
+    return spec.base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **extra)
+
+
+def mixsga_mask(*args, config=None, **kwargs):
+    """Build the mask the base attention implementation expects."""
+    base = config.mixsga["base_attn_implementation"]
+    return ALL_MASK_ATTENTION_FUNCTIONS[base](*args, config=config, **kwargs)
+
+
+def register() -> None:
+    """Register ``"mixsga"`` in transformers' attention and mask registries (idempotent)."""
+    AttentionInterface.register(ATTN_NAME, mixsga_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, mixsga_mask)
+
+
+register()

@@ -1,0 +1,123 @@
+"""`MixSGAConfig`: the validated knobs of one mixSGA conversion.
+
+Choices the paper leaves open, made here and kept configurable:
+
+* ``aux_loss_weight`` (the paper's α) defaults to **0.1**, ``aux_loss`` to
+  **"softmax"** (cross-entropy over the E router logits against the
+  expert-choice index). In the agreement test (``tests/test_mixsga_training.py``)
+  both losses lift decode-argmax / expert-choice agreement above 90 % within a few
+  dozen steps; softmax CE converged faster and more steadily at equal α, so it is
+  the default. ``"sigmoid"`` is binary cross-entropy of each sigmoid score against
+  the one-hot target (summed over experts, averaged over tokens), the other reading
+  of the paper's "L_sce".
+* ``router="random"`` is the paper's random-router ablation: random scores at
+  expert-choice time (so the ratios still hold) and a draw from the ratios at
+  decode; ``aux_loss_weight=0`` is the no-auxiliary-loss ablation.
+* Experts are listed from the most to the least expensive (strictly increasing
+  group sizes), because expert-choice routing lets earlier experts pick first.
+  An expert whose ratio is 0 is switched off: it never receives a token, not even
+  from argmax routing at decode.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Sequence
+
+from mixsga.budget import kv_budget, kv_shape, normalise_ratios
+
+AUX_LOSSES = ("softmax", "sigmoid")
+ROUTERS = ("learned", "random")
+
+
+@dataclass(frozen=True)
+class MixSGAConfig:
+    """Capacity ratios, expert group sizes, auxiliary loss and router switches.
+
+    ``ratios`` are normalised on construction: ``MixSGAConfig((3, 1, 6)).ratios == (0.3, 0.1, 0.6)``.
+    """
+
+    ratios: tuple[float, ...] = (3, 1, 6)
+    group_sizes: tuple[int, ...] = (1, 2, 4)
+    aux_loss_weight: float = 0.1
+    aux_loss: str = "softmax"
+    router: str = "learned"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        sizes = tuple(self.group_sizes)
+        if not sizes:
+            raise ValueError("group_sizes must not be empty")
+        if any(isinstance(g, bool) or int(g) != g or int(g) < 1 for g in sizes):
+            raise ValueError(f"group sizes must be positive integers, got {sizes}")
+        sizes = tuple(int(g) for g in sizes)
+        if any(b <= a for a, b in zip(sizes, sizes[1:])):
+            raise ValueError(
+                f"group sizes must be strictly increasing (most expensive expert first), got {sizes}"
+            )
+        ratios = tuple(self.ratios)
+        if len(ratios) != len(sizes):
+            raise ValueError(
+                f"need one ratio per group size: {len(ratios)} ratios {ratios} for group sizes {sizes}"
+            )
+        object.__setattr__(self, "group_sizes", sizes)
+        object.__setattr__(self, "ratios", normalise_ratios(ratios))
+        weight = float(self.aux_loss_weight)
+        if not math.isfinite(weight) or weight < 0:
+            raise ValueError(f"aux_loss_weight must be finite and non-negative, got {self.aux_loss_weight!r}")
+        object.__setattr__(self, "aux_loss_weight", weight)
+        if self.aux_loss not in AUX_LOSSES:
+            raise ValueError(f"aux_loss must be one of {AUX_LOSSES}, got {self.aux_loss!r}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
+        if isinstance(self.seed, bool) or int(self.seed) != self.seed:
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.group_sizes)
+
+    @property
+    def active(self) -> tuple[bool, ...]:
+        """Which experts take tokens at all (ratio > 0)."""
+        return tuple(r > 0 for r in self.ratios)
+
+    @property
+    def budget(self) -> float:
+        """Nominal KV budget: stored KV / full KV at these ratios."""
+        return kv_budget(self.ratios, self.group_sizes)
+
+    def validate_for(self, model_config) -> None:
+        """Raise ValueError unless every group size divides the model's KV heads."""
+        heads = kv_shape(model_config).num_kv_heads
+        bad = [g for g in self.group_sizes if heads % g]
+        if bad:
+            raise ValueError(
+                f"group sizes {tuple(bad)} do not divide the model's {heads} KV heads "
+                f"(group_sizes={self.group_sizes}); choose divisors of {heads}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict (stored in the model config as ``config.mixsga``)."""
+        out = asdict(self)
+        out["ratios"] = list(self.ratios)
+        out["group_sizes"] = list(self.group_sizes)
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "MixSGAConfig":
+        known = {"ratios", "group_sizes", "aux_loss_weight", "aux_loss", "router", "seed"}
+        unknown = set(data) - known - {"base_attn_implementation"}
+        if unknown:
+            raise ValueError(f"unknown MixSGAConfig fields {sorted(unknown)}")
+        return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in data.items() if k in known})
+
+
+def coerce_config(cfg: MixSGAConfig | dict | Sequence[float]) -> MixSGAConfig:
+    """Accept a config, its dict, or bare ratios."""
+    if isinstance(cfg, MixSGAConfig):
+        return cfg
+    if isinstance(cfg, dict):
+        return MixSGAConfig.from_dict(cfg)
+    return MixSGAConfig(ratios=tuple(cfg))

@@ -1,0 +1,170 @@
+"""The router and the two routing rules (paper Eqs. 1-5).
+
+* ``MixSGARouter``: one linear layer per attention layer, ``S(x) = sigmoid(x W + b)``
+  over E experts; weight He-initialised, bias zero. Its input is the normed hidden
+  state that feeds the layer's K/V projections.
+* ``expert_choice``: progressive expert-choice top-⌈ρ_e·n⌉ per sequence over the
+  real tokens only (padding is excluded from the ranking and from n). Vectorised
+  over batch and tokens; the only Python loop is over the E experts. Ties are
+  broken by position (stable sort), so routing is deterministic.
+* ``argmax_route``: each token picks its own expert at decode (context-free);
+  switched-off experts (ratio 0) are never chosen.
+* ``aux_loss``: trains argmax to agree with the expert-choice index. Masks are
+  hard, so the LM loss sends no gradient to the router; only this loss trains it.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MixSGARouter(nn.Linear):
+    """``hidden -> E`` router logits; scores are ``sigmoid(logits)``."""
+
+    def __init__(self, hidden_size: int, num_experts: int, *, device=None, dtype=None) -> None:
+        super().__init__(hidden_size, num_experts, bias=True, device=device, dtype=dtype)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # He (Kaiming) normal over fan-in, zero bias, as the paper states.
+        nn.init.kaiming_normal_(self.weight, mode="fan_in", nonlinearity="relu")
+        nn.init.zeros_(self.bias)
+
+
+def expert_capacities(ratios: Sequence[float], n_real: torch.Tensor) -> torch.Tensor:
+    """``ceil(ρ_e · n)`` per sample and expert, as a ``[B, E]`` long tensor.
+
+    The tiny slack keeps float ratios such as 0.3 × 10 = 3.0000000000000004 from
+    rounding up to 4.
+    """
+    rho = torch.tensor(ratios, dtype=torch.float64, device=n_real.device)
+    return torch.ceil(n_real.to(torch.float64)[:, None] * rho[None, :] - 1e-9).clamp_min(0).long()
+
+
+def expert_choice(
+    scores: torch.Tensor, real: torch.Tensor, ratios: Sequence[float]
+) -> torch.Tensor:
+    """Progressive expert-choice routing of one chunk.
+
+    ``scores`` ``[B, L, E]`` router scores, ``real`` ``[B, L]`` bool (False = padding).
+    Returns ``[B, L]`` expert ids; padding gets the last active expert (never stored,
+    masked out of attention).
+    """
+    batch, length, num_experts = scores.shape
+    active = [e for e, r in enumerate(ratios) if r > 0]
+    last = active[-1]
+    caps = expert_capacities(ratios, real.sum(dim=1))
+    expert = torch.full((batch, length), last, dtype=torch.long, device=scores.device)
+    taken = ~real
+    positions = torch.arange(length, device=scores.device).expand(batch, length)
+    for e in active[:-1]:
+        masked = scores[..., e].masked_fill(taken, -math.inf)
+        order = masked.argsort(dim=1, descending=True, stable=True)
+        rank = torch.empty_like(order).scatter_(1, order, positions)
+        pick = (rank < caps[:, e : e + 1]) & ~taken
+        expert = torch.where(pick, e, expert)
+        taken = taken | pick
+    return expert
+
+
+def argmax_route(logits: torch.Tensor, active: Sequence[bool]) -> torch.Tensor:
+    """Decode-time routing: ``argmax_e S(x)`` over the active experts, ``[B, L]``."""
+    if all(active):
+        return logits.argmax(dim=-1)
+    off = torch.tensor([not a for a in active], device=logits.device)
+    return logits.masked_fill(off, -math.inf).argmax(dim=-1)
+
+
+def random_route(
+    shape: tuple[int, int], ratios: Sequence[float], generator: torch.Generator, device
+) -> torch.Tensor:
+    """Random-router ablation at decode: an expert drawn from the ratios, ``[B, L]``."""
+    probs = torch.tensor(ratios, dtype=torch.float64)
+    draw = torch.multinomial(probs, shape[0] * shape[1], replacement=True, generator=generator)
+    return draw.view(shape).to(device)
+
+
+def aux_loss(logits: torch.Tensor, target: torch.Tensor, real: torch.Tensor, kind: str) -> torch.Tensor:
+    """Prefill-decode consistency loss of one layer, averaged over real tokens.
+
+    ``"softmax"``: cross-entropy of the E logits against the expert-choice index.
+    ``"sigmoid"``: binary cross-entropy of each sigmoid score against the one-hot
+    target, summed over experts.
+    """
+    z = logits[real].float()
+    t = target[real]
+    if z.numel() == 0:
+        return logits.sum() * 0.0
+    if kind == "softmax":
+        return F.cross_entropy(z, t)
+    if kind == "sigmoid":
+        onehot = F.one_hot(t, z.shape[-1]).to(z.dtype)
+        return F.binary_cross_entropy_with_logits(z, onehot, reduction="sum") / z.shape[0]
+    raise ValueError(f"unknown aux loss {kind!r}; expected 'softmax' or 'sigmoid'")
+
+
+class RoutingStats:
+    """Per-layer routing counts, accumulated across forwards until ``reset()``.
+
+    * ``prefill``: tokens per expert under expert-choice routing (training / prefill).
+    * ``decode``: tokens per expert under argmax routing (decode).
+    * ``agree`` / ``compared``: expert-choice tokens whose argmax pick agrees.
+    """
+
+    def __init__(self, num_layers: int, num_experts: int) -> None:
+        self.num_layers, self.num_experts = num_layers, num_experts
+        self.reset()
+
+    def reset(self) -> None:
+        self.prefill = [[0] * self.num_experts for _ in range(self.num_layers)]
+        self.decode = [[0] * self.num_experts for _ in range(self.num_layers)]
+        self.agree = [0] * self.num_layers
+        self.compared = [0] * self.num_layers
+
+    def add_expert_choice(
+        self, layer: int, expert: torch.Tensor, argmax: torch.Tensor | None, real: torch.Tensor
+    ) -> None:
+        """Count one expert-choice pass; ``argmax`` None (random or forced routing) skips agreement."""
+        ids = expert[real]
+        counts = torch.bincount(ids, minlength=self.num_experts).tolist()
+        row = self.prefill[layer]
+        for e, c in enumerate(counts):
+            row[e] += c
+        if argmax is not None:
+            self.agree[layer] += int((argmax[real] == ids).sum())
+            self.compared[layer] += int(ids.numel())
+
+    def add_decode(self, layer: int, ids: Sequence[int]) -> None:
+        row = self.decode[layer]
+        for e in ids:
+            row[e] += 1
+
+    @staticmethod
+    def _fractions(rows: list[list[int]]) -> list[float]:
+        totals = [sum(col) for col in zip(*rows)]
+        n = sum(totals)
+        return [t / n for t in totals] if n else [0.0] * len(totals)
+
+    def summary(self) -> dict:
+        """Fractions per expert (all layers pooled and per layer) and agreement."""
+        compared = sum(self.compared)
+        return {
+            "prefill_fractions": self._fractions(self.prefill),
+            "decode_fractions": self._fractions(self.decode),
+            "agreement": sum(self.agree) / compared if compared else float("nan"),
+            "prefill_tokens": sum(map(sum, self.prefill)),
+            "decode_tokens": sum(map(sum, self.decode)),
+            "per_layer": [
+                {
+                    "prefill_fractions": self._fractions([p]),
+                    "decode_fractions": self._fractions([d]),
+                    "agreement": a / c if c else float("nan"),
+                }
+                for p, d, a, c in zip(self.prefill, self.decode, self.agree, self.compared)
+            ],
+        }
