@@ -139,6 +139,7 @@ class EvictionLayer(DynamicLayer):
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
         self.inv_freq = inv_freq
+        self.owner: object | None = None  # the EvictionCache holding this layer
         self._clear()
 
     def _clear(self) -> None:
@@ -164,7 +165,9 @@ class EvictionLayer(DynamicLayer):
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Append the chunk and return past + chunk; eviction follows in :meth:`observe`."""
-        if self.awaiting_attention:
+        pending = getattr(_PENDING, "layer", None)
+        stalled = pending is not None and pending.awaiting_attention and pending.owner is self.owner
+        if self.awaiting_attention or stalled:
             raise RuntimeError(
                 f"eviction cache layer {self.layer_idx} was updated twice without its attention scores: the model "
                 f"is not using the {ATTENTION_NAME!r} attention; call baselines.enable_eviction_attention(model)"
@@ -268,7 +271,7 @@ class EvictionLayer(DynamicLayer):
         first_chunk = self.prompt_end is None
         if first_chunk:
             self.prompt_end = self.n_seen
-            if policy.method == "snapkv":
+            if policy.method == "snapkv" and length > 1:  # a prompt prefill, not token-by-token scoring
                 shortest = int(chunk_valid.sum(-1).min())
                 if shortest < policy.window:
                     raise ValueError(
@@ -390,6 +393,8 @@ class EvictionCache(Cache):
             for i, t in enumerate(types[:layers])
         ]
         super().__init__(layers=built)
+        for layer in built:
+            layer.owner = self
         self.policy = policy
 
     @property
