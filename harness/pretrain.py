@@ -90,13 +90,15 @@ def pretrain(
     log_every: int = 10,
     progress: bool = True,
     stop_after: int | None = None,
+    model_overrides: dict | None = None,
 ) -> dict:
     """Train ``family``/``size`` from scratch and save it to ``out_dir``; return the ``pretrain.json`` dict.
 
     ``eval_tokens`` caps the held-out evaluation (first tokens of the validation stream, same
     cut for the model and the unigram baseline; None = whole split). ``stop_after`` ends the
     run after that many steps, leaving only the resumable checkpoint (it simulates a killed
-    job; the return value then has ``"status": "partial"``).
+    job; the return value then has ``"status": "partial"``). ``model_overrides`` replace config
+    fields of the zoo size (recorded in ``pretrain.json``).
     """
     for name, value in (("steps", steps), ("batch_size", batch_size), ("seq_len", seq_len)):
         if not isinstance(value, int) or value < 1:
@@ -112,7 +114,7 @@ def pretrain(
     partial = out.with_name(out.name + ".partial")
     tokenizer = load_tokenizer(tokenizer_dir)
     fingerprint = read_fingerprint(corpus_dir)
-    config = build_config(family, size, tokenizer)
+    config = build_config(family, size, tokenizer, **(model_overrides or {}))
     max_pos = getattr(config, "max_position_embeddings", None)
     if max_pos is not None and seq_len > max_pos:
         raise ValueError(f"seq_len {seq_len} exceeds {family}/{size} max_position_embeddings {max_pos}")
@@ -120,7 +122,7 @@ def pretrain(
     settings = {"family": family, "size": size, "steps": steps, "batch_size": batch_size, "seq_len": seq_len,
                 "lr": lr, "seed": seed, "warmup_steps": warmup_steps, "min_lr_ratio": min_lr_ratio,
                 "weight_decay": weight_decay, "grad_clip": grad_clip, "corpus_sha256": fingerprint["sha256"],
-                "vocab_size": len(tokenizer), "device_type": dev.type}
+                "vocab_size": len(tokenizer), "device_type": dev.type, "model_overrides": model_overrides or {}}
 
     train_texts = read_split(corpus_dir, "train")
     ids, _ = token_stream(tokenizer, train_texts)
@@ -199,6 +201,7 @@ def pretrain(
         "size": size,
         "model_type": config.model_type,
         "params": count_parameters(model),
+        "model_overrides": model_overrides or {},
         "config": {k: v for k, v in config.to_diff_dict().items() if not k.startswith("_")},
         **{k: settings[k] for k in ("steps", "batch_size", "seq_len", "lr", "seed", "warmup_steps",
                                     "min_lr_ratio", "weight_decay", "grad_clip")},
