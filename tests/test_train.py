@@ -1,0 +1,251 @@
+"""The trainer and the recipes: resume, same tokens, SFT masking, accumulation, schedule, aux/routing logs."""
+
+from __future__ import annotations
+
+import json
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from baselines.testing import tiny_model
+from harness.recipes import CPT_OFFLINE, CPT_PAPER, RECIPES, SFT_OFFLINE, SFT_PAPER_OPT, Recipe, get_recipe
+from harness.tokenizer import train_tokenizer
+from harness.train import (
+    CHECKPOINT_FILE,
+    IGNORE_INDEX,
+    RESULT_FILE,
+    cpt_data,
+    lr_multiplier,
+    plan_batches,
+    sft_data,
+    train,
+)
+from mixsga.routing import RoutingStats
+
+TEXTS = [f"def f{i}(x):\n    return x * {i} + {i * i}  # value number {i}\n" for i in range(40)]
+ROWS = [{"prompt": f"Summarise f{i}:\n", "references": [f"returns x times {i}" + " plus one" * (i % 4), "other"]}
+        for i in range(12)]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models gain nothing from threads, and on a shared machine thread contention dominates.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def tok(tmp_path_factory):
+    corpus = tmp_path_factory.mktemp("corpus")
+    (corpus / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
+    return train_tokenizer(corpus, tmp_path_factory.mktemp("tok") / "tok", vocab_size=300)
+
+
+def _cpt_recipe(**kw) -> Recipe:
+    base = dict(batch_size=4, micro_batch_size=2, seq_len=32, max_steps=6, checkpoint_every=100)
+    return CPT_OFFLINE.replace(**{**base, **kw})
+
+
+def _params(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_interrupted_training_resumes_to_the_same_loss(tok, tmp_path):
+    # OPT with dropout: the resumed run only matches if the RNG state is restored too.
+    data = cpt_data(tok, TEXTS, 32)
+    recipe = _cpt_recipe()
+    straight_model = tiny_model("opt", vocab_size=len(tok), dropout=0.1)
+    straight = train(straight_model, data, recipe, tmp_path / "a", seed=3, progress=False)
+
+    crashed = train(tiny_model("opt", vocab_size=len(tok), dropout=0.1), data, recipe, tmp_path / "b",
+                    seed=3, progress=False, stop_after=2)
+    assert not crashed["completed"] and crashed["steps"] == 2
+    assert (tmp_path / "b" / CHECKPOINT_FILE).is_file() and not (tmp_path / "b" / RESULT_FILE).exists()
+    # A differently initialised model proves the weights come from the checkpoint.
+    resumed_model = tiny_model("opt", seed=7, vocab_size=len(tok), dropout=0.1)
+    resumed = train(resumed_model, data, recipe, tmp_path / "b", seed=3, progress=False)
+
+    assert resumed["completed"] and resumed["resumed_from"] == 2
+    assert resumed["final_loss"] == straight["final_loss"]
+    assert [h["loss"] for h in resumed["history"]] == [h["loss"] for h in straight["history"]]
+    a, b = _params(straight_model), _params(resumed_model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "b" / RESULT_FILE).read_text())["final_loss"] == straight["final_loss"]
+
+    # A finished run reruns as a no-op that loads the trained weights.
+    again_model = tiny_model("opt", seed=11, vocab_size=len(tok), dropout=0.1)
+    again = train(again_model, data, recipe, tmp_path / "b", seed=3, progress=False)
+    assert again["final_loss"] == straight["final_loss"] and again["steps"] == recipe.max_steps
+    assert all(torch.equal(a[k], v) for k, v in _params(again_model).items())
+
+
+def test_checkpoint_of_another_run_is_refused(tok, tmp_path):
+    data = cpt_data(tok, TEXTS, 32)
+    train(tiny_model("llama", vocab_size=len(tok)), data, _cpt_recipe(), tmp_path, seed=0, progress=False,
+          stop_after=1)
+    with pytest.raises(ValueError, match="different run"):
+        train(tiny_model("llama", vocab_size=len(tok)), data, _cpt_recipe(), tmp_path, seed=1, progress=False)
+    fresh = train(tiny_model("llama", vocab_size=len(tok)), data, _cpt_recipe(max_steps=1), tmp_path, seed=1,
+                  progress=False, resume=False)
+    assert fresh["resumed_from"] is None and fresh["completed"]
+
+
+def test_every_method_sees_the_same_tokens(tok, tmp_path):
+    data = cpt_data(tok, TEXTS, 32)
+    recipe = _cpt_recipe(max_steps=2)
+    runs = {fam: train(tiny_model(fam, vocab_size=len(tok)), data, recipe, tmp_path / fam, seed=0, progress=False)
+            for fam in ("llama", "opt")}
+    assert runs["llama"]["token_hash"] == runs["opt"]["token_hash"]
+    assert runs["llama"]["tokens_seen"] == runs["opt"]["tokens_seen"] == 2 * 4 * 32
+    other_seed = train(tiny_model("llama", vocab_size=len(tok)), data, recipe, tmp_path / "s1", seed=1,
+                       progress=False)
+    assert other_seed["token_hash"] != runs["llama"]["token_hash"]
+    other_data = cpt_data(tok, ["# changed\n" + TEXTS[0], *TEXTS[1:]], 32)
+    assert train(tiny_model("llama", vocab_size=len(tok)), other_data, recipe, tmp_path / "d", seed=0,
+                 progress=False)["token_hash"] != runs["llama"]["token_hash"]
+
+
+def test_plan_covers_each_example_once_per_epoch():
+    recipe = SFT_OFFLINE.replace(batch_size=3, micro_batch_size=1, epochs=2.0)
+    plan = plan_batches(10, recipe, seed=5)
+    assert len(plan) == 6  # floor(2 * 10 / 3)
+    flat = [i for batch in plan for i in batch]
+    assert sorted(flat[:10]) == list(range(10))  # the first epoch is a permutation
+    assert plan == plan_batches(10, recipe, seed=5) and plan != plan_batches(10, recipe, seed=6)
+    with pytest.raises(ValueError, match="0 optimiser steps"):
+        plan_batches(1, recipe, seed=0)
+
+
+def test_sft_masks_prompt_and_step_loss_is_the_token_mean(tok, tmp_path):
+    data = sft_data(tok, ROWS, 64)
+    assert data.meta["examples"] == len(ROWS)
+    first = data.labels[0]
+    n_prompt = len(tok(ROWS[0]["prompt"])["input_ids"])
+    assert (first[:n_prompt] == IGNORE_INDEX).all() and (first[n_prompt:] != IGNORE_INDEX).all()
+    assert int(first[-1]) == tok.eos_token_id
+    assert tok.decode(data.input_ids[0][n_prompt:-1]) == ROWS[0]["references"][0]
+
+    recipe = SFT_OFFLINE.replace(batch_size=4, micro_batch_size=1, seq_len=64, max_steps=1)
+    model = tiny_model("llama", vocab_size=len(tok))
+    # Independent loss of the first batch: mean cross-entropy over all its response tokens.
+    batch = plan_batches(len(data), recipe, seed=0)[0]
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in batch:
+            logits = model(input_ids=data.input_ids[i][None]).logits[0, :-1]
+            target = data.labels[i][1:]
+            keep = target != IGNORE_INDEX
+            nll += float(F.cross_entropy(logits[keep], target[keep], reduction="sum"))
+            count += int(keep.sum())
+    result = train(model, data, recipe, tmp_path, seed=0, progress=False)
+    assert result["target_tokens"] == count
+    assert math.isclose(result["final_loss"], nll / count, rel_tol=1e-5)
+
+
+def test_sft_truncates_and_skips(tok):
+    long_prompt = {"prompt": "word " * 80, "references": ["x"]}
+    data = sft_data(tok, [*ROWS[:2], long_prompt], 24)
+    assert data.meta["skipped"] == 1 and len(data) == 2
+    assert all(len(x) <= 24 for x in data.input_ids)
+    with pytest.raises(ValueError, match="references"):
+        sft_data(tok, [{"prompt": "p", "references": "not a list"}], 24)
+    with pytest.raises(ValueError, match="'prompt'"):
+        sft_data(tok, [{"instruction": "p"}], 24)
+    with pytest.raises(ValueError, match="no usable"):
+        sft_data(tok, [long_prompt], 24)
+
+
+def test_gradient_accumulation_matches_one_big_batch(tok, tmp_path):
+    data = sft_data(tok, ROWS, 64)
+    losses = {}
+    for micro in (4, 1):
+        recipe = SFT_OFFLINE.replace(batch_size=4, micro_batch_size=micro, seq_len=64, max_steps=3)
+        res = train(tiny_model("llama", vocab_size=len(tok)), data, recipe, tmp_path / str(micro), seed=0,
+                    progress=False)
+        losses[micro] = [h["loss"] for h in res["history"]]
+        assert res["accumulation"] == 4 // micro
+    assert losses[4] == pytest.approx(losses[1], rel=1e-5)
+
+
+def test_schedule_warms_up_then_decays():
+    lrs = [lr_multiplier(s, total=100, warmup=10, min_ratio=0.0) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5, abs=0.02)
+    assert lr_multiplier(100, total=100, warmup=10, min_ratio=0.1) == pytest.approx(0.1)
+
+
+class _RoutedModel(torch.nn.Module):
+    """A plain model plus what a converted mixSGA model exposes: an aux loss and routing statistics."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.router = torch.nn.Linear(inner.config.hidden_size, 3)
+        self.routing_stats = RoutingStats(num_layers=1, num_experts=3)
+
+    def forward(self, input_ids, attention_mask, labels, use_cache=False):
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                         output_hidden_states=True, use_cache=use_cache)
+        logits = self.router(out.hidden_states[-1])
+        real = attention_mask.bool()
+        pick = logits.argmax(-1)
+        self.routing_stats.add_expert_choice(0, pick, pick, real)
+        aux = F.cross_entropy(logits[real], torch.zeros_like(pick[real]))
+        return SimpleNamespace(loss=out.loss + 0.1 * aux, aux_loss=aux)
+
+
+def test_aux_loss_and_routing_stats_are_logged(tok, tmp_path):
+    data = cpt_data(tok, TEXTS, 32)
+    seen = []
+    model = _RoutedModel(tiny_model("llama", vocab_size=len(tok)))
+    before = model.router.weight.detach().clone()
+    res = train(model, data, _cpt_recipe(max_steps=3), tmp_path, seed=0, progress=False, log=seen.append)
+    assert len(res["aux_loss_history"]) == 3 and all(a > 0 for a in res["aux_loss_history"])
+    assert [r["step"] for r in res["routing_history"]] == [1, 2, 3]
+    # Statistics are reset every step: one step is 4 sequences of 32 tokens.
+    assert res["routing_history"][-1]["prefill_tokens"] == 4 * 32
+    assert res["routing_history"][-1]["agreement"] == 1.0
+    assert len(seen) == 3 and "routing" in seen[-1]
+    assert not torch.equal(before, model.router.weight)  # the aux loss trained the router
+    json.dumps(res, allow_nan=False)
+
+
+def test_bad_inputs_are_named(tok, tmp_path):
+    data = cpt_data(tok, TEXTS, 32)
+    with pytest.raises(ValueError, match="'sft'"):
+        train(tiny_model("llama", vocab_size=len(tok)), data, SFT_OFFLINE, tmp_path, seed=0, progress=False)
+    with pytest.raises(ValueError, match="seq_len 16"):
+        train(tiny_model("llama", vocab_size=len(tok)), data, _cpt_recipe(seq_len=16), tmp_path, seed=0,
+              progress=False)
+    with pytest.raises(ValueError, match="fewer than one block"):
+        cpt_data(tok, ["ab"], 64)
+
+
+def test_recipes_follow_the_paper_and_scale_in_proportion():
+    assert (CPT_PAPER.lr, CPT_PAPER.betas, CPT_PAPER.warmup_ratio, CPT_PAPER.weight_decay, CPT_PAPER.grad_clip,
+            CPT_PAPER.precision) == (2e-4, (0.9, 0.95), 0.015, 0.1, 1.0, "bf16")
+    assert CPT_PAPER.tokens_per_step == 256 * 1024 and CPT_PAPER.epochs == 1.0
+    assert (SFT_PAPER_OPT.lr, SFT_PAPER_OPT.batch_size, SFT_PAPER_OPT.epochs) == (5e-5, 32, 40.0)
+    for paper, offline in ((CPT_PAPER, CPT_OFFLINE), (SFT_PAPER_OPT, SFT_OFFLINE)):
+        assert offline.kind == paper.kind
+        for key in ("betas", "warmup_ratio", "weight_decay", "grad_clip", "min_lr_ratio"):
+            assert getattr(offline, key) == getattr(paper, key), key
+    assert set(RECIPES) == {"cpt_paper", "sft_paper_opt", "cpt_offline", "sft_offline"}
+    assert Recipe.from_dict(CPT_OFFLINE.to_dict()) == CPT_OFFLINE
+    assert get_recipe("cpt_offline", max_steps=3).num_steps(1) == 3
+    with pytest.raises(ValueError, match="unknown recipe"):
+        get_recipe("cpt_fast")
+    with pytest.raises(ValueError, match="exactly one of"):
+        Recipe(name="x", kind="cpt", lr=1e-3, epochs=1.0, max_steps=3)
+    with pytest.raises(ValueError, match="multiple of micro_batch_size"):
+        CPT_OFFLINE.replace(batch_size=10, micro_batch_size=4)
+    with pytest.raises(ValueError, match="kind"):
+        CPT_OFFLINE.replace(kind="rl")
+    with pytest.raises(ValueError, match="unknown recipe keys"):
+        Recipe.from_dict({**CPT_OFFLINE.to_dict(), "learning_rate": 1})
