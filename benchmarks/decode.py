@@ -117,9 +117,10 @@ def measure(model, ids: torch.Tensor, *, new_tokens: int, repeats: int, prefill_
         "kv_bytes_per_token_final": stored_final / (tokens_final * ids.shape[0]),
         "peak_memory": {"prefill": prefill_mem.as_dict(), "decode": decode_mem.as_dict()},
     }
-    stats = getattr(model, "mixsga_stats", None)
-    if callable(stats):
-        result["routing"] = stats()
+    if getattr(model, "mixsga_runtime", None) is not None:
+        from mixsga import routing_stats
+
+        result["routing"] = routing_stats(model)
     return result
 
 
