@@ -321,9 +321,13 @@ class Stacked(Method):
 
     def new_cache(self, model, params):
         if isinstance(self.inner, MixSGA):
-            from baselines.stacking import MixSGAEvictionCache
-
-            return MixSGAEvictionCache(model.config, EvictionPolicy(**params["eviction"]))
+            # MixSGACache.keep_tokens can drop tokens from every expert store, but score-based
+            # eviction also needs the decode-time attention probabilities over the compact stores,
+            # which MixSGALayer.attend does not expose yet.
+            raise NotImplementedError(
+                f"{self.name}: eviction on mixSGA needs the attention probabilities of MixSGALayer.attend "
+                "(token order) to score tokens; not available yet"
+            )
         return self.eviction.new_cache(model, params["eviction"])
 
     def live_bytes(self, cache) -> int:
