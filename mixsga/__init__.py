@@ -9,7 +9,7 @@ Public API::
     model.generate(ids, max_new_tokens=32)  # uses a MixSGACache (per-expert compact stores)
     kv_budget((3, 1, 6), (1, 2, 4))         # -> 0.5
 
-* ``MixSGAConfig(ratios, group_sizes=(1, 2, 4), aux_loss_weight=0.1, aux_loss="softmax"|"sigmoid",
+* ``MixSGAConfig(ratios, group_sizes=(1, 2, 4), aux_loss_weight=0.1, aux_loss="sigmoid"|"softmax",
   router="learned"|"random", seed=0)``; ``.validate_for(model_config)``, ``.budget``, ``.to_dict()``.
 * ``convert_to_mixsga(model, cfg)``; ``load_mixsga(path, **from_pretrained_kwargs)`` reloads a
   converted model saved with ``model.save_pretrained(path)``.
