@@ -8,6 +8,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # files only; no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker as ticker  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -30,12 +31,12 @@ def plot_perplexity(table: pd.DataFrame | str | Path, out: str | Path) -> Path:
     x = np.arange(len(summary))
     width = 0.38
 
-    fig, ax = plt.subplots(figsize=(max(5.0, 1.5 * len(summary) + 2), 4.2), layout="constrained")
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.5 * len(summary) + 3.5), 4.2), layout="constrained")
     model_bars = ax.bar(
         x - width / 2,
         summary["ppl_token"],
         width,
-        yerr=summary["ppl_token_std"],
+        yerr=summary["ppl_token_std"] if (summary["seeds"] > 1).any() else None,
         capsize=3,
         label="base model",
         color="tab:blue",
@@ -52,15 +53,18 @@ def plot_perplexity(table: pd.DataFrame | str | Path, out: str | Path) -> Path:
         )
         ax.bar_label(uni_bars, fmt="%.1f", padding=2, fontsize=8)
     ax.set_yscale("log")
+    # bars grow from perplexity 1 (a perfect model), so their lengths compare on the log scale
+    top = float(pd.concat([summary["ppl_token"] + summary["ppl_token_std"], summary["ppl_unigram"]]).max())
+    ax.set_ylim(1, top * 4)  # head room for the value labels
+    ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xticks(x, labels)
     ax.set_xlabel("base model (family)")
     ax.set_ylabel("held-out perplexity per token (log scale)")
     eval_sets = ", ".join(sorted(set(map(str, base["eval_set"]))))
     seeds = int(summary["seeds"].max())
     ax.set_title(f"Held-out perplexity of the base models\n(eval: {eval_sets}; {seeds} seed(s); lower is better)")
-    ax.legend(loc="upper right")
-    ax.margins(y=0.15)
-    ax.grid(axis="y", which="both", alpha=0.3)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+    ax.grid(axis="y", which="major", alpha=0.3)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=150)

@@ -49,8 +49,12 @@ def cmd_unigram(args: argparse.Namespace) -> None:
     from harness.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
-    value = unigram_perplexity(tokenizer, read_split(args.corpus, "train"), read_split(args.corpus, args.split))
-    write_json_atomic(args.out, {"ppl_unigram": float(value), "split": args.split, "tokenizer": str(args.tokenizer)})
+    train, held_out = read_split(args.corpus, "train"), read_split(args.corpus, args.split)
+    value = unigram_perplexity(tokenizer, train, held_out, max_tokens=args.max_tokens)
+    write_json_atomic(
+        args.out,
+        {"ppl_unigram": float(value), "split": args.split, "max_tokens": args.max_tokens, "tokenizer": str(args.tokenizer)},
+    )
     print(f"unigram perplexity on {args.split}: {value:.2f}")
 
 
@@ -71,6 +75,8 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
         lr=args.lr,
         seed=args.seed,
         device=resolve_device(args.device),
+        threads=args.threads,
+        eval_tokens=args.eval_tokens,
     )
     print(json.dumps(summary, indent=2, sort_keys=True, default=str))
 
@@ -149,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", required=True)
     p.add_argument("--corpus", required=True)
     p.add_argument("--split", default="test", choices=["validation", "test"])
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens (as the runs do)")
     p.add_argument("--out", required=True, help="JSON file")
 
     p = add("pretrain", cmd_pretrain, "pretrain a small base model of one family on the corpus")
@@ -162,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, required=True)
     p.add_argument("--lr", type=float, required=True)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--eval-tokens", type=int, default=131072, help="validation tokens scored at the end")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     threads(p)
 

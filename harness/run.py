@@ -63,8 +63,6 @@ def load_eval_texts(eval_cfg: Mapping[str, Any], corpus_dir: str | Path | None) 
         from harness.hub_data import load_text_set
 
         texts = load_text_set(eval_cfg["text_set"], path=eval_cfg["text_path"], split=eval_cfg["split"])
-    if eval_cfg.get("max_documents"):
-        texts = texts[: eval_cfg["max_documents"]]
     if not texts:
         raise ValueError(f"no documents in eval set {eval_cfg['text_set']!r} split {eval_cfg['split']!r}")
     return texts
@@ -153,7 +151,10 @@ def execute_run(
     eval_cfg = spec["eval"]
     texts = load_eval_texts(eval_cfg, corpus_dir)
     ppl = perplexity(
-        model, tokenizer, texts, seq_len=eval_cfg["seq_len"], batch_size=eval_cfg["batch_size"], device=device
+        model, tokenizer, texts, seq_len=eval_cfg["seq_len"],
+        batch_size=eval_cfg["batch_size"],
+        device=device,
+        max_tokens=eval_cfg["max_tokens"],
     )
 
     cache, cache_tokens = _measure_live_cache(model, tokenizer, texts, eval_cfg["cache_tokens"], device)

@@ -73,6 +73,12 @@ def all_targets():
     return targets
 
 
+def max_tokens_arg():
+    """`--max-tokens N` when the eval is capped, so the unigram floor scores the runs' tokens."""
+    n = config["eval"]["max_tokens"]
+    return "" if n is None else f"--max-tokens {n}"
+
+
 def pretrain_param(name):
     """A param function reading one field of the model's entry (for `rule pretrain`)."""
     return lambda wildcards: model_entry(config, wildcards.model)[name]

@@ -16,6 +16,7 @@ rule pretrain:
         seq_len=config["pretrain"]["seq_len"],
         lr=config["pretrain"]["lr"],
         seed=config["pretrain"]["seed"],
+        eval_tokens=config["pretrain"]["eval_tokens"],
         device=config["device"],
         code=code_hash(CODE["pretrain"]),
     threads: config["threads"]
@@ -29,4 +30,4 @@ rule pretrain:
         "python -m harness pretrain --family {params.family} --size {params.size} "
         "--tokenizer {input.tokenizer} --corpus {input.corpus} --out {output} "
         "--steps {params.steps} --batch-size {params.batch_size} --seq-len {params.seq_len} "
-        "--lr {params.lr} --seed {params.seed} --device {params.device} --threads {threads} > {log} 2>&1"
+        "--lr {params.lr} --seed {params.seed} --eval-tokens {params.eval_tokens} --device {params.device} --threads {threads} > {log} 2>&1"

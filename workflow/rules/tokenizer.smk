@@ -29,6 +29,7 @@ rule unigram:
     output:
         f"{WORK}/reference/unigram_{{split}}.json",
     params:
+        max_tokens=max_tokens_arg(),
         code=code_hash(CODE["unigram"]),
     log:
         f"{RESULTS}/logs/unigram_{{split}}.log",
@@ -36,4 +37,4 @@ rule unigram:
         ENV
     shell:
         "python -m harness unigram --tokenizer {input.tokenizer} --corpus {input.corpus} "
-        "--split {wildcards.split} --out {output} > {log} 2>&1"
+        "--split {wildcards.split} {params.max_tokens} --out {output} > {log} 2>&1"

@@ -1,0 +1,81 @@
+"""Shared fixtures: repository paths and a factory of valid run records."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def repo_root() -> Path:
+    """The repository root (where the Snakefile lives)."""
+    return REPO_ROOT
+
+
+def _record(
+    *,
+    model: str = "llama3",
+    family: str = "llama3",
+    method: str = "base",
+    budget: float = 1.0,
+    seed: int = 0,
+    ppl_token: float = 50.0,
+    ppl_unigram: float | None = 500.0,
+) -> dict[str, Any]:
+    from harness.config import load_config, make_run_id, run_spec
+    from harness.provenance import utc_now
+    from harness.records import new_record
+
+    cfg = load_config(
+        [REPO_ROOT / "config" / "config.yaml"],
+        {"models": [{"name": model, "family": family, "size": "tiny"}], "seeds": [seed]},
+    )
+    spec = run_spec(cfg, make_run_id(model, method, budget, seed))
+    now = utc_now()
+    provenance = {
+        "git": {"commit": "0" * 40, "dirty": False},
+        "packages": {"torch": "2.13.0", "transformers": "5.17.0"},
+        "python": "3.11.7",
+        "platform": "Linux-test",
+        "hostname": "test-host",
+        "device": {"type": "cpu", "name": "test cpu"},
+        "seed": seed,
+        "dataset_fingerprint": {"eval_texts_sha256": "ab" * 32, "eval_documents": 3},
+        "started_at": now,
+        "finished_at": now,
+    }
+    return new_record(
+        spec=spec,
+        provenance=provenance,
+        budget={
+            "nominal": budget,
+            "realized": budget,
+            "analytic_bytes_per_token": 1024.0 * budget,
+            "base_bytes_per_token": 1024.0,
+            "measured_bytes": 1024.0 * budget * 16,
+            "measured_tokens": 16,
+            "dtype": "float32",
+            "params": None,
+        },
+        quality={
+            "ppl_token": ppl_token,
+            "ppl_word": ppl_token * 2,
+            "ppl_unigram": ppl_unigram,
+            "eval_set": "corpus:test",
+            "eval_tokens": 1000,
+            "eval_words": 400,
+        },
+        flags={"simulated": False, "query_aware": None},
+        wall_time_s=1.5,
+    )
+
+
+@pytest.fixture
+def make_record() -> Callable[..., dict[str, Any]]:
+    """Factory of valid records (keyword arguments: model, family, method, budget, seed, ppl_token, ppl_unigram)."""
+    return lambda **kw: copy.deepcopy(_record(**kw))

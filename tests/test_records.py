@@ -1,0 +1,120 @@
+"""Record schema, validation messages, atomic writes and resume lookup."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from harness import records
+from harness.records import existing_record, read_record, validate_record, write_json_atomic, write_record
+
+
+def test_factory_record_is_valid_and_has_every_section(make_record):
+    rec = make_record()
+    validate_record(rec)
+    assert set(rec) == {
+        "schema_version", "identity", "provenance", "budget", "quality", "performance", "flags", "wall_time_s",
+    }
+    assert rec["identity"]["config"]["run_id"] == rec["identity"]["run_id"] == "llama3__base__kv100__s0"
+    # unmeasured numbers are null, not invented
+    assert rec["quality"]["rouge_l"] is None and rec["performance"]["prefill_ms"] is None
+    assert rec["performance"]["peak_memory_bytes"] == {"prefill": None, "decode": None}
+
+
+@pytest.mark.parametrize(
+    ("mutate", "field"),
+    [
+        (lambda r: r.pop("provenance"), "'provenance' is a required property"),
+        (lambda r: r["provenance"]["git"].pop("commit"), "record field 'provenance.git'"),
+        (lambda r: r["quality"].update(ppl_token="low"), "record field 'quality.ppl_token'"),
+        (lambda r: r["quality"].update(ppl_token=-1.0), "record field 'quality.ppl_token'"),
+        (lambda r: r["budget"].update(nominal=0.0), "record field 'budget.nominal'"),
+        (lambda r: r["flags"].update(simulated=None), "record field 'flags.simulated'"),
+        (lambda r: r["quality"].update(bleu=3.0), "'bleu' was unexpected"),
+        (lambda r: r["quality"].update(ppl_word=float("nan")), "record field 'quality.ppl_word': not a finite"),
+        (lambda r: r["provenance"].update(seed=7), "record field 'provenance.seed': differs"),
+        (lambda r: r.update(schema_version=0), "record field 'schema_version'"),
+        (lambda r: r["performance"].update(decode_tokens_per_s={"mean": 1.0}), "performance.decode_tokens_per_s"),
+    ],
+)
+def test_invalid_records_are_rejected_naming_the_field(make_record, mutate, field):
+    rec = make_record()
+    mutate(rec)
+    with pytest.raises(ValueError) as err:
+        validate_record(rec)
+    assert field in str(err.value)
+
+
+def test_full_performance_section_validates(make_record):
+    rec = make_record()
+    rec["performance"] = {
+        "prefill_ms": 12.5,
+        "decode_tokens_per_s": {"mean": 100.0, "p50": 101.0, "p90": 110.0, "std": 3.0},
+        "peak_memory_bytes": {"prefill": 1e6, "decode": 2e6},
+    }
+    validate_record(rec)
+
+
+def test_write_then_read_round_trips(tmp_path, make_record):
+    rec = make_record()
+    path = write_record(tmp_path / "records" / "r.json", rec)
+    assert read_record(path) == rec
+    assert path.read_text().endswith("\n")
+    assert sorted(os.listdir(path.parent)) == ["r.json"], "no temp files may remain"
+
+
+def test_invalid_record_is_not_written(tmp_path, make_record):
+    path = tmp_path / "r.json"
+    rec = make_record()
+    rec["quality"]["ppl_token"] = "bad"
+    with pytest.raises(ValueError):
+        write_record(path, rec)
+    assert not path.exists()
+
+
+def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, make_record, monkeypatch):
+    path = write_record(tmp_path / "r.json", make_record(ppl_token=10.0))
+    before = path.read_bytes()
+
+    def crash(src, dst):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(records.os, "replace", crash)
+    with pytest.raises(OSError, match="disk gone"):
+        write_record(path, make_record(ppl_token=20.0))
+    assert path.read_bytes() == before
+    assert os.listdir(tmp_path) == ["r.json"]
+
+
+def test_json_writer_rejects_nan(tmp_path):
+    with pytest.raises(ValueError):
+        write_json_atomic(tmp_path / "x.json", {"x": float("nan")})
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_read_record_names_the_file(tmp_path, make_record):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json: not valid JSON"):
+        read_record(broken)
+    rec = make_record()
+    del rec["flags"]
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(rec))
+    with pytest.raises(ValueError, match="bad.json: invalid record"):
+        read_record(bad)
+
+
+def test_existing_record_requires_same_spec(tmp_path, make_record):
+    rec = make_record()
+    spec = rec["identity"]["config"]
+    path = tmp_path / "r.json"
+    assert existing_record(path, spec) is None
+    write_record(path, rec)
+    assert existing_record(path, spec) == rec
+    other = dict(spec, eval=dict(spec["eval"], seq_len=spec["eval"]["seq_len"] * 2))
+    assert existing_record(path, other) is None
+    path.write_text("{}")
+    assert existing_record(path, spec) is None
