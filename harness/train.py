@@ -13,10 +13,10 @@
   autocast on a GPU with bf16 and fp32 on CPU. The loss of a step is the mean over all of
   its target tokens (micro-batches weighted by their target-token counts, so padding and
   prompt lengths don't skew SFT).
-* mixSGA: a converted model adds its weighted aux loss into ``out.loss``; the trainer logs
-  ``out.aux_loss`` when the output has it and the model's routing statistics (an object
-  with ``summary()`` / ``reset()`` exposed as ``model.routing_stats``, or returned by a
-  ``model.routing_stats()`` method). Plain models train without either.
+* mixSGA: a converted model adds its weighted aux loss into ``out.loss``. Through the
+  model's ``mixsga_runtime`` the trainer logs the (unweighted, layer-mean) aux loss of each
+  step, token-weighted like the loss, and the routing statistics of each logged step
+  (statistics are reset every step). Plain models train without either.
 * Several GPUs: ``accelerate`` (DDP) on the same code path; each process takes every
   ``world_size``-th micro-batch of the global batch, so the plan and the loss are the
   same for any number of processes. On one CPU the accelerator is a pass-through.
@@ -220,12 +220,9 @@ def resolve_precision(recipe: Recipe, device: torch.device) -> str:
     return "fp32"
 
 
-def routing_source(model: torch.nn.Module):
-    """The model's routing-statistics object (``summary()`` / ``reset()``), or None for plain models."""
-    stats = getattr(model, "routing_stats", None)
-    if callable(stats) and not hasattr(stats, "summary"):
-        stats = stats()
-    return stats if stats is not None and hasattr(stats, "summary") else None
+def mixsga_runtime(model: torch.nn.Module):
+    """The ``mixsga_runtime`` of a mixSGA-converted model (aux loss, routing statistics), or None."""
+    return getattr(model, "mixsga_runtime", None)
 
 
 def _rng_state() -> dict:
@@ -357,7 +354,7 @@ def train(
 
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
-    routing = routing_source(inner)
+    runtime = mixsga_runtime(inner)
     def autocast():
         return torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
 
@@ -385,8 +382,8 @@ def train(
         if n_targets == 0:
             raise ValueError(f"step {step}: the batch has no target tokens")
         mine = batches[rank::world]
-        if routing is not None:
-            routing.reset()
+        if runtime is not None:
+            runtime.reset_stats()
         loss_sum = torch.zeros((), dtype=torch.float64, device=dev)
         aux_sum = torch.zeros((), dtype=torch.float64, device=dev)
         has_aux = False
@@ -394,13 +391,15 @@ def train(
             batch = {k: v.to(dev) for k, v in batch.items()}
             weight = target_tokens(batch["labels"]) / n_targets
             sync = accelerator.no_sync(model) if i < len(mine) - 1 else nullcontext()
+            if runtime is not None:
+                runtime.last_aux_loss = None  # so that a forward without routing cannot report a stale value
             with sync:
                 with autocast():
                     out_ = model(**batch, use_cache=False)
                 # DDP averages gradients over processes, so scale by world to get the global token mean.
                 accelerator.backward(out_.loss * (weight * world))
             loss_sum += out_.loss.detach().double() * weight
-            aux = getattr(out_, "aux_loss", None)
+            aux = runtime.last_aux_loss if runtime is not None else None
             if aux is not None:
                 has_aux = True
                 aux_sum += aux.detach().double() * weight
@@ -424,8 +423,8 @@ def train(
         }
         if has_aux:
             entry["aux_loss"] = float(accelerator.reduce(aux_sum, reduction="sum"))
-        if routing is not None and ((step + 1) % recipe.log_every == 0 or step + 1 == total):
-            entry["routing"] = _jsonable(routing.summary())
+        if runtime is not None and ((step + 1) % recipe.log_every == 0 or step + 1 == total):
+            entry["routing"] = _jsonable(runtime.routing_stats())
         history.append(entry)
         if log is not None and accelerator.is_main_process and (
                 (step + 1) % recipe.log_every == 0 or step + 1 == total):

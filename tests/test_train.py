@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -23,7 +22,7 @@ from harness.train import (
     sft_data,
     train,
 )
-from mixsga.routing import RoutingStats
+from mixsga import MixSGAConfig, convert_to_mixsga
 
 TEXTS = [f"def f{i}(x):\n    return x * {i} + {i * i}  # value number {i}\n" for i in range(40)]
 ROWS = [{"prompt": f"Summarise f{i}:\n", "references": [f"returns x times {i}" + " plus one" * (i % 4), "other"]}
@@ -180,39 +179,23 @@ def test_schedule_warms_up_then_decays():
     assert lr_multiplier(100, total=100, warmup=10, min_ratio=0.1) == pytest.approx(0.1)
 
 
-class _RoutedModel(torch.nn.Module):
-    """A plain model plus what a converted mixSGA model exposes: an aux loss and routing statistics."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-        self.router = torch.nn.Linear(inner.config.hidden_size, 3)
-        self.routing_stats = RoutingStats(num_layers=1, num_experts=3)
-
-    def forward(self, input_ids, attention_mask, labels, use_cache=False):
-        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
-                         output_hidden_states=True, use_cache=use_cache)
-        logits = self.router(out.hidden_states[-1])
-        real = attention_mask.bool()
-        pick = logits.argmax(-1)
-        self.routing_stats.add_expert_choice(0, pick, pick, real)
-        aux = F.cross_entropy(logits[real], torch.zeros_like(pick[real]))
-        return SimpleNamespace(loss=out.loss + 0.1 * aux, aux_loss=aux)
-
-
-def test_aux_loss_and_routing_stats_are_logged(tok, tmp_path):
+def test_mixsga_aux_loss_and_routing_stats_are_logged(tok, tmp_path):
     data = cpt_data(tok, TEXTS, 32)
     seen = []
-    model = _RoutedModel(tiny_model("llama", vocab_size=len(tok)))
-    before = model.router.weight.detach().clone()
+    model = convert_to_mixsga(tiny_model("llama", vocab_size=len(tok)), MixSGAConfig(ratios=(3, 1, 6)))
+    routers = {k: v.detach().clone() for k, v in model.named_parameters() if "router" in k}
+    assert routers
     res = train(model, data, _cpt_recipe(max_steps=3), tmp_path, seed=0, progress=False, log=seen.append)
     assert len(res["aux_loss_history"]) == 3 and all(a > 0 for a in res["aux_loss_history"])
     assert [r["step"] for r in res["routing_history"]] == [1, 2, 3]
-    # Statistics are reset every step: one step is 4 sequences of 32 tokens.
-    assert res["routing_history"][-1]["prefill_tokens"] == 4 * 32
-    assert res["routing_history"][-1]["agreement"] == 1.0
+    # Statistics are reset every step: one step routes 4 sequences x 32 tokens in each of the 2 layers.
+    last = res["routing_history"][-1]
+    assert last["prefill_tokens"] == 2 * 4 * 32
+    # expert-choice capacities per 32-token sequence: ceil(0.3 * 32) = 10, ceil(0.1 * 32) = 4, the rest 18
+    assert last["prefill_fractions"] == pytest.approx([10 / 32, 4 / 32, 18 / 32])
     assert len(seen) == 3 and "routing" in seen[-1]
-    assert not torch.equal(before, model.router.weight)  # the aux loss trained the router
+    params = dict(model.named_parameters())
+    assert any(not torch.equal(v, params[k]) for k, v in routers.items())  # the aux loss trains the routers
     json.dumps(res, allow_nan=False)
 
 
