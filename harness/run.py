@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import random
 import sys
 import time
 from pathlib import Path
@@ -16,31 +15,8 @@ from typing import Any, Mapping
 
 import torch
 
-from harness.config import BASE_METHOD
 from harness.provenance import collect_provenance, resolve_device, utc_now
 from harness.records import existing_record, new_record, write_record
-
-
-def seed_everything(seed: int) -> None:
-    """Seed Python, NumPy and torch (CPU and CUDA) so identical specs give identical results."""
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def cache_nbytes(cache: Any) -> int:
-    """Bytes held by the tensors of a transformers cache (summed ``nbytes`` of every layer)."""
-    layers = getattr(cache, "layers", None)
-    if layers is None:
-        raise ValueError(f"cannot measure a cache of type {type(cache).__name__}: it has no .layers")
-    total = 0
-    for layer in layers:
-        for value in vars(layer).values():
-            if isinstance(value, torch.Tensor):
-                total += value.nbytes
-    return total
 
 
 def texts_fingerprint(texts: list[str]) -> str:
@@ -83,18 +59,18 @@ def _measure_live_cache(model, tokenizer, texts: list[str], n_tokens: int, devic
     return out.past_key_values, len(ids)
 
 
-def _resolve_method(name: str):
-    """The registry entry for ``name``; None for the unmodified base model."""
-    if name == BASE_METHOD:
-        return None
-    try:
-        from harness.methods import get_method
-    except ImportError as exc:
-        raise NotImplementedError(
-            f"method {name!r}: the method registry harness.methods is not available yet; "
-            f"only {BASE_METHOD!r} runs for now"
-        ) from exc
-    return get_method(name)
+def _method_for(name: str):
+    """The registry entry of ``name``, if this stage of the workflow can evaluate it.
+
+    Methods that must be trained first, or that act only through their own cache (eviction),
+    need the train / bounded-cache stages, which the workflow does not run yet.
+    """
+    from harness.methods import get_method
+
+    method = get_method(name)
+    if method.needs_training:
+        raise NotImplementedError(f"method {name!r} needs training, which the workflow does not run yet")
+    return method
 
 
 def execute_run(
@@ -112,6 +88,7 @@ def execute_run(
     ``unigram_path`` the JSON written by ``harness unigram`` (None: no unigram reference).
     """
     from harness.perplexity import perplexity
+    from harness.train import seed_everything
     from harness.zoo import load_base_model
     from mixsga.budget import full_kv_bytes_per_token
 
@@ -134,19 +111,14 @@ def execute_run(
     model.eval()
     base_bytes = full_kv_bytes_per_token(model.config, dtype)
 
-    method = _resolve_method(spec["method"])
-    if method is None:
-        params, analytic, simulated, query_aware = None, base_bytes, False, None
-    else:
-        if getattr(method, "needs_training", False):
-            raise NotImplementedError(
-                f"method {spec['method']!r} needs training, which the workflow's train stage does not run yet"
-            )
-        params = method.params_for_budget(model.config, float(spec["budget"]))
-        analytic = method.analytic_bytes_per_token(model.config, params, dtype)
-        model = method.apply(model, params)
-        simulated = bool(method.simulated)
-        query_aware = getattr(method, "query_aware", None)
+    method = _method_for(spec["method"])
+    params = method.params_for_budget(model.config, float(spec["budget"]))
+    analytic = method.analytic_bytes_per_token(model.config, params, dtype)
+    model = method.apply(model, params)
+    if method.new_cache(model, params) is not None:
+        raise NotImplementedError(
+            f"method {spec['method']!r} acts through its own cache; its bounded-cache evaluation is not wired yet"
+        )
 
     eval_cfg = spec["eval"]
     texts = load_eval_texts(eval_cfg, corpus_dir)
@@ -158,7 +130,7 @@ def execute_run(
     )
 
     cache, cache_tokens = _measure_live_cache(model, tokenizer, texts, eval_cfg["cache_tokens"], device)
-    measured = method.live_bytes(cache) if method is not None else cache_nbytes(cache)
+    measured = method.live_bytes(cache)
     realized = measured / (base_bytes * cache_tokens)
 
     fingerprint: dict[str, Any] = {"eval_texts_sha256": texts_fingerprint(texts), "eval_documents": len(texts)}
@@ -181,7 +153,7 @@ def execute_run(
             "measured_bytes": float(measured),
             "measured_tokens": cache_tokens,
             "dtype": spec["dtype"],
-            "params": params if params is None or isinstance(params, dict) else dict(vars(params)),
+            "params": params,
         },
         quality={
             "ppl_token": float(ppl["ppl_token"]),
@@ -191,7 +163,7 @@ def execute_run(
             "eval_tokens": int(ppl["tokens"]),
             "eval_words": int(ppl["words"]),
         },
-        flags={"simulated": simulated, "query_aware": query_aware},
+        flags={"simulated": bool(method.simulated), "query_aware": method.query_aware},
         wall_time_s=time.perf_counter() - t0,
     )
     write_record(out, record)
