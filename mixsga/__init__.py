@@ -15,7 +15,8 @@ Public API::
   converted model saved with ``model.save_pretrained(path)``.
 * ``MixSGACache(config)``: ``kv_bytes()``, ``expert_counts()``, ``expert_fractions()``,
   ``expert_index(layer, sample)``, ``num_tokens(sample)``, ``keep_tokens(keep, layer_idx=None, sample=0)``
-  (token eviction stacked on top); ``generate(..., past_key_values=MixSGACache(model.config))`` to keep it.
+  and ``set_observer(fn)`` (token-order attention probabilities at prefill and decode) for token
+  eviction stacked on top; ``generate(..., past_key_values=MixSGACache(model.config))`` to keep it.
 * ``routing_stats(model)`` (prefill / decode expert fractions, argmax-vs-expert-choice agreement);
   ``model.mixsga_runtime``: ``.reset_stats()``, ``.last_aux_loss``, ``.force_routing(expert_ids)``.
 * Ledger (``mixsga.budget``): ``kv_budget``, ``kv_shape``, ``dtype_bytes``, ``normalise_ratios``,

@@ -65,8 +65,31 @@ def mixsga_attention_forward(
         return out, None
     key = mix_experts(key, route.expert, spec.group_sizes, spec.active)
     value = mix_experts(value, route.expert, spec.group_sizes, spec.active)
+    if route.cache_layer is not None and route.cache_layer.observer is not None:
+        _observe_full(route, query, key, attention_mask, scaling, kwargs.get("softcap"))
     extra = {k: v for k, v in kwargs.items() if v is not None}
     return spec.base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **extra)
+
+
+def _observe_full(route, query, key, attention_mask, scaling, softcap) -> None:
+    """Prefill: give the cache's observer each sample's probabilities over its real tokens."""
+    batch, heads, q, _ = query.shape
+    key = key.repeat_interleave(heads // key.shape[1], dim=1)
+    scores = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
+    if attention_mask is None:
+        causal = torch.ones(q, q, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~causal, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask[..., -q:], float("-inf"))
+    else:
+        scores = scores + attention_mask[..., -q:]
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    layer = route.cache_layer
+    for b in range(batch):
+        real = torch.arange(q, device=query.device) if route.real is None else route.real[b].nonzero().squeeze(1)
+        layer.observer(layer, b, probs[b][:, real][:, :, real])
 
 
 def mixsga_mask(*args, config=None, **kwargs):

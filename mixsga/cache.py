@@ -25,8 +25,10 @@ of each store: the last W entries of the expert index say how many each expert
 holds, so no positions are stored. Sliding layers keep all tokens (unlike
 ``DynamicSlidingWindowLayer``) so that bytes follow the ledger on every layer.
 
-Token eviction can be stacked on top: ``MixSGACache.keep_tokens`` drops tokens
-from every expert store given a keep mask or keep indices in token order.
+Token eviction can be stacked on top: ``MixSGACache.set_observer`` hands a policy
+each chunk's attention probabilities over the stored tokens in token order (prefill
+and decode), and ``MixSGACache.keep_tokens`` drops tokens from every expert store
+given a keep mask or keep indices in token order.
 Sliding-window decode after eviction counts the last W *kept* tokens.
 """
 
@@ -73,6 +75,11 @@ class MixSGALayer(CacheLayerMixin):
         self.index: list[torch.Tensor] = []
         self.seen = 0  # positions processed, padding included (drives positions and masks)
         self.pending: Route | None = None
+        # Optional ``observer(layer, sample, probs)``: attention probabilities ``[H_q, q_b, n_b]``
+        # of the sample's real chunk queries over its stored tokens in token order (set by
+        # ``MixSGACache.set_observer``; token-eviction policies score tokens with it).
+        self.observer = None
+        self.layer_idx = -1
 
     # ------------------------------------------------------------------ transformers' layer API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -263,6 +270,20 @@ class MixSGALayer(CacheLayerMixin):
             out[b, :, real] = self._attend_sample(b, query[b][:, real], scaling, softcap, sliding_window, qpos)
         return out.transpose(1, 2)
 
+    def _observe(self, b: int, probs: torch.Tensor, tail: list[int] | None) -> None:
+        """Hand the observer ``probs`` re-ordered from expert-store order to token order."""
+        idx = self.index[b]
+        cols = []
+        for e in self.experts:
+            where = (idx == e).nonzero().squeeze(1)
+            if tail is not None:
+                where = where[where.numel() - tail[e] :]
+            cols.append(where)
+        order = torch.cat(cols)
+        full = probs.new_zeros(*probs.shape[:-1], idx.numel())
+        full[..., order] = probs
+        self.observer(self, b, full)
+
     def _attend_sample(
         self,
         b: int,
@@ -309,6 +330,8 @@ class MixSGALayer(CacheLayerMixin):
             allowed = masks[0] if len(masks) == 1 else torch.cat(masks, dim=-1)
             scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+        if self.observer is not None:
+            self._observe(b, probs, tail)
         out = None
         start = 0
         for vals in values:
@@ -350,6 +373,17 @@ class MixSGACache(Cache):
                     seen.add(key)
                     total += t.nbytes
         return total
+
+    def set_observer(self, observer) -> None:
+        """Call ``observer(layer, sample, probs)`` after every attention of every layer.
+
+        ``probs`` is ``[H_q, q_b, n_b]``: the attention probabilities of the sample's real
+        queries in the current chunk over all its stored tokens in token order (the chunk's
+        own tokens included, zero where masked). ``layer.layer_idx`` names the layer; an
+        eviction policy can score tokens with it and call ``layer.keep_tokens``. ``None`` removes it.
+        """
+        for i, layer in enumerate(self.layers):
+            layer.observer, layer.layer_idx = observer, i
 
     def expert_counts(self) -> list[list[int]]:
         """Stored tokens per expert for every layer, ``[num_layers][E]``."""

@@ -283,3 +283,25 @@ def test_keep_tokens_drops_from_every_expert_store():
     with torch.no_grad():  # decoding continues on the evicted cache
         out = model(input_ids=ids[:, -1:], past_key_values=cache, use_cache=True)
     assert torch.isfinite(out.logits).all()
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_observer_sees_token_order_probabilities_at_prefill_and_decode(family):
+    # With only the full expert, mixSGA attention equals the base model's eager attention.
+    base, model = converted(family, ratios=(1, 0, 0))
+    base.set_attn_implementation("eager")
+    ids = torch.randint(3, VOCAB, (1, 9), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        want = base(input_ids=ids, output_attentions=True).attentions
+    seen = {}
+    cache = MixSGACache(model.config)
+    cache.set_observer(lambda layer, b, probs: seen.setdefault(layer.layer_idx, []).append(probs))
+    with torch.no_grad():
+        model(input_ids=ids[:, :6], past_key_values=cache, use_cache=True)
+        for t in range(6, 9):
+            model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+    for layer, chunks in seen.items():
+        assert [c.shape[1:] for c in chunks] == [(6, 6), (1, 7), (1, 8), (1, 9)]
+        torch.testing.assert_close(chunks[0], want[layer][0, :, :6, :6], atol=1e-5, rtol=1e-4)
+        for t, chunk in zip(range(6, 9), chunks[1:]):
+            torch.testing.assert_close(chunk[:, 0], want[layer][0, :, t, : t + 1], atol=1e-5, rtol=1e-4)
