@@ -329,7 +329,9 @@ def train(
     stream_hash = token_hash(data, plan)
     precision = resolve_precision(recipe, dev)
     warmup = recipe.warmup_steps(total)
-    identity = {"recipe": recipe.to_dict(), "seed": seed, "token_hash": stream_hash, "steps": total}
+    # What must match for a checkpoint to be resumed; how often to save or log and the notes may change.
+    trained_by = {k: v for k, v in recipe.to_dict().items() if k not in ("checkpoint_every", "log_every", "notes")}
+    identity = {"recipe": trained_by, "seed": seed, "token_hash": stream_hash, "steps": total}
 
     seed_everything(seed)
     model.to(dev)
