@@ -1,11 +1,15 @@
 # Shared set-up: config validation, paths, the run grid, input and param helpers.
 import json
+import os
 import sys
 from pathlib import Path
 
 # `python -m harness` finds the package from the repository root (the working directory);
 # the Snakefile itself imports it the same way, installed or not.
 sys.path.insert(0, str(Path(workflow.basedir)))
+# Rules run `python`: make that the interpreter running Snakemake, so that `.venv/bin/snakemake`
+# works without activating the venv. (With --sdm conda, activation puts the env's python first.)
+os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 
 from harness.config import (
     code_hash,
