@@ -1,35 +1,47 @@
 """The per-expert compact KV cache and the decode attention that reads it.
 
-Layout (per layer): for every sample b and expert e one key store and one value
-store of shape ``[H_kv / g_e, n_{b,e}, d]`` holding, in token order, the K/V of the
-sample's tokens routed to e, already pooled to that expert's granularity; plus a
-``uint8`` expert index of shape ``[n_b]`` (one entry per stored token, token order).
-Padding is never stored, so per-sample stores are ragged and hold no padding slots:
+Layout (per layer): for every sample b and expert e one store of shape
+``[2, H_kv / g_e, n_{b,e}, d]`` holding, in token order, the K (``[0]``) and V
+(``[1]``) of the sample's tokens routed to e, already pooled to that expert's
+granularity; plus a ``uint8`` expert index of shape ``[n_b]`` (one entry per
+stored token, token order). K and V live in one tensor so that a decode step
+pools and appends them with one op each. Padding is never stored and nothing is
+preallocated: per-sample stores are ragged, hold no padding or spare slots, and
 ``kv_bytes()`` (summed tensor ``nbytes``) equals the ledger's figure for the
 realised routing (``mixsga.budget.mixsga_kv_bytes_for_counts``).
 
 Appends use ``torch.cat``, like transformers' ``DynamicCache``; a decode step
-appends one token to one expert store per sample, so it copies fewer bytes than a
-GQA cache at the same budget. At batch size 1 a decode step is a handful of
-tensor ops per layer; batch > 1 loops over samples (the stores are ragged).
+appends one token to one expert store per sample, so it copies only that store
+(fewer bytes than a GQA cache at the same budget copies, which is why mixSGA
+decode overtakes GQA at long contexts on CPU).
 
-Decode attention (``MixSGALayer.attend``) never re-expands heads: for each expert
-the queries are grouped onto that expert's pooled heads (a reshape: query head h
-reads pooled head ``h // (H_q / H_kv * g_e)``), logits are computed against the
-compact store, and the per-expert partial softmaxes are merged exactly by one
-shared log-sum-exp normaliser (a single softmax over the concatenated per-expert
-logits, which is the LSE merge of the per-expert partials done in one op), then
-each expert's probabilities multiply its own value store. Gemma 2 soft-capping is
-applied to the logits. For a sliding-window layer the window's tokens are the tail
-of each store: the last W entries of the expert index say how many each expert
-holds, so no positions are stored. Sliding layers keep all tokens (unlike
-``DynamicSlidingWindowLayer``) so that bytes follow the ledger on every layer.
+Decode attention never re-expands heads: for each expert the queries are
+grouped onto that expert's pooled heads (a reshape: query head h reads pooled
+head ``h // (H_q / H_kv * g_e)``), logits are computed against the compact
+store, and the per-expert partial softmaxes are merged exactly. The merge is the
+log-sum-exp merge of the per-expert partials, done in one op: a single softmax
+over the concatenated per-expert logits divides every expert's exponentials by
+the same normaliser ``exp(LSE)`` with ``LSE = logsumexp_e LSE_e``. Each
+expert's probabilities then multiply its own value store, accumulated in place
+(``baddbmm``). Gemma 2 soft-capping is applied to the logits. For a
+sliding-window layer the window's tokens are the tail of each store: the last W
+entries of the expert index say how many each expert holds, so no positions
+are stored. Sliding layers keep all tokens (unlike ``DynamicSlidingWindowLayer``)
+so that bytes follow the ledger on every layer.
+
+Cost of one decode token per layer and sample (no window, no observer):
+router matmul + argmax, one host read of the expert id (the store to append to
+is chosen on the host; on CUDA this is the one sync per layer the ragged layout
+needs), K/V fuse + pool + append, index append, then one logits matmul per
+expert holding tokens, one concatenation, one softmax and one value matmul per
+expert. Batches > 1 loop over samples (the stores are ragged).
 
 Token eviction can be stacked on top: ``MixSGACache.set_observer`` hands a policy
 each chunk's attention probabilities over the stored tokens in token order (prefill
 and decode), and ``MixSGACache.keep_tokens`` drops tokens from every expert store
-given a keep mask or keep indices in token order.
-Sliding-window decode after eviction counts the last W *kept* tokens.
+given a keep mask or keep indices in token order (``mixsga.eviction`` builds
+budgeted eviction on these two). Sliding-window decode after eviction counts the
+last W *kept* tokens.
 """
 
 from __future__ import annotations
@@ -53,7 +65,8 @@ class Route:
     expert: torch.Tensor  # [B, q] long
     real: torch.Tensor | None  # [B, q] bool, None = every token real
     decode: bool  # the chunk continues a non-empty cache (argmax routing, compact attention)
-    ids: list[list[int]] | None = None  # decode: expert ids of each sample's real tokens
+    # Single-token decode: each sample's expert id, -1 where the sample's token is padding.
+    ids: list[int] | None = None
     cache_layer: "MixSGALayer | None" = None
 
 
@@ -70,9 +83,9 @@ class MixSGALayer(CacheLayerMixin):
         self.group_sizes = tuple(int(g) for g in group_sizes)
         self.active = tuple(bool(a) for a in active)
         self.experts = [e for e, a in enumerate(self.active) if a]
-        self.key_stores: list[list[torch.Tensor]] = []
-        self.value_stores: list[list[torch.Tensor]] = []
+        self.stores: list[list[torch.Tensor]] = []  # [sample][expert] -> [2, H_kv / g_e, n, d]
         self.index: list[torch.Tensor] = []
+        self._expert_ids: list[torch.Tensor] = []  # one-element index entries, appended at decode
         self.seen = 0  # positions processed, padding included (drives positions and masks)
         self.pending: Route | None = None
         # Optional ``observer(layer, sample, probs)``: attention probabilities ``[H_q, q_b, n_b]``
@@ -84,15 +97,19 @@ class MixSGALayer(CacheLayerMixin):
     # ------------------------------------------------------------------ transformers' layer API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, dim = key_states.shape
+        if value_states.shape[-1] != dim:
+            raise ValueError(
+                f"mixSGA stores K and V together and needs equal head sizes, got {dim} and {value_states.shape[-1]}"
+            )
         self.dtype, self.device = key_states.dtype, key_states.device
         self.num_kv_heads, self.head_dim = heads, dim
-
-        def empty(g: int) -> torch.Tensor:
-            return key_states.new_empty((heads // g, 0, dim))
-
-        self.key_stores = [[empty(g) for g in self.group_sizes] for _ in range(batch)]
-        self.value_stores = [[empty(g) for g in self.group_sizes] for _ in range(batch)]
+        self.stores = [
+            [key_states.new_empty((2, heads // g, 0, dim)) for g in self.group_sizes] for _ in range(batch)
+        ]
         self.index = [torch.empty(0, dtype=INDEX_DTYPE, device=self.device) for _ in range(batch)]
+        self._expert_ids = [
+            torch.full((1,), e, dtype=INDEX_DTYPE, device=self.device) for e in range(len(self.group_sizes))
+        ]
         self.is_initialized = True
 
     def update(
@@ -110,39 +127,39 @@ class MixSGALayer(CacheLayerMixin):
         batch, _, q, _ = key_states.shape
         if batch != len(self.index):
             raise ValueError(f"cache holds {len(self.index)} samples but got a batch of {batch}")
-        if route.decode and q == 1:
-            for b, ids in enumerate(route.ids):
-                if ids:
-                    self._append_one(b, ids[0], key_states[b], value_states[b])
+        if route.ids is not None:
+            if batch == 1:
+                if route.ids[0] >= 0:
+                    self._append_token(0, route.ids[0], key_states, value_states)
+            else:
+                for b, e in enumerate(route.ids):
+                    if e >= 0:
+                        self._append_token(b, e, key_states[b : b + 1], value_states[b : b + 1])
         else:
+            kv = torch.stack((key_states, value_states), dim=1)  # [B, 2, H_kv, q, d]
             for b in range(batch):
-                self._append_chunk(b, key_states[b], value_states[b], route.expert[b], None if route.real is None else route.real[b])
+                self._append_chunk(b, kv[b], route.expert[b], None if route.real is None else route.real[b])
         self.seen += q
         return key_states, value_states
 
-    def _append_one(self, b: int, e: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        g = self.group_sizes[e]
-        ks, vs = self.key_stores[b], self.value_stores[b]
-        ks[e] = torch.cat([ks[e], pool_heads(k, g)], dim=1)
-        vs[e] = torch.cat([vs[e], pool_heads(v, g)], dim=1)
-        self.index[b] = torch.cat([self.index[b], torch.tensor([e], dtype=INDEX_DTYPE, device=self.device)])
+    def _append_token(self, b: int, e: int, k: torch.Tensor, v: torch.Tensor) -> None:
+        """Append one token (``k``, ``v``: ``[1, H_kv, 1, d]``) to expert ``e``'s store of sample ``b``."""
+        row = self.stores[b]
+        row[e] = torch.cat((row[e], pool_heads(torch.cat((k, v)), self.group_sizes[e])), dim=2)
+        self.index[b] = torch.cat((self.index[b], self._expert_ids[e]))
 
-    def _append_chunk(
-        self, b: int, k: torch.Tensor, v: torch.Tensor, expert: torch.Tensor, real: torch.Tensor | None
-    ) -> None:
-        ks, vs = self.key_stores[b], self.value_stores[b]
+    def _append_chunk(self, b: int, kv: torch.Tensor, expert: torch.Tensor, real: torch.Tensor | None) -> None:
+        """Append a chunk (``kv``: ``[2, H_kv, q, d]``) of one sample, each token to its expert's store."""
+        row = self.stores[b]
         for e in self.experts:
             hit = expert == e if real is None else (expert == e) & real
             sel = hit.nonzero().squeeze(1)
             if sel.numel() == 0:
                 continue
-            g = self.group_sizes[e]
-            new_k = pool_heads(k.index_select(1, sel), g)
-            new_v = pool_heads(v.index_select(1, sel), g)
-            ks[e] = new_k if ks[e].shape[1] == 0 else torch.cat([ks[e], new_k], dim=1)
-            vs[e] = new_v if vs[e].shape[1] == 0 else torch.cat([vs[e], new_v], dim=1)
+            new = pool_heads(kv.index_select(2, sel), self.group_sizes[e])
+            row[e] = new if row[e].shape[2] == 0 else torch.cat((row[e], new), dim=2)
         tokens = expert if real is None else expert[real]
-        self.index[b] = torch.cat([self.index[b], tokens.to(INDEX_DTYPE)])
+        self.index[b] = torch.cat((self.index[b], tokens.to(INDEX_DTYPE)))
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
@@ -154,7 +171,7 @@ class MixSGALayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.key_stores, self.value_stores, self.index = [], [], []
+        self.stores, self.index = [], []
         self.seen, self.pending, self.is_initialized = 0, None, False
 
     def offload(self) -> None:
@@ -165,13 +182,12 @@ class MixSGALayer(CacheLayerMixin):
             self._move(self.device)
 
     def _move(self, device) -> None:
-        self.key_stores = [[t.to(device, non_blocking=True) for t in row] for row in self.key_stores]
-        self.value_stores = [[t.to(device, non_blocking=True) for t in row] for row in self.value_stores]
+        self.stores = [[t.to(device, non_blocking=True) for t in row] for row in self.stores]
         self.index = [t.to(device, non_blocking=True) for t in self.index]
+        self._expert_ids = [t.to(device, non_blocking=True) for t in self._expert_ids]
 
     def _select_samples(self, order: Sequence[int]) -> None:
-        self.key_stores = [list(self.key_stores[i]) for i in order]
-        self.value_stores = [list(self.value_stores[i]) for i in order]
+        self.stores = [list(self.stores[i]) for i in order]
         self.index = [self.index[i] for i in order]
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
@@ -198,6 +214,16 @@ class MixSGALayer(CacheLayerMixin):
         self.seen -= drop
 
     # ------------------------------------------------------------------ mixSGA API
+    @property
+    def key_stores(self) -> list[list[torch.Tensor]]:
+        """Per sample and expert, the pooled keys ``[H_kv / g_e, n, d]`` (views into the stores)."""
+        return [[s[0] for s in row] for row in self.stores]
+
+    @property
+    def value_stores(self) -> list[list[torch.Tensor]]:
+        """Per sample and expert, the pooled values ``[H_kv / g_e, n, d]`` (views into the stores)."""
+        return [[s[1] for s in row] for row in self.stores]
+
     def keep_tokens(self, keep: torch.Tensor, sample: int = 0) -> None:
         """Keep only some stored tokens of one sample, in every expert store.
 
@@ -216,11 +242,9 @@ class MixSGALayer(CacheLayerMixin):
             keep = mask
         elif keep.shape != (n,):
             raise ValueError(f"keep mask must have shape ({n},), got {tuple(keep.shape)}")
-        ks, vs = self.key_stores[sample], self.value_stores[sample]
+        row = self.stores[sample]
         for e in self.experts:
-            sel = keep[idx == e]
-            ks[e] = ks[e][:, sel]
-            vs[e] = vs[e][:, sel]
+            row[e] = row[e][:, :, keep[idx == e]]
         self.index[sample] = idx[keep]
 
     def num_tokens(self, sample: int = 0) -> int:
@@ -229,13 +253,13 @@ class MixSGALayer(CacheLayerMixin):
     def expert_counts(self) -> list[int]:
         """Stored tokens per expert, summed over samples."""
         counts = [0] * len(self.group_sizes)
-        for row in self.key_stores:
+        for row in self.stores:
             for e, t in enumerate(row):
-                counts[e] += t.shape[1]
+                counts[e] += t.shape[2]
         return counts
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for row in self.key_stores + self.value_stores for t in row] + list(self.index)
+        return [t for row in self.stores for t in row] + list(self.index)
 
     def attend(
         self,
@@ -251,15 +275,20 @@ class MixSGALayer(CacheLayerMixin):
         ``[B, q, H_q, d]``; padded query rows are zero.
         """
         batch, heads, q, dim = query.shape
-        if q == 1:
+        if route.ids is not None:
+            if batch == 1:
+                if route.ids[0] < 0:
+                    return query.new_zeros(1, 1, heads, dim)
+                return self._decode_token(0, query.reshape(heads, dim), scaling, softcap, sliding_window).view(
+                    1, 1, heads, dim
+                )
             rows = [
-                self._attend_sample(b, query[b], scaling, softcap, sliding_window, None)
-                if route.ids[b]
-                else query.new_zeros(heads, 1, dim)
-                for b in range(batch)
+                self._decode_token(b, query[b].reshape(heads, dim), scaling, softcap, sliding_window)
+                if e >= 0
+                else query.new_zeros(heads, dim)
+                for b, e in enumerate(route.ids)
             ]
-            out = rows[0].unsqueeze(0) if batch == 1 else torch.stack(rows)
-            return out.transpose(1, 2)
+            return torch.stack(rows).view(batch, 1, heads, dim)
         out = query.new_zeros(batch, heads, q, dim)
         for b in range(batch):
             real = torch.arange(q, device=query.device) if route.real is None else route.real[b].nonzero().squeeze(1)
@@ -267,8 +296,15 @@ class MixSGALayer(CacheLayerMixin):
                 continue
             n = self.index[b].numel()
             qpos = torch.arange(n - real.numel(), n, device=query.device)
-            out[b, :, real] = self._attend_sample(b, query[b][:, real], scaling, softcap, sliding_window, qpos)
+            out[b, :, real] = self._attend_chunk(b, query[b][:, real], scaling, softcap, sliding_window, qpos)
         return out.transpose(1, 2)
+
+    def _window_tail(self, b: int, window: int | None) -> list[int] | None:
+        """Tokens per expert among the sample's last ``window`` stored tokens; None when all are in the window."""
+        idx = self.index[b]
+        if window is None or idx.numel() <= window:
+            return None
+        return torch.bincount(idx[-window:], minlength=len(self.group_sizes)).tolist()
 
     def _observe(self, b: int, probs: torch.Tensor, tail: list[int] | None) -> None:
         """Hand the observer ``probs`` re-ordered from expert-store order to token order."""
@@ -284,56 +320,83 @@ class MixSGALayer(CacheLayerMixin):
         full[..., order] = probs
         self.observer(self, b, full)
 
-    def _attend_sample(
+    def _decode_token(
+        self, b: int, query: torch.Tensor, scaling: float, softcap: float | None, window: int | None
+    ) -> torch.Tensor:
+        """One sample's single decode query ``[H_q, d]`` over its stores -> ``[H_q, d]``."""
+        heads, dim = query.shape
+        query = query * scaling
+        tail = self._window_tail(b, window)
+        logits, values = [], []
+        for e in self.experts:
+            store = self.stores[b][e]
+            if tail is not None:
+                store = store[:, :, store.shape[2] - tail[e] :]
+            n = store.shape[2]
+            if n == 0:
+                continue
+            groups = store.shape[1]
+            logits.append(torch.matmul(query.view(groups, heads // groups, dim), store[0].transpose(1, 2)).view(heads, n))
+            values.append(store[1])
+        scores = logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)
+        if softcap is not None:
+            scores = torch.tanh(scores / softcap) * softcap
+        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
+        if probs.dtype != query.dtype:
+            probs = probs.to(query.dtype)
+        if self.observer is not None:
+            self._observe(b, probs.unsqueeze(1), tail)
+        out, start = None, 0
+        for vals in values:
+            groups, n = vals.shape[0], vals.shape[1]
+            part = probs[:, start : start + n].view(groups, heads // groups, n)
+            if out is None:
+                out = torch.matmul(part, vals)
+            else:
+                out = torch.baddbmm(out.view(groups, heads // groups, dim), part, vals)
+            start += n
+        return out.view(heads, dim)
+
+    def _attend_chunk(
         self,
         b: int,
         query: torch.Tensor,
         scaling: float,
         softcap: float | None,
         window: int | None,
-        qpos: torch.Tensor | None,
+        qpos: torch.Tensor,
     ) -> torch.Tensor:
-        """One sample: ``query`` ``[H_q, n_q, d]`` -> ``[H_q, n_q, d]``.
+        """One sample's multi-token chunk: ``query`` ``[H_q, n_q, d]`` -> ``[H_q, n_q, d]``.
 
-        ``qpos`` (token-order positions of the queries) switches on causal and window
-        masking for multi-token chunks; a single decode token sees every stored token,
-        or the window's tail.
+        ``qpos`` (token-order positions of the queries among the stored tokens) gives
+        causal and window masking.
         """
         heads, nq, dim = query.shape
         query = query * scaling
         idx = self.index[b]
-        tail = None
-        if window is not None and qpos is None and idx.numel() > window:
-            tail = torch.bincount(idx[-window:], minlength=len(self.group_sizes)).tolist()
         logits, values, masks = [], [], []
         for e in self.experts:
-            keys, vals = self.key_stores[b][e], self.value_stores[b][e]
-            if tail is not None:
-                keep = tail[e]
-                keys, vals = keys[:, keys.shape[1] - keep :], vals[:, vals.shape[1] - keep :]
-            n = keys.shape[1]
+            store = self.stores[b][e]
+            n = store.shape[2]
             if n == 0:
                 continue
-            groups = keys.shape[0]
-            logits.append(torch.matmul(query.reshape(groups, -1, dim), keys.transpose(1, 2)).view(heads, nq, n))
-            values.append(vals)
-            if qpos is not None:
-                kpos = (idx == e).nonzero().squeeze(1)
-                allowed = kpos[None, :] <= qpos[:, None]
-                if window is not None:
-                    allowed &= kpos[None, :] > qpos[:, None] - window
-                masks.append(allowed)
+            groups = store.shape[1]
+            logits.append(torch.matmul(query.reshape(groups, -1, dim), store[0].transpose(1, 2)).view(heads, nq, n))
+            values.append(store[1])
+            kpos = (idx == e).nonzero().squeeze(1)
+            allowed = kpos[None, :] <= qpos[:, None]
+            if window is not None:
+                allowed &= kpos[None, :] > qpos[:, None] - window
+            masks.append(allowed)
         scores = logits[0] if len(logits) == 1 else torch.cat(logits, dim=-1)
         if softcap is not None:
             scores = torch.tanh(scores / softcap) * softcap
-        if masks:
-            allowed = masks[0] if len(masks) == 1 else torch.cat(masks, dim=-1)
-            scores = scores.masked_fill(~allowed, float("-inf"))
+        allowed = masks[0] if len(masks) == 1 else torch.cat(masks, dim=-1)
+        scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
         if self.observer is not None:
-            self._observe(b, probs, tail)
-        out = None
-        start = 0
+            self._observe(b, probs, None)
+        out, start = None, 0
         for vals in values:
             groups, n = vals.shape[0], vals.shape[1]
             part = torch.matmul(probs[..., start : start + n].reshape(groups, -1, n), vals).view(heads, nq, dim)

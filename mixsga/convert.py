@@ -145,9 +145,13 @@ def _attention_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             expert = expert_choice(logits.detach().float(), _real_or_all(real, batch, q, hidden.device), cfg.ratios)
     ids = None
     if decode:
-        ids = expert.tolist() if real is None or rt._all_real else [r[m].tolist() for r, m in zip(expert, real)]
-        for row in ids:
-            rt.stats.add_decode(spec.layer_idx, row)
+        if q == 1:
+            # The one host read of a decode step: the expert id picks the store to append to.
+            flat = expert.view(-1) if real is None else expert.view(-1).masked_fill(~real.view(-1), -1)
+            ids = flat.tolist()
+            rt.stats.add_decode(spec.layer_idx, ids)
+        else:
+            rt.stats.add_decode(spec.layer_idx, (expert if real is None else expert[real]).view(-1).tolist())
     else:
         mask = _real_or_all(real, batch, q, hidden.device)
         learned = logits is not None and rt.forced is None

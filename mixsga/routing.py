@@ -140,9 +140,11 @@ class RoutingStats:
             self.compared[layer] += int(ids.numel())
 
     def add_decode(self, layer: int, ids: Sequence[int]) -> None:
+        """Count decode tokens by expert id; negative ids (padding) are skipped."""
         row = self.decode[layer]
         for e in ids:
-            row[e] += 1
+            if e >= 0:
+                row[e] += 1
 
     @staticmethod
     def _fractions(rows: list[list[int]]) -> list[float]:
