@@ -35,6 +35,16 @@ from harness.zoo import build_config, count_parameters
 RESULT_FILE = "pretrain.json"
 STATE_FILE = "state.pt"
 
+# Offline-default recipes for the ``tiny`` sizes, tuned by a learning-rate x batch sweep at a
+# fixed token budget (~370k tokens): at this scale the number of optimiser steps matters
+# more than the batch, so batches are small. Each takes ~3-4 min single-threaded on CPU.
+OFFLINE_RECIPES: dict[str, dict] = {
+    "llama3": {"steps": 720, "batch_size": 2, "seq_len": 256, "lr": 1e-3},
+    "tinyllama": {"steps": 720, "batch_size": 2, "seq_len": 256, "lr": 2e-3},
+    "opt": {"steps": 720, "batch_size": 2, "seq_len": 256, "lr": 5e-4},
+    "gemma2": {"steps": 720, "batch_size": 2, "seq_len": 256, "lr": 2e-3},
+}
+
 
 def lr_lambda(step: int, *, steps: int, warmup_steps: int, min_lr_ratio: float) -> float:
     """LR multiplier at ``step`` (0-based): linear warm-up, then cosine to ``min_lr_ratio``."""
@@ -86,7 +96,7 @@ def pretrain(
     grad_clip: float = 1.0,
     eval_tokens: int | None = 131072,
     eval_batch_size: int = 8,
-    checkpoint_every: int = 50,
+    checkpoint_every: int = 100,
     log_every: int = 10,
     progress: bool = True,
     stop_after: int | None = None,
@@ -137,7 +147,7 @@ def pretrain(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, steps=steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
     )
-    start_step, elapsed_before, history = 0, 0.0, []
+    start_step, elapsed_before, history, recent = 0, 0.0, [], []
     state_path = partial / STATE_FILE
     if state_path.is_file():
         state = torch.load(state_path, map_location=dev, weights_only=False)
@@ -145,13 +155,13 @@ def pretrain(
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            start_step, elapsed_before, history = state["step"], state["elapsed"], state["history"]
+            start_step, elapsed_before = state["step"], state["elapsed"]
+            history, recent = state["history"], state.get("recent", [])
         # A checkpoint from other settings is stale: ignored here, replaced at the next save.
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
     t0 = time.perf_counter()
-    recent: list[float] = [h["loss"] for h in history[-1:]]
     bar = tqdm(total=steps, initial=start_step, desc=f"pretrain {family}/{size}", disable=not progress,
                mininterval=2.0, dynamic_ncols=True)
     last = stop_after if stop_after is not None else steps
@@ -178,8 +188,8 @@ def pretrain(
         bar.update(1)
         done = step + 1
         if done < steps and (done % checkpoint_every == 0 or done == last):
-            _save_state(partial, model, optimizer, scheduler, done,
-                        elapsed_before + time.perf_counter() - t0, history, settings)
+            _save_state(partial, model, optimizer, scheduler, settings, step=done, history=history, recent=recent,
+                        elapsed=elapsed_before + time.perf_counter() - t0)
     bar.close()
     if stop_after is not None and stop_after < steps:
         return {"status": "partial", "step": min(steps, stop_after), "checkpoint": str(partial)}
@@ -236,13 +246,12 @@ def pretrain(
     return result
 
 
-def _save_state(partial: Path, model, optimizer, scheduler, step: int, elapsed: float, history: list,
-                settings: dict) -> None:
+def _save_state(partial: Path, model, optimizer, scheduler, settings: dict, **progress) -> None:
+    """Resumable state (atomic replace): weights, optimiser, schedule and the loop's progress."""
     partial.mkdir(parents=True, exist_ok=True)
     tmp = partial / (STATE_FILE + ".tmp")
     torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "step": step, "elapsed": elapsed, "history": history,
-                "settings_hash": _settings_hash(settings)}, tmp)
+                "scheduler": scheduler.state_dict(), "settings_hash": _settings_hash(settings), **progress}, tmp)
     os.replace(tmp, partial / STATE_FILE)
 
 

@@ -102,7 +102,7 @@ def test_bad_input_names_the_problem(tmp_path):
 
 def test_real_stdlib_listing_has_no_tests():
     files = list_source_files(stdlib_dir())
-    assert len(files) > 500
+    assert len(files) > 300  # 3.11: 668, 3.12: 451 (distutils and others removed)
     paths = [rel for rel, _ in files]
     assert "os.py" in paths and "json/decoder.py" in paths
     assert not any("/test/" in f"/{p}" or "idle_test" in p or "/tests/" in f"/{p}" for p in paths)
