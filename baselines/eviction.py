@@ -114,6 +114,82 @@ class EvictionPolicy:
     def as_dict(self) -> dict:
         return asdict(self)
 
+    # The policy's pure parts, shared by EvictionLayer and by eviction stacked on mixSGA
+    # (mixsga.eviction): how a chunk's attention updates the scores, and how slots rank.
+
+    def check_prompt(self, shortest: int) -> None:
+        """SnapKV needs a prompt at least as long as its observation window (``shortest`` real tokens)."""
+        if self.method == "snapkv" and shortest < self.window:
+            raise ValueError(
+                f"SnapKV observation window ({self.window} tokens) is longer than the prompt ({shortest} tokens)"
+            )
+
+    def update_scores(self, score: torch.Tensor, probs: torch.Tensor, chunk_valid: torch.Tensor) -> torch.Tensor:
+        """Scores after one chunk's attention.
+
+        ``probs`` ``[B, K, R, T, S]``: the T chunk queries' probabilities over all S
+        stored slots (chunk included), for K score rows (K/V heads) of R query heads
+        each; ``chunk_valid`` ``[B, T]`` marks real queries; ``score`` ``[B, K, S]``
+        (zero for the chunk's new slots). Returns the new ``[B, K, S]`` scores.
+        """
+        bsz, heads, _, length, total = probs.shape
+        weights = probs * chunk_valid.to(probs.dtype)[:, None, None, :, None]
+        if self.method == "h2o":
+            return score + weights.sum(dim=(2, 3))
+        if self.method == "snapkv":
+            # Queries among the last `window` real queries of the chunk form the observation window.
+            later = chunk_valid.flip(-1).long().cumsum(-1).flip(-1) - chunk_valid.long()
+            in_window = chunk_valid & (later < self.window)
+            gain = (weights * in_window.to(probs.dtype)[:, None, None, :, None]).sum(dim=(2, 3))
+            if length > 1:
+                gain = F.avg_pool1d(gain.reshape(bsz * heads, 1, total), self.kernel, stride=1,
+                                    padding=self.kernel // 2, count_include_pad=False).reshape(bsz, heads, total)
+            return score + gain
+        if self.method == "tova":
+            steps = torch.arange(1, length + 1, device=probs.device)
+            last = (chunk_valid.long() * steps).argmax(-1)  # newest real query of each sample
+            rows = weights[torch.arange(bsz, device=probs.device), :, :, last, :]  # [B, K, R, S]
+            return rows.mean(dim=(1, 2))[:, None, :].expand(bsz, heads, total).contiguous()
+        return score
+
+    def rank(self, score: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor, cap: torch.Tensor,
+             prompt_end: int | None) -> torch.Tensor:
+        """Preference rank of every slot (0 = kept first); invalid slots rank last.
+
+        ``score``, ``valid``, ``slots`` (absolute token index) are ``[..., S]``; ``cap``
+        ``[..., 1]`` is the token budget (it sizes H2O's recent window and bounds the
+        protected question); ``prompt_end`` is the token index after the prompt.
+        Keeping ``valid & (rank < cap)`` is the policy's selection.
+        """
+        rank_from_start = valid.long().cumsum(-1) - 1
+        rank_from_end = valid.sum(-1, keepdim=True) - 1 - rank_from_start
+        tier = torch.zeros_like(slots)
+        value = score.clone()
+        if self.method == "streamingllm":
+            sink = rank_from_start < self.sink_tokens
+            tier = torch.where(sink, 2, tier)
+            value = torch.where(sink, -slots, slots).float()  # earliest sinks, then newest tokens
+        elif self.method == "h2o":
+            recent = rank_from_end < torch.floor(cap * self.recent_fraction + 1e-9).long()
+            tier = torch.where(recent, 1, tier)
+        elif self.method == "snapkv":
+            tier = torch.where(rank_from_end < self.window, 1, tier)
+        if not self.compress_question and self.question_tokens and prompt_end is not None:
+            question = (slots >= prompt_end - self.question_tokens) & (slots < prompt_end) & valid
+            if bool((question.sum(-1, keepdim=True) > cap).any()):
+                raise ValueError(
+                    f"the protected question ({self.question_tokens} tokens) does not fit the budget of "
+                    f"{int(cap.min())} tokens (keep={self.keep})"
+                )
+            tier = torch.where(question, 3, tier)
+        tier = torch.where(valid, tier, -1)
+        # Rank slots by (tier, value), best first; stable sorts keep ties in storage order.
+        by_value = torch.argsort(value, dim=-1, descending=True, stable=True)
+        by_tier = torch.argsort(tier.gather(-1, by_value), dim=-1, descending=True, stable=True)
+        order = by_value.gather(-1, by_tier)
+        positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+        return torch.empty_like(order).scatter_(-1, order, positions)
+
 
 def capacity(keep: float, seen: torch.Tensor) -> torch.Tensor:
     """Tokens a sample may keep after seeing ``seen`` real tokens: ``floor(keep * seen)``."""
@@ -271,30 +347,9 @@ class EvictionLayer(DynamicLayer):
         first_chunk = self.prompt_end is None
         if first_chunk:
             self.prompt_end = self.n_seen
-            if policy.method == "snapkv" and length > 1:  # a prompt prefill, not token-by-token scoring
-                shortest = int(chunk_valid.sum(-1).min())
-                if shortest < policy.window:
-                    raise ValueError(
-                        f"SnapKV observation window ({policy.window} tokens) is longer than the prompt "
-                        f"({shortest} tokens)"
-                    )
-        weights = probs * chunk_valid.to(probs.dtype)[:, None, None, :, None]
-        if policy.method == "h2o":
-            self.score = self.score + weights.sum(dim=(2, 3))
-        elif policy.method == "snapkv":
-            # Queries among the last `window` real queries of the chunk form the observation window.
-            later = chunk_valid.flip(-1).long().cumsum(-1).flip(-1) - chunk_valid.long()
-            in_window = chunk_valid & (later < policy.window)
-            gain = (weights * in_window.to(probs.dtype)[:, None, None, :, None]).sum(dim=(2, 3))
-            if length > 1:
-                gain = F.avg_pool1d(gain.reshape(bsz * heads, 1, total), policy.kernel, stride=1,
-                                    padding=policy.kernel // 2, count_include_pad=False).reshape(bsz, heads, total)
-            self.score = self.score + gain
-        elif policy.method == "tova":
-            steps = torch.arange(1, length + 1, device=self.device)
-            last = (chunk_valid.long() * steps).argmax(-1)  # newest real query of each sample
-            rows = weights[torch.arange(bsz, device=self.device), :, :, last, :]  # [B, kv_heads, group, S]
-            self.score = rows.mean(dim=(1, 2))[:, None, :].expand(bsz, heads, total).contiguous()
+            if length > 1:  # a prompt prefill, not token-by-token scoring
+                policy.check_prompt(int(chunk_valid.sum(-1).min()))
+        self.score = policy.update_scores(self.score, probs, chunk_valid)
         self._evict(position_ids)
 
     def _evict(self, position_ids: torch.Tensor | None) -> None:
@@ -304,35 +359,7 @@ class EvictionLayer(DynamicLayer):
             # The next query (token index n_seen) sees only slots > n_seen - window; older ones are dead.
             valid = valid & (self.slots > self.n_seen - self.sliding_window)
         cap = capacity(policy.keep, self.n_real)[:, None, None]
-        rank_from_start = valid.long().cumsum(-1) - 1
-        rank_from_end = valid.sum(-1, keepdim=True) - 1 - rank_from_start
-        tier = torch.zeros_like(self.slots)
-        value = self.score.clone()
-        if policy.method == "streamingllm":
-            sink = rank_from_start < policy.sink_tokens
-            tier = torch.where(sink, 2, tier)
-            value = torch.where(sink, -self.slots, self.slots).float()  # earliest sinks, then newest tokens
-        elif policy.method == "h2o":
-            recent = rank_from_end < torch.floor(cap * policy.recent_fraction + 1e-9).long()
-            tier = torch.where(recent, 1, tier)
-        elif policy.method == "snapkv":
-            tier = torch.where(rank_from_end < policy.window, 1, tier)
-        if not policy.compress_question and policy.question_tokens:
-            question = (self.slots >= self.prompt_end - policy.question_tokens) & (self.slots < self.prompt_end)
-            question &= valid
-            if bool((question.sum(-1, keepdim=True) > cap).any()):
-                raise ValueError(
-                    f"the protected question ({policy.question_tokens} tokens) does not fit the budget of "
-                    f"{int(cap.min())} tokens (keep={policy.keep})"
-                )
-            tier = torch.where(question, 3, tier)
-        tier = torch.where(valid, tier, -1)
-        # Rank slots by (tier, value), best first; stable sorts keep ties in storage order.
-        by_value = torch.argsort(value, dim=-1, descending=True, stable=True)
-        by_tier = torch.argsort(tier.gather(-1, by_value), dim=-1, descending=True, stable=True)
-        order = by_value.gather(-1, by_tier)
-        positions = torch.arange(order.shape[-1], device=self.device).expand_as(order)
-        rank = torch.empty_like(order).scatter_(-1, order, positions)
+        rank = policy.rank(self.score, valid, self.slots, cap, self.prompt_end)
         keep = valid & (rank < cap)
         total = keep.shape[-1]
         new_len = int(keep.sum(-1).max()) if total else 0
