@@ -87,6 +87,8 @@ def _check_semantics(cfg: dict) -> None:
                 f"config key 'models[{i}]': model {name!r} needs exactly one of 'size' "
                 "(pretrained here) or 'hub' (downloaded checkpoint)"
             )
+        elif "hub" in model and "pretrain" in model:
+            problems.append(f"config key 'models[{i}].pretrain': model {name!r} comes from the hub, it is not pretrained")
     if cfg["eval"]["text_set"] == "corpus" and cfg["eval"]["text_path"] is not None:
         problems.append("config key 'eval.text_path': only used with a hub text set, not with text_set 'corpus'")
     if problems:
@@ -142,6 +144,14 @@ def pretrained_here(model: Mapping[str, Any]) -> bool:
     return "size" in model
 
 
+def pretrain_settings(cfg: Mapping[str, Any], name: str) -> dict:
+    """The pretraining recipe of model ``name``: the top-level section, overridden by the model's own."""
+    model = model_entry(cfg, name)
+    if not pretrained_here(model):
+        raise ConfigError(f"model {name!r} comes from the hub ({model['hub']}); it is not pretrained here")
+    return {**cfg["pretrain"], **model.get("pretrain", {})}
+
+
 def run_table(cfg: Mapping[str, Any]) -> list[dict]:
     """The grid model x method x budget x seed as rows (base runs once per seed at budget 1.0)."""
     rows = []
@@ -186,7 +196,7 @@ def run_spec(cfg: Mapping[str, Any], run_id: str) -> dict:
     if pretrained_here(model):
         spec["data"] = copy.deepcopy(cfg["data"])
         spec["tokenizer"] = copy.deepcopy(cfg["tokenizer"])
-        spec["pretrain"] = copy.deepcopy(cfg["pretrain"])
+        spec["pretrain"] = pretrain_settings(cfg, model["name"])
     return spec
 
 

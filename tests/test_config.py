@@ -14,6 +14,7 @@ from harness.config import (
     load_schema,
     make_run_id,
     merge_config,
+    pretrain_settings,
     run_spec,
     run_table,
     validate_config,
@@ -27,7 +28,7 @@ TEST = REPO_ROOT / ".test" / "config" / "config.yaml"
 def test_empty_config_gets_every_default():
     cfg = validate_config({})
     assert cfg["profile"] == "offline"
-    assert cfg["pretrain"]["steps"] == 200 and cfg["pretrain"]["lr"] == 0.002
+    assert cfg["pretrain"]["steps"] == 720 and cfg["pretrain"]["lr"] == 0.002
     assert cfg["eval"]["text_set"] == "corpus" and cfg["eval"]["split"] == "test"
     assert cfg["methods"] == ["base"] and cfg["seeds"] == [0]
     assert cfg["models"] == [{"name": "llama3", "family": "llama3", "size": "tiny"}]
@@ -107,6 +108,27 @@ def test_config_file_must_hold_a_mapping(tmp_path):
         load_config([bad])
 
 
+def test_model_pretrain_entry_overrides_the_default():
+    cfg = load_config([DEFAULT], {"models": [{"name": "a", "family": "opt", "size": "tiny", "pretrain": {"steps": 9}},
+                                             {"name": "b", "family": "opt", "size": "tiny"}]})
+    assert pretrain_settings(cfg, "a") == {**cfg["pretrain"], "steps": 9}
+    assert pretrain_settings(cfg, "b") == cfg["pretrain"]
+    with pytest.raises(ConfigError, match="config key 'models\\[0\\].pretrain.steps'"):
+        load_config([DEFAULT], {"models": [{"name": "a", "family": "opt", "size": "tiny", "pretrain": {"steps": 0}}]})
+    with pytest.raises(ConfigError, match="comes from the hub"):
+        load_config([DEFAULT], {"models": [{"name": "a", "family": "opt", "hub": "x/y", "pretrain": {"steps": 3}}]})
+
+
+def test_offline_default_uses_the_tuned_recipes():
+    from harness.pretrain import OFFLINE_RECIPES
+
+    cfg = load_config([DEFAULT])
+    for model in cfg["models"]:
+        settings = pretrain_settings(cfg, model["name"])
+        recipe = OFFLINE_RECIPES[model["family"]]
+        assert {k: settings[k] for k in recipe} == recipe, model["name"]
+
+
 def test_family_enum_matches_the_zoo():
     from harness.zoo import FAMILIES
 
@@ -150,8 +172,8 @@ def test_run_ids_and_budget_tags():
 def test_run_spec_holds_what_determines_the_run():
     cfg = load_config([DEFAULT])
     spec = run_spec(cfg, "opt__base__kv100__s0")
-    assert spec["model"] == {"name": "opt", "family": "opt", "size": "tiny"}
-    assert spec["pretrain"] == cfg["pretrain"] and spec["tokenizer"] == cfg["tokenizer"]
+    assert spec["model"] == {"name": "opt", "family": "opt", "size": "tiny", "pretrain": {"lr": 0.0005}}
+    assert spec["pretrain"] == {**cfg["pretrain"], "lr": 0.0005} and spec["tokenizer"] == cfg["tokenizer"]
     assert spec["eval"] == cfg["eval"] and spec["seed"] == 0 and spec["budget"] == 1.0
     # a hub model does not depend on the local pretraining recipe
     hub = run_spec(load_config([DEFAULT, PAPER]), "opt-125m__base__kv100__s0")

@@ -14,6 +14,7 @@ os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.env
 from harness.config import (
     code_hash,
     model_entry,
+    pretrain_settings,
     pretrained_here,
     run_spec,
     run_table,
@@ -83,9 +84,14 @@ def max_tokens_arg():
     return "" if n is None else f"--max-tokens {n}"
 
 
-def pretrain_param(name):
+def model_field(name):
     """A param function reading one field of the model's entry (for `rule pretrain`)."""
     return lambda wildcards: model_entry(config, wildcards.model)[name]
+
+
+def recipe(name):
+    """A param function reading one pretraining setting of the model (its own, else the default)."""
+    return lambda wildcards: pretrain_settings(config, wildcards.model)[name]
 
 
 def run_inputs(wildcards):

@@ -9,14 +9,14 @@ rule pretrain:
     output:
         directory(f"{WORK}/models/{{model}}/base"),
     params:
-        family=pretrain_param("family"),
-        size=pretrain_param("size"),
-        steps=config["pretrain"]["steps"],
-        batch_size=config["pretrain"]["batch_size"],
-        seq_len=config["pretrain"]["seq_len"],
-        lr=config["pretrain"]["lr"],
-        seed=config["pretrain"]["seed"],
-        eval_tokens=config["pretrain"]["eval_tokens"],
+        family=model_field("family"),
+        size=model_field("size"),
+        steps=recipe("steps"),
+        batch_size=recipe("batch_size"),
+        seq_len=recipe("seq_len"),
+        lr=recipe("lr"),
+        seed=recipe("seed"),
+        eval_tokens=recipe("eval_tokens"),
         device=config["device"],
         code=code_hash(CODE["pretrain"]),
     threads: config["threads"]
