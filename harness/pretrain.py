@@ -147,7 +147,7 @@ def pretrain(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_lambda(s, steps=steps, warmup_steps=warmup_steps, min_lr_ratio=min_lr_ratio)
     )
-    start_step, elapsed_before, history, recent = 0, 0.0, [], []
+    start_step, elapsed_before, cpu_before, history, recent = 0, 0.0, 0.0, [], []
     state_path = partial / STATE_FILE
     if state_path.is_file():
         state = torch.load(state_path, map_location=dev, weights_only=False)
@@ -155,13 +155,13 @@ def pretrain(
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             scheduler.load_state_dict(state["scheduler"])
-            start_step, elapsed_before = state["step"], state["elapsed"]
+            start_step, elapsed_before, cpu_before = state["step"], state["elapsed"], state.get("cpu", 0.0)
             history, recent = state["history"], state.get("recent", [])
         # A checkpoint from other settings is stale: ignored here, replaced at the next save.
 
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else torch.autocast(
         "cpu", enabled=False)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     bar = tqdm(total=steps, initial=start_step, desc=f"pretrain {family}/{size}", disable=not progress,
                mininterval=2.0, dynamic_ncols=True)
     last = stop_after if stop_after is not None else steps
@@ -189,12 +189,15 @@ def pretrain(
         done = step + 1
         if done < steps and (done % checkpoint_every == 0 or done == last):
             _save_state(partial, model, optimizer, scheduler, settings, step=done, history=history, recent=recent,
-                        elapsed=elapsed_before + time.perf_counter() - t0)
+                        elapsed=elapsed_before + time.perf_counter() - t0,
+                        cpu=cpu_before + time.process_time() - c0)
     bar.close()
     if stop_after is not None and stop_after < steps:
         return {"status": "partial", "step": min(steps, stop_after), "checkpoint": str(partial)}
 
     train_seconds = elapsed_before + time.perf_counter() - t0
+    # CPU seconds of the loop (all threads): on a shared machine this, not wall time, shows the cost.
+    train_cpu_seconds = cpu_before + time.process_time() - c0
     t_eval = time.perf_counter()
     val_texts = read_split(corpus_dir, "validation")
     model.eval()
@@ -230,6 +233,7 @@ def pretrain(
         "eval_protocol": val["protocol"],
         "eval_tokens_cap": eval_tokens,
         "wall_seconds_train": train_seconds,
+        "cpu_seconds_train": train_cpu_seconds,
         "wall_seconds_eval": eval_seconds,
         "threads": torch.get_num_threads(),
         "device": str(dev),

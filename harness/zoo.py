@@ -155,12 +155,7 @@ def build_config(family: str, size: str, tokenizer, **overrides) -> PretrainedCo
     }
     if spec.attn_implementation is not None:
         kwargs.setdefault("attn_implementation", spec.attn_implementation)
-    config = spec.config_class(**kwargs)
-    if family == "gemma2" and config.sliding_window is not None and not all(
-        t in ("sliding_attention", "full_attention") for t in config.layer_types
-    ):
-        raise ValueError(f"gemma2 layer_types must alternate sliding/full, got {config.layer_types!r}")
-    return config
+    return spec.config_class(**kwargs)
 
 
 def family_of(config: PretrainedConfig) -> str:
