@@ -35,6 +35,7 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
         "analytic_bytes_per_token": budget["analytic_bytes_per_token"],
         "base_bytes_per_token": budget["base_bytes_per_token"],
         "measured_bytes": budget["measured_bytes"],
+        "base_measured_bytes": budget["base_measured_bytes"],
         "measured_tokens": budget["measured_tokens"],
         "dtype": budget["dtype"],
         "ppl_token": quality["ppl_token"],

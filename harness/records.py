@@ -76,6 +76,7 @@ RECORD_SCHEMA: dict = {
                     "analytic_bytes_per_token": _POS_OR_NULL,
                     "base_bytes_per_token": _POS_OR_NULL,
                     "measured_bytes": _POS_OR_NULL,
+                    "base_measured_bytes": _POS_OR_NULL,
                     "measured_tokens": {"type": ["integer", "null"], "minimum": 0},
                     "dtype": {"type": "string"},
                     "params": {"type": ["object", "null"]},

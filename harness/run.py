@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import torch
 
+from harness.config import BASE_METHOD
 from harness.provenance import collect_provenance, resolve_device, utc_now
 from harness.records import existing_record, new_record, write_record
 
@@ -87,6 +88,7 @@ def execute_run(
     ``model_path`` is the directory of a model pretrained here (None: the spec's hub checkpoint);
     ``unigram_path`` the JSON written by ``harness unigram`` (None: no unigram reference).
     """
+    from harness.methods import get_method
     from harness.perplexity import perplexity
     from harness.train import seed_everything
     from harness.zoo import load_base_model
@@ -107,11 +109,18 @@ def execute_run(
     source = model_path if model_path is not None else spec["model"].get("hub")
     if source is None:
         raise ValueError(f"model {spec['model']['name']!r} is pretrained here: pass its directory as model_path")
+    method = _method_for(spec["method"])
     model, tokenizer = load_base_model(str(source), dtype=dtype, device=device)
     model.eval()
     base_bytes = full_kv_bytes_per_token(model.config, dtype)
+    eval_cfg = spec["eval"]
+    texts = load_eval_texts(eval_cfg, corpus_dir)
+    # the budget's denominator: what the unmodified model really stores for the same tokens
+    # (below the ledger's figure for Gemma 2's sliding-window layers on long prompts)
+    base_cache, cache_tokens = _measure_live_cache(model, tokenizer, texts, eval_cfg["cache_tokens"], device)
+    base_measured = get_method(BASE_METHOD).live_bytes(base_cache)
+    del base_cache
 
-    method = _method_for(spec["method"])
     params = method.params_for_budget(model.config, float(spec["budget"]))
     analytic = method.analytic_bytes_per_token(model.config, params, dtype)
     model = method.apply(model, params)
@@ -120,18 +129,17 @@ def execute_run(
             f"method {spec['method']!r} acts through its own cache; its bounded-cache evaluation is not wired yet"
         )
 
-    eval_cfg = spec["eval"]
-    texts = load_eval_texts(eval_cfg, corpus_dir)
     ppl = perplexity(
-        model, tokenizer, texts, seq_len=eval_cfg["seq_len"],
+        model,
+        tokenizer,
+        texts,
+        seq_len=eval_cfg["seq_len"],
         batch_size=eval_cfg["batch_size"],
         device=device,
         max_tokens=eval_cfg["max_tokens"],
     )
-
-    cache, cache_tokens = _measure_live_cache(model, tokenizer, texts, eval_cfg["cache_tokens"], device)
+    cache, _ = _measure_live_cache(model, tokenizer, texts, eval_cfg["cache_tokens"], device)
     measured = method.live_bytes(cache)
-    realized = measured / (base_bytes * cache_tokens)
 
     fingerprint: dict[str, Any] = {"eval_texts_sha256": texts_fingerprint(texts), "eval_documents": len(texts)}
     if corpus_dir is not None:
@@ -147,10 +155,11 @@ def execute_run(
         ),
         budget={
             "nominal": float(spec["budget"]),
-            "realized": realized,
+            "realized": measured / base_measured,
             "analytic_bytes_per_token": float(analytic),
             "base_bytes_per_token": float(base_bytes),
             "measured_bytes": float(measured),
+            "base_measured_bytes": float(base_measured),
             "measured_tokens": cache_tokens,
             "dtype": spec["dtype"],
             "params": params,

@@ -58,6 +58,7 @@ def _record(
             "analytic_bytes_per_token": 1024.0 * budget,
             "base_bytes_per_token": 1024.0,
             "measured_bytes": 1024.0 * budget * 16,
+            "base_measured_bytes": 1024.0 * 16,
             "measured_tokens": 16,
             "dtype": "float32",
             "params": None,

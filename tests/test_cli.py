@@ -72,19 +72,21 @@ def tiny_setup(tmp_path_factory):
     corpus = root / "corpus"
     build_corpus(corpus, val_fraction=0.3, test_fraction=0.3, source_dir=source)
     tokenizer = train_tokenizer(corpus, root / "tokenizer", vocab_size=300)
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(build_config("llama3", "tiny", tokenizer))
-    model_dir = root / "model"
-    model.save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    for family in ("llama3", "gemma2"):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(build_config(family, "tiny", tokenizer))
+        model.save_pretrained(root / family)
+        tokenizer.save_pretrained(root / family)
     cfg = load_config(
         [REPO_ROOT / "config" / "config.yaml"],
         {
-            "models": [{"name": "llama3", "family": "llama3", "size": "tiny"}],
+            "models": [{"name": "llama3", "family": "llama3", "size": "tiny"},
+                       {"name": "gemma2", "family": "gemma2", "size": "tiny"}],
             "eval": {"seq_len": 32, "batch_size": 4, "max_tokens": 300, "cache_tokens": 12},
         },
     )
-    return {"root": root, "corpus": corpus, "model": model_dir, "spec": run_spec(cfg, "llama3__base__kv100__s0")}
+    return {"root": root, "corpus": corpus, "model": root / "llama3", "gemma2": root / "gemma2", "cfg": cfg,
+            "spec": run_spec(cfg, "llama3__base__kv100__s0")}
 
 
 def test_run_writes_a_valid_record_and_resumes(tiny_setup, capsys):
@@ -115,6 +117,20 @@ def test_run_writes_a_valid_record_and_resumes(tiny_setup, capsys):
     out2 = out.with_name("again.json")
     assert main([*args[:2], json.dumps(spec2), *args[3:-1], str(out2)]) == 0
     assert read_record(out2)["quality"]["ppl_token"] == pytest.approx(q["ppl_token"], rel=1e-5)
+
+
+def test_realized_budget_is_relative_to_what_the_base_model_stores(tiny_setup):
+    """Gemma 2's sliding-window layers keep fewer tokens than the ledger's full-cache figure."""
+    from harness.run import execute_run
+
+    spec = run_spec(tiny_setup["cfg"], "gemma2__base__kv100__s0")
+    spec["eval"] = dict(spec["eval"], cache_tokens=100)  # beyond the tiny model's 64-token window
+    record = execute_run(spec, tiny_setup["root"] / "gemma2.json", model_path=tiny_setup["gemma2"],
+                         corpus_dir=tiny_setup["corpus"])
+    b = record["budget"]
+    assert b["measured_tokens"] == 100
+    assert b["measured_bytes"] == b["base_measured_bytes"] < b["analytic_bytes_per_token"] * 100
+    assert b["realized"] == 1.0
 
 
 def test_run_rejects_a_method_it_cannot_evaluate_yet(tiny_setup, capsys):
