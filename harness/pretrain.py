@@ -165,7 +165,6 @@ def pretrain(
     bar = tqdm(total=steps, initial=start_step, desc=f"pretrain {family}/{size}", disable=not progress,
                mininterval=2.0, dynamic_ncols=True)
     last = stop_after if stop_after is not None else steps
-    step = start_step
     for step in range(start_step, min(steps, last)):
         batch = batch_at(stream, step, seed=seed, batch_size=batch_size, seq_len=seq_len).to(dev)
         with autocast:
