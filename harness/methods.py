@@ -27,11 +27,21 @@ Names: ``base``, ``gqa``, ``mqa``, ``cla``, ``mixsga``, ``h2o``,
 eviction on top of ``gqa`` or ``mixsga`` (e.g. ``h2o+gqa``, ``h2o+mixsga``). A
 stacked method's budget is the total: ``keep = budget / inner_budget`` with
 ``inner_budget`` 0.5 by default (the paper's Table 3: keep 80/60/40/20 % on a
-50 % model is a total budget of 40/30/20/10 %).
+50 % model is a total budget of 40/30/20/10 %). On GQA the eviction cache stores
+the grouped heads; on mixSGA it is ``mixsga.eviction.MixSGAEvictionCache``, which
+ranks tokens with the same ``EvictionPolicy`` and keeps them within ``keep`` x the
+bytes plain mixSGA would hold under the same routing (its module docstring says
+why the budget is in bytes there).
+
+``mixsga`` params carry the whole ``MixSGAConfig`` (``ratios``, ``group_sizes`` and
+``MIXSGA_KNOBS``: ``aux_loss_weight``, ``aux_loss``, ``router``, ``seed``), so the
+ablations (``router="random"``, ``aux_loss_weight=0``) are selectable by config:
+``get_method("mixsga").params_for_budget(config, 0.5, router="random")``.
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -45,6 +55,7 @@ from baselines.eviction import (
     EvictionPolicy,
     enable_eviction_attention,
     rope_inv_freq,
+    rotate_keys,
 )
 from baselines.gqa import convert_to_gqa
 from mixsga.budget import (
@@ -63,6 +74,11 @@ MIXSGA_DEFAULT_RATIOS: dict[float, tuple[int, int, int]] = {
     0.75: (1, 1, 0),
     1.0: (1, 0, 0),
 }
+
+
+#: MixSGAConfig fields besides ratios and group sizes that ``mixsga`` params carry (ablations:
+#: ``router="random"``, ``aux_loss_weight=0``, ``aux_loss="softmax"``).
+MIXSGA_KNOBS = ("aux_loss_weight", "aux_loss", "router", "seed")
 
 
 def _check_budget(budget: float) -> float:
@@ -204,12 +220,16 @@ class CLA(Method):
 
 
 class MixSGA(Method):
+    """mixSGA at a budget; the config's other knobs ride along in the params (ablations)."""
+
     name = "mixsga"
     needs_training = True
     query_aware = None
 
     def params_for_budget(self, config, budget, **explicit):
-        _no_extras(self.name, explicit, ("ratios", "group_sizes"))
+        from mixsga import MixSGAConfig
+
+        _no_extras(self.name, explicit, ("ratios", "group_sizes") + MIXSGA_KNOBS)
         budget = _check_budget(budget)
         group_sizes = [int(g) for g in explicit.get("group_sizes", (1, 2, 4))]
         if "ratios" in explicit:
@@ -229,16 +249,25 @@ class MixSGA(Method):
                              f"not the budget {budget:.2%}")
         # Raises for group sizes that do not divide the model's K/V heads.
         mixsga_kv_bytes_per_token(config, ratios, group_sizes)
-        return {"ratios": ratios, "group_sizes": group_sizes}
+        knobs = {k: explicit[k] for k in MIXSGA_KNOBS if k in explicit}
+        cfg = MixSGAConfig(ratios=tuple(ratios), group_sizes=tuple(group_sizes), **knobs)  # validates the knobs
+        return {"ratios": ratios, "group_sizes": group_sizes, **{k: getattr(cfg, k) for k in MIXSGA_KNOBS}}
 
     def analytic_bytes_per_token(self, config, params, dtype=torch.float32):
         return float(mixsga_kv_bytes_per_token(config, params["ratios"], params["group_sizes"], dtype))
 
     def apply(self, model, params):
-        from mixsga import MixSGAConfig, convert_to_mixsga
+        from mixsga import convert_to_mixsga
 
-        return convert_to_mixsga(model, MixSGAConfig(ratios=tuple(params["ratios"]),
-                                                     group_sizes=tuple(params["group_sizes"])))
+        return convert_to_mixsga(model, self.config(params))
+
+    @staticmethod
+    def config(params: dict):
+        """The ``MixSGAConfig`` of ``params`` (knobs absent from older params take the defaults)."""
+        from mixsga import MixSGAConfig
+
+        knobs = {k: params[k] for k in MIXSGA_KNOBS if k in params}
+        return MixSGAConfig(ratios=tuple(params["ratios"]), group_sizes=tuple(params["group_sizes"]), **knobs)
 
     def new_cache(self, model, params):
         from mixsga import MixSGACache
@@ -321,13 +350,14 @@ class Stacked(Method):
 
     def new_cache(self, model, params):
         if isinstance(self.inner, MixSGA):
-            # MixSGACache.keep_tokens can drop tokens from every expert store, but score-based
-            # eviction also needs the decode-time attention probabilities over the compact stores,
-            # which MixSGALayer.attend does not expose yet.
-            raise NotImplementedError(
-                f"{self.name}: eviction on mixSGA needs the attention probabilities of MixSGALayer.attend "
-                "(token order) to score tokens; not available yet"
-            )
+            from mixsga.eviction import MixSGAEvictionCache
+
+            policy = EvictionPolicy(**params["eviction"])
+            inv_freq = rope_inv_freq(model)
+            rotate = None
+            if policy.method == "streamingllm" and policy.reposition and inv_freq is not None:
+                rotate = functools.partial(rotate_keys, inv_freq=inv_freq)
+            return MixSGAEvictionCache(model.config, policy, rotate=rotate)
         return self.eviction.new_cache(model, params["eviction"])
 
     def live_bytes(self, cache) -> int:

@@ -17,6 +17,9 @@ Public API::
   ``expert_index(layer, sample)``, ``num_tokens(sample)``, ``keep_tokens(keep, layer_idx=None, sample=0)``
   and ``set_observer(fn)`` (token-order attention probabilities at prefill and decode) for token
   eviction stacked on top; ``generate(..., past_key_values=MixSGACache(model.config))`` to keep it.
+* ``mixsga.eviction.MixSGAEvictionCache(config, policy, rotate=None)``: H2O / StreamingLLM /
+  SnapKV / TOVA (a ``baselines.eviction.EvictionPolicy``) stacked on mixSGA, byte-budgeted;
+  ``harness.methods.get_method("h2o+mixsga")`` builds it.
 * ``routing_stats(model)`` (prefill / decode expert fractions, argmax-vs-expert-choice agreement);
   ``model.mixsga_runtime``: ``.reset_stats()``, ``.last_aux_loss``, ``.force_routing(expert_ids)``.
 * Ledger (``mixsga.budget``): ``kv_budget``, ``kv_shape``, ``dtype_bytes``, ``normalise_ratios``,
@@ -26,7 +29,7 @@ Public API::
 Module map: ``config`` (MixSGAConfig), ``routing`` (router, expert-choice, argmax, aux loss,
 statistics), ``experts`` (head pooling), ``cache`` (MixSGACache and decode attention),
 ``attention`` (the registered ``"mixsga"`` attention and mask functions), ``convert``
-(conversion, hooks, loading), ``budget`` (the ledger).
+(conversion, hooks, loading), ``budget`` (the ledger), ``eviction`` (token eviction on top).
 """
 
 from mixsga.budget import (

@@ -130,11 +130,42 @@ def test_eviction_live_bytes_within_analytic_budget(name):
     assert method.live_bytes(cache) == analytic  # 0.25 * 16 tokens is whole, so the bound is met exactly
 
 
-def test_eviction_on_mixsga_names_the_missing_hook():
+def test_eviction_on_mixsga_makes_an_evicting_mixsga_cache():
+    from mixsga.eviction import MixSGAEvictionCache
+
     method = get_method("h2o+mixsga")
     model = tiny_model("llama")
-    params = method.params_for_budget(model.config, 0.25)
+    config = copy.deepcopy(model.config)
+    params = method.params_for_budget(config, 0.25)
     assert params["inner"]["ratios"] == [3, 1, 6] and params["eviction"]["keep"] == pytest.approx(0.5)
+    assert method.analytic_bytes_per_token(config, params) == pytest.approx(
+        0.5 * get_method("mixsga").analytic_bytes_per_token(config, params["inner"]))
     model = method.apply(model, params)
-    with pytest.raises(NotImplementedError, match="MixSGALayer.attend"):
-        method.new_cache(model, params)
+    cache = method.new_cache(model, params)
+    assert isinstance(cache, MixSGAEvictionCache) and cache.rotate is None
+    ids = _ids(length=20)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    assert 0 < method.live_bytes(cache) <= method.analytic_bytes_per_token(config, params) * ids.numel() + ids.numel()
+    streaming = get_method("streamingllm+mixsga")
+    sparams = streaming.params_for_budget(config, 0.25)
+    assert streaming.new_cache(model, sparams).rotate is not None  # RoPE: kept keys are repositioned
+
+
+def test_mixsga_ablation_knobs_pass_through_params():
+    cfg = tiny_config("llama")
+    mix = get_method("mixsga")
+    default = mix.params_for_budget(cfg, 0.5)
+    assert default == {"ratios": [3, 1, 6], "group_sizes": [1, 2, 4], "aux_loss_weight": 0.1,
+                       "aux_loss": "sigmoid", "router": "learned", "seed": 0}
+    params = mix.params_for_budget(cfg, 0.5, router="random", aux_loss_weight=0.0, aux_loss="softmax", seed=3)
+    model = mix.apply(tiny_model("llama"), params)
+    runtime = model.mixsga_runtime.config
+    assert (runtime.router, runtime.aux_loss_weight, runtime.aux_loss, runtime.seed) == ("random", 0.0, "softmax", 3)
+    # params written before the knobs existed still apply, with the defaults
+    legacy = mix.apply(tiny_model("llama"), {"ratios": [3, 1, 6], "group_sizes": [1, 2, 4]})
+    assert legacy.mixsga_runtime.config.router == "learned"
+    with pytest.raises(ValueError, match="router must be one of"):
+        mix.params_for_budget(cfg, 0.5, router="oracle")
+    stacked = get_method("h2o+mixsga").params_for_budget(cfg, 0.25, inner={"aux_loss_weight": 0.0})
+    assert stacked["inner"]["aux_loss_weight"] == 0.0
