@@ -1,11 +1,29 @@
-"""Decode / prefill benchmark: base model vs GQA vs mixSGA at matched KV budgets.
+"""Decode / prefill benchmark: mixSGA and every baseline at matched KV budgets.
 
-Measures, in one process and side by side, prefill time, decode tokens/s and
-stored KV bytes for each method at several context lengths, and writes one
-JSON under ``results/bench/`` with medians and ratios against GQA and the base
-model. Random weights are fine for timing; shapes follow the real checkpoints
-with fewer layers (``--layers``). The offline zoo models (``work/models``) are
-measured too when present.
+Three tables, measured in one process and written to one JSON (fields in
+``results/bench/README.md``):
+
+* ``headline`` (batch 1): base, GQA (KV heads halved, transformers' own SDPA
+  attention and ``DynamicCache``, as a user would run it) and mixSGA 3:1:6 (50 %)
+  at every ``--contexts`` length on each ``--shapes`` model and on the offline zoo
+  models (``work/models/{family}/base``) when present.
+* ``all_methods`` (batch 1, ``--all-methods SHAPE:CONTEXT``): every registry
+  method at 50 % and 25 % budgets (GQA, MQA at its own 1/H_kv budget, CLA, mixSGA
+  3:1:6 and 0:0:1, H2O / StreamingLLM / SnapKV / TOVA at keep 0.5 / 0.25,
+  H2O on GQA and on mixSGA at 25 % total), each timed against the base model.
+* ``batched`` (``--batched SHAPE:CONTEXT:BATCH``): the headline methods at a batch
+  size where K/V traffic is a larger share of a decode step.
+
+Protocol: prefill the context minus its last token once per method (timed;
+``logits_to_keep=1``, as ``generate`` does; eviction methods prefill in
+``--prefill-chunk`` chunks so that they compress between chunks, as they must),
+then time ``generate`` of ``--new-tokens`` greedy tokens from a fresh copy of the
+prefilled cache. Methods compared with each other are timed interleaved, repeat
+by repeat, alternating their order (one warm-up each first), so that load drift on
+a shared machine hits them alike; ratios are of medians. Stored K/V bytes are
+measured on the live cache with the registry's ``live_bytes`` and recorded next to
+the registry's analytic figure. Random weights are fine for timing; shapes follow
+the real checkpoints with fewer layers (``--layers``).
 
 Run ``python -m benchmarks.decode --help`` for the options.
 """
@@ -17,15 +35,19 @@ import copy
 import gc
 import json
 import logging
+import os
 import platform
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 from harness.measure import PeakMemory, Timer, summarise
+from harness.methods import Eviction, Method, Stacked, get_method
+from mixsga.budget import full_kv_bytes_per_token, kv_shape
 
 log = logging.getLogger("bench.decode")
 
@@ -41,9 +63,33 @@ SHAPES: dict[str, dict] = {
     ),
 }
 
-#: Methods at their budget: name -> (nominal budget, builder description).
-METHODS = ("base", "gqa", "mixsga")
-MIXSGA_RATIOS = (3, 1, 6)
+
+@dataclass(frozen=True)
+class Spec:
+    """One method at one budget, built through the registry."""
+
+    label: str
+    method: str
+    budget: float
+    explicit: dict = field(default_factory=dict)
+
+
+HEADLINE = (Spec("base", "base", 1.0), Spec("gqa@50%", "gqa", 0.5), Spec("mixsga-3:1:6@50%", "mixsga", 0.5))
+
+
+def all_specs(config) -> list[Spec]:
+    """Every method at 50 % and 25 % (MQA at its own budget, 1 / H_kv)."""
+    heads = kv_shape(config).num_kv_heads
+    specs = [Spec("base", "base", 1.0)]
+    for budget in (0.5, 0.25):
+        pct = f"{budget:.0%}"
+        specs += [Spec(f"gqa@{pct}", "gqa", budget), Spec(f"cla@{pct}", "cla", budget)]
+        ratios = "3:1:6" if budget == 0.5 else "0:0:1"
+        specs.append(Spec(f"mixsga-{ratios}@{pct}", "mixsga", budget))
+        specs += [Spec(f"{name}@{pct}", name, budget) for name in ("h2o", "streamingllm", "snapkv", "tova")]
+    specs.insert(3, Spec(f"mqa@{1 / heads:.1%}", "mqa", 1 / heads))
+    specs += [Spec("h2o+gqa@25%", "h2o+gqa", 0.25), Spec("h2o+mixsga@25%", "h2o+mixsga", 0.25)]
+    return specs
 
 
 def build_shape(name: str, layers: int, max_len: int) -> LlamaForCausalLM:
@@ -53,110 +99,195 @@ def build_shape(name: str, layers: int, max_len: int) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
-def apply_method(base, method: str, seed: int):
-    """Return a converted deep copy of ``base`` for ``method`` (the base itself for 'base')."""
-    if method == "base":
-        return base
-    model = copy.deepcopy(base)
-    if method == "gqa":
-        from baselines import convert_to_gqa
-
-        return convert_to_gqa(model, num_key_value_heads=model.config.num_key_value_heads // 2).eval()
-    if method == "mixsga":
-        from mixsga import MixSGAConfig, convert_to_mixsga
-
-        torch.manual_seed(seed)
-        return convert_to_mixsga(model, MixSGAConfig(ratios=MIXSGA_RATIOS)).eval()
-    raise ValueError(f"unknown method {method!r}; known: {METHODS}")
+def evicts(method: Method) -> bool:
+    return isinstance(method, (Eviction, Stacked))
 
 
-def cache_bytes(cache) -> int:
-    """Bytes a live cache holds: the method's own count where it has one, else summed K/V nbytes."""
-    if hasattr(cache, "kv_bytes"):
-        return int(cache.kv_bytes())
-    total = 0
-    for layer in cache.layers:
-        for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(t, torch.Tensor):
-                total += t.nbytes
-    return total
+@dataclass
+class Entry:
+    """A built method on one context: model, prefilled cache, and its measurements."""
+
+    spec: Spec
+    method: Method
+    params: dict
+    model: torch.nn.Module
+    prefilled: object
+    result: dict
+    base_config: object  # analytic bytes are always relative to the unconverted model
+    seconds: list[float] = field(default_factory=list)
 
 
-def measure(model, ids: torch.Tensor, *, new_tokens: int, repeats: int, prefill_repeats: int, device) -> dict:
-    """Prefill timing (forward over the context) and decode timing (generate from a prefilled cache)."""
-    kwargs = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=0)
+def prepare(spec: Spec, base, ids: torch.Tensor, *, prefill_repeats: int, chunk: int, seed: int,
+            device: torch.device) -> Entry | dict:
+    """Build ``spec`` on a copy of ``base`` and prefill ``ids[:, :-1]``; a dict with the reason when infeasible."""
+    method = get_method(spec.method)
+    context = ids.shape[1] - 1
+    kwargs = dict(spec.explicit)
+    if isinstance(method, Eviction):
+        kwargs["context_len"] = context
+    try:
+        params = method.params_for_budget(base.config, spec.budget, **kwargs)
+    except ValueError as err:
+        return {"label": spec.label, "method": spec.method, "budget": spec.budget, "infeasible": str(err)}
+    torch.manual_seed(seed)
+    model = base if spec.method == "base" else method.apply(copy.deepcopy(base), params).to(device).eval()
+    prompt = ids[:, :-1]
+    mode = f"chunked({chunk})" if evicts(method) else "full"
+    times, cache = [], None
     with torch.inference_mode():
-        prefill_ms = []
-        for _ in range(prefill_repeats):
-            with PeakMemory(device) as prefill_mem, Timer(device) as t:
-                out = model(ids[:, :-1], use_cache=True)
-            prefill_ms.append(t.seconds * 1000)
-        prefilled = out.past_key_values
-        stored_context = cache_bytes(prefilled)
-        del out
-
-        def run() -> object:
-            return model.generate(
-                ids, past_key_values=copy.deepcopy(prefilled), return_dict_in_generate=True, **kwargs
-            )
-
-        run()  # warm-up
-        tps = []
-        for _ in range(repeats):
-            cache_copy = copy.deepcopy(prefilled)
-            with PeakMemory(device) as decode_mem, Timer(device) as t:
-                gen = model.generate(ids, past_key_values=cache_copy, return_dict_in_generate=True, **kwargs)
-            tps.append(new_tokens / t.seconds)
-        stored_final = cache_bytes(gen.past_key_values)
-    tokens_final = ids.shape[1] - 1 + new_tokens
+        for _ in range(max(1, prefill_repeats)):
+            cache = method.new_cache(model, params)
+            with PeakMemory(device) as mem, Timer(device) as timer:
+                if evicts(method):
+                    for start in range(0, context, chunk):
+                        model(input_ids=prompt[:, start : start + chunk], past_key_values=cache, use_cache=True,
+                              logits_to_keep=1)
+                else:
+                    out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                    cache = out.past_key_values
+                    del out
+            times.append(timer.seconds * 1000)
+    dtype = next(model.parameters()).dtype
+    batch = ids.shape[0]
     result = {
-        "prefill_ms": summarise(prefill_ms),
-        "decode_tokens_per_s": summarise(tps),
-        "kv_bytes_after_prefill": stored_context,
-        "kv_bytes_final": stored_final,
-        "kv_bytes_per_token_final": stored_final / (tokens_final * ids.shape[0]),
-        "peak_memory": {"prefill": prefill_mem.as_dict(), "decode": decode_mem.as_dict()},
+        "label": spec.label,
+        "method": spec.method,
+        "budget": spec.budget,
+        "params": params,
+        "prefill_mode": mode,
+        "prefill_ms": summarise(times),
+        "peak_memory": {"prefill": mem.as_dict()},
+        "kv_bytes": {
+            "after_prefill": int(method.live_bytes(cache)),
+            "analytic_after_prefill": method.analytic_bytes_per_token(base.config, params, dtype) * context * batch,
+            "base_after_prefill": full_kv_bytes_per_token(base.config, dtype) * context * batch,
+        },
     }
-    if getattr(model, "mixsga_runtime", None) is not None:
-        from mixsga import routing_stats
-
-        result["routing"] = routing_stats(model)
-    return result
+    return Entry(spec, method, params, model, cache, result, base.config)
 
 
-def bench_model(label: str, base, *, contexts, new_tokens, repeats, prefill_repeats, batch, seed, device) -> dict:
-    """All methods on one base model at every context length."""
-    base = base.to(device)
-    models = {m: apply_method(base, m, seed).to(device) for m in METHODS}
-    rows: dict[str, dict] = {}
-    vocab = base.config.vocab_size
+def decode_once(entry: Entry, ids: torch.Tensor, new_tokens: int, device: torch.device) -> tuple[float, object]:
+    """Seconds for ``generate`` of ``new_tokens`` tokens from a copy of the prefilled cache, and that cache."""
+    cache = copy.deepcopy(entry.prefilled)
+    if getattr(entry.model, "mixsga_runtime", None) is not None:
+        entry.model.mixsga_runtime.reset_stats()
+    kwargs = dict(do_sample=False, min_new_tokens=new_tokens, max_new_tokens=new_tokens, pad_token_id=0,
+                  return_dict_in_generate=True)
+    with torch.inference_mode(), PeakMemory(device) as mem, Timer(device) as timer:
+        gen = entry.model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, **kwargs)
+    if gen.sequences.shape[1] != ids.shape[1] + new_tokens:
+        raise RuntimeError(f"{entry.spec.label}: generated {gen.sequences.shape[1] - ids.shape[1]} tokens, "
+                           f"wanted {new_tokens}")
+    entry.result["peak_memory"]["decode"] = mem.as_dict()
+    return timer.seconds, gen.past_key_values
+
+
+def time_interleaved(entries: list[Entry], ids: torch.Tensor, *, new_tokens: int, repeats: int,
+                     device: torch.device) -> None:
+    """Warm up each entry, then time them round-robin, alternating the order every repeat."""
+    for entry in entries:
+        decode_once(entry, ids, new_tokens, device)
+    finals: dict[int, object] = {}
+    for rep in range(repeats):
+        order = entries if rep % 2 == 0 else entries[::-1]
+        for entry in order:
+            seconds, finals[id(entry)] = decode_once(entry, ids, new_tokens, device)
+            entry.seconds.append(seconds)
+    batch = ids.shape[0]
+    tokens = ids.shape[1] - 1 + new_tokens
+    for entry in entries:
+        res = entry.result
+        res["decode_tokens_per_s"] = summarise([new_tokens / s for s in entry.seconds])
+        res["decode_tokens_per_s_all_sequences"] = summarise([batch * new_tokens / s for s in entry.seconds])
+        cache = finals[id(entry)]
+        dtype = next(entry.model.parameters()).dtype
+        kv = res["kv_bytes"]
+        kv["final"] = int(entry.method.live_bytes(cache))
+        kv["analytic_final"] = entry.method.analytic_bytes_per_token(entry.base_config, entry.params, dtype) \
+            * tokens * batch
+        kv["base_final"] = full_kv_bytes_per_token(entry.base_config, dtype) * tokens * batch
+        kv["fraction_of_base_final"] = kv["final"] / kv["base_final"]
+        if hasattr(cache, "metadata_bytes"):
+            kv["eviction_metadata_final"] = int(cache.metadata_bytes())
+        if getattr(entry.model, "mixsga_runtime", None) is not None:
+            from mixsga import routing_stats
+
+            stats = routing_stats(entry.model)
+            res["decode_routing_fractions"] = stats["decode_fractions"]
+
+
+def release(entries: list[Entry]) -> None:
+    for entry in entries:
+        entry.prefilled = None
+        entry.model = None
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def med(row: dict, key: str = "decode_tokens_per_s") -> float:
+    return row[key]["p50"]
+
+
+def run_group(base, specs, ids, *, new_tokens, repeats, prefill_repeats, chunk, seed, device) -> list[dict]:
+    """Prepare ``specs`` together and time them interleaved."""
+    entries, rows = [], []
+    for spec in specs:
+        log.info("  prepare %s (ctx=%d, batch=%d)", spec.label, ids.shape[1] - 1, ids.shape[0])
+        got = prepare(spec, base, ids, prefill_repeats=prefill_repeats, chunk=chunk, seed=seed, device=device)
+        if isinstance(got, dict):
+            log.info("  %s infeasible: %s", spec.label, got["infeasible"])
+            rows.append(got)
+        else:
+            entries.append(got)
+            rows.append(got.result)
+    time_interleaved(entries, ids, new_tokens=new_tokens, repeats=repeats, device=device)
+    release(entries)
+    return rows
+
+
+def context_ids(vocab: int, batch: int, context: int, seed: int, device) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed + context)
+    return torch.randint(3, vocab, (batch, context + 1), generator=gen).to(device)
+
+
+def headline(label: str, base, contexts, batch, opts: dict) -> dict:
+    """Base / GQA / mixSGA on one model at every context, interleaved."""
+    out = {"model": label, "batch": batch, "contexts": {}}
     for ctx in contexts:
-        gen = torch.Generator().manual_seed(seed + ctx)
-        ids = torch.randint(3, vocab, (batch, ctx + 1), generator=gen).to(device)
-        rows[str(ctx)] = {}
-        for method, model in models.items():
-            log.info("%s ctx=%d %s", label, ctx, method)
-            rows[str(ctx)][method] = measure(
-                model, ids, new_tokens=new_tokens, repeats=repeats, prefill_repeats=prefill_repeats, device=device
-            )
-            gc.collect()
-        rows[str(ctx)]["ratios"] = ratios(rows[str(ctx)])
-    return {"label": label, "config": base.config.to_dict(), "contexts": rows}
+        log.info("%s ctx=%d batch=%d", label, ctx, batch)
+        ids = context_ids(base.config.vocab_size, batch, ctx, opts["seed"], opts["device"])
+        rows = run_group(base, HEADLINE, ids, **opts)
+        by = {r["label"]: r for r in rows}
+        mix, gqa, full = by["mixsga-3:1:6@50%"], by["gqa@50%"], by["base"]
+        out["contexts"][str(ctx)] = {
+            "rows": rows,
+            "ratios": {
+                "mixsga_vs_gqa_decode_tps": med(mix) / med(gqa),
+                "mixsga_vs_base_decode_tps": med(mix) / med(full),
+                "gqa_vs_base_decode_tps": med(gqa) / med(full),
+                "mixsga_vs_gqa_prefill_ms": med(mix, "prefill_ms") / med(gqa, "prefill_ms"),
+                "mixsga_kv_fraction_final": mix["kv_bytes"]["fraction_of_base_final"],
+                "gqa_kv_fraction_final": gqa["kv_bytes"]["fraction_of_base_final"],
+            },
+        }
+    return out
 
 
-def ratios(by_method: dict[str, dict]) -> dict[str, float]:
-    """Median-based ratios: mixSGA decode vs GQA and vs base, prefill, and stored bytes vs base."""
-    def med(m: str, key: str) -> float:
-        return by_method[m][key]["p50"]
-
-    return {
-        "mixsga_vs_gqa_decode_tps": med("mixsga", "decode_tokens_per_s") / med("gqa", "decode_tokens_per_s"),
-        "mixsga_vs_base_decode_tps": med("mixsga", "decode_tokens_per_s") / med("base", "decode_tokens_per_s"),
-        "gqa_vs_base_decode_tps": med("gqa", "decode_tokens_per_s") / med("base", "decode_tokens_per_s"),
-        "mixsga_vs_gqa_prefill_ms": med("mixsga", "prefill_ms") / med("gqa", "prefill_ms"),
-        "mixsga_kv_fraction": by_method["mixsga"]["kv_bytes_final"] / by_method["base"]["kv_bytes_final"],
-        "gqa_kv_fraction": by_method["gqa"]["kv_bytes_final"] / by_method["base"]["kv_bytes_final"],
-    }
+def all_methods(label: str, base, context: int, opts: dict) -> dict:
+    """Every method on one model and context, each timed interleaved with the base model."""
+    ids = context_ids(base.config.vocab_size, 1, context, opts["seed"], opts["device"])
+    rows = []
+    base_spec, *others = all_specs(base.config)
+    for spec in others:
+        log.info("%s ctx=%d all-methods: %s vs base", label, context, spec.label)
+        pair = run_group(base, [base_spec, spec], ids, **opts)
+        row = pair[1]
+        if "infeasible" not in row:
+            row["vs_base_decode_tps"] = med(row) / med(pair[0])
+            row["base_decode_tokens_per_s"] = pair[0]["decode_tokens_per_s"]
+        rows.append(row)
+    return {"model": label, "context": context, "batch": 1, "rows": rows}
 
 
 def environment(device: torch.device) -> dict:
@@ -169,6 +300,7 @@ def environment(device: torch.device) -> dict:
         "transformers": transformers.__version__,
         "platform": platform.platform(),
         "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "device": str(device),
     }
@@ -177,19 +309,41 @@ def environment(device: torch.device) -> dict:
     return env
 
 
+def load_average() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def parse_target(text: str, parts: int, name: str) -> tuple | None:
+    """``SHAPE:CONTEXT[:BATCH]`` -> tuple, ``""`` -> None."""
+    if not text:
+        return None
+    fields = text.split(":")
+    if len(fields) != parts or fields[0] not in SHAPES:
+        raise ValueError(f"--{name} wants {'SHAPE:CONTEXT:BATCH' if parts == 3 else 'SHAPE:CONTEXT'} with SHAPE in "
+                         f"{', '.join(SHAPES)}; got {text!r}")
+    return (fields[0], *[int(f) for f in fields[1:]])
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.decode", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", default="llama3.2-1b,tinyllama-1.1b",
-                        help=f"comma-separated real shapes to build with random weights; known: {', '.join(SHAPES)}")
+                        help=f"headline: comma-separated real shapes with random weights; known: {', '.join(SHAPES)}")
     parser.add_argument("--layers", type=int, default=2, help="layers per shaped model (default 2)")
     parser.add_argument("--zoo", default="work/models",
                         help="directory of offline zoo models ({family}/base); skipped when absent")
-    parser.add_argument("--contexts", default="512,2048,8192", help="context lengths (default 512,2048,8192)")
-    parser.add_argument("--new-tokens", type=int, default=32, help="tokens generated per decode run")
-    parser.add_argument("--repeats", type=int, default=5, help="timed decode repeats (>= 5 recommended)")
-    parser.add_argument("--prefill-repeats", type=int, default=3, help="timed prefill repeats")
-    parser.add_argument("--batch", type=int, default=1, help="batch size (the paper's Table 10 uses 1)")
+    parser.add_argument("--contexts", default="512,2048,8192", help="headline context lengths")
+    parser.add_argument("--all-methods", default="tinyllama-1.1b:2048",
+                        help="SHAPE:CONTEXT for the every-method table ('' skips it)")
+    parser.add_argument("--batched", default="tinyllama-1.1b:2048:8",
+                        help="SHAPE:CONTEXT:BATCH for the batched headline table ('' skips it)")
+    parser.add_argument("--new-tokens", type=int, default=16, help="tokens generated per timed decode run")
+    parser.add_argument("--repeats", type=int, default=5, help="timed decode repeats per method (after a warm-up)")
+    parser.add_argument("--prefill-repeats", type=int, default=1, help="timed prefill repeats")
+    parser.add_argument("--prefill-chunk", type=int, default=512, help="prefill chunk for eviction methods")
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--dtype", default="float32", help="float32 or bfloat16 (bfloat16 on GPU)")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -197,53 +351,106 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="output JSON path, e.g. results/bench/decode-cpu.json")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    try:
+        all_target = parse_target(args.all_methods, 2, "all-methods")
+        batched_target = parse_target(args.batched, 3, "batched")
+    except ValueError as err:
+        parser.error(str(err))
+    shapes = [s for s in args.shapes.split(",") if s]
+    unknown = [s for s in shapes if s not in SHAPES]
+    if unknown:
+        parser.error(f"unknown shapes {unknown}; known: {', '.join(SHAPES)}")
+    if args.repeats < 1 or args.new_tokens < 1:
+        parser.error("--repeats and --new-tokens must be >= 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype)
     contexts = [int(c) for c in args.contexts.split(",") if c]
-    common = dict(contexts=contexts, new_tokens=args.new_tokens, repeats=args.repeats,
-                  prefill_repeats=args.prefill_repeats, batch=args.batch, seed=args.seed, device=device)
+    opts = dict(new_tokens=args.new_tokens, repeats=args.repeats, prefill_repeats=args.prefill_repeats,
+                chunk=args.prefill_chunk, seed=args.seed, device=device)
+    load_start, t0 = load_average(), time.perf_counter()
 
-    results = []
-    for shape in [s for s in args.shapes.split(",") if s]:
-        if shape not in SHAPES:
-            parser.error(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    def shaped(name: str, max_ctx: int):
         torch.manual_seed(args.seed)
-        base = build_shape(shape, args.layers, max(contexts) + args.new_tokens + 8).to(dtype)
-        results.append(bench_model(f"{shape} ({args.layers} layers, random weights)", base, **common))
+        model = build_shape(name, args.layers, max_ctx + args.new_tokens + 8).to(device=device, dtype=dtype)
+        return model, f"{name} ({args.layers} layers, random weights)"
+
+    tables: dict[str, list] = {"headline": [], "all_methods": [], "batched": []}
+    for shape in shapes:
+        base, label = shaped(shape, max(contexts))
+        tables["headline"].append(headline(label, base, contexts, 1, opts))
         del base
         gc.collect()
     zoo = Path(args.zoo)
     for family_dir in sorted(zoo.glob("*/base")) if zoo.is_dir() else []:
-        base = AutoModelForCausalLM.from_pretrained(family_dir, dtype=dtype).eval()
+        base = AutoModelForCausalLM.from_pretrained(family_dir, dtype=dtype).to(device).eval()
         usable = [c for c in contexts if c + args.new_tokens < base.config.max_position_embeddings]
         if not usable:
             log.warning("skipping %s: no context fits its %d positions", family_dir,
                         base.config.max_position_embeddings)
             continue
-        results.append(bench_model(f"zoo:{family_dir.parent.name}", base, **{**common, "contexts": usable}))
+        tables["headline"].append(headline(f"zoo:{family_dir.parent.name} (pretrained here)", base, usable, 1, opts))
+        del base
+        gc.collect()
+    if all_target:
+        shape, ctx = all_target
+        base, label = shaped(shape, ctx)
+        tables["all_methods"].append(all_methods(label, base, ctx, opts))
+        del base
+        gc.collect()
+    if batched_target:
+        shape, ctx, batch = batched_target
+        base, label = shaped(shape, ctx)
+        tables["batched"].append(headline(label, base, [ctx], batch, opts))
+        del base
+        gc.collect()
 
     payload = {
         "benchmark": "decode",
-        "methods": {"base": "100 % KV", "gqa": "KV heads halved, mean-pooled, transformers' own attention (50 %)",
-                    "mixsga": f"ratios {MIXSGA_RATIOS}, group sizes (1, 2, 4), nominal 50 %"},
-        "protocol": {"prefill": "forward over context[:-1], timed", "decode":
-                     "generate(new_tokens) from a copy of the prefilled cache, timed; tokens/s = new_tokens / time",
-                     "new_tokens": args.new_tokens, "repeats": args.repeats,
-                     "prefill_repeats": args.prefill_repeats, "batch": args.batch, "dtype": args.dtype},
-        "environment": environment(device),
-        "results": results,
+        "protocol": {
+            "prefill": "one forward over context[:-1] (logits_to_keep=1); eviction methods in chunks",
+            "decode": "generate(new_tokens, greedy) from a deep copy of the prefilled cache; tokens/s per sequence "
+                      "= new_tokens / seconds (all_sequences: x batch); methods of one group interleaved per "
+                      "repeat with alternating order after one warm-up each; ratios are of medians",
+            "kv_bytes": "method.live_bytes(cache) (summed nbytes of the stored K/V, mixSGA's expert index "
+                        "included) next to method.analytic_bytes_per_token x tokens; base = full K/V",
+            "new_tokens": args.new_tokens, "repeats": args.repeats, "prefill_repeats": args.prefill_repeats,
+            "prefill_chunk": args.prefill_chunk, "dtype": args.dtype, "layers": args.layers, "seed": args.seed,
+            "command": " ".join(["python -m benchmarks.decode"] + (argv if argv is not None else sys.argv[1:])),
+        },
+        "environment": {**environment(device), "load_average_start": load_start, "load_average_end": load_average(),
+                        "wall_seconds": round(time.perf_counter() - t0, 1)},
+        **tables,
     }
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(json.dumps(payload, indent=2, default=str))
     tmp.replace(out)
-    for r in results:
-        for ctx, row in r["contexts"].items():
-            print(f"{r['label']:<45} ctx={ctx:>5}  " + "  ".join(f"{k}={v:.3f}" for k, v in row["ratios"].items()))
+    print(summary(payload))
     return 0
+
+
+def summary(payload: dict) -> str:
+    """A plain-text digest of the headline ratios and the every-method table."""
+    lines = []
+    for table in ("headline", "batched"):
+        for block in payload[table]:
+            for ctx, row in block["contexts"].items():
+                r = row["ratios"]
+                lines.append(f"{table:8s} {block['model'][:40]:<40} b={block['batch']} ctx={ctx:>5}  "
+                             f"mix/gqa={r['mixsga_vs_gqa_decode_tps']:.3f} mix/base={r['mixsga_vs_base_decode_tps']:.3f}"
+                             f" gqa/base={r['gqa_vs_base_decode_tps']:.3f} kv mix={r['mixsga_kv_fraction_final']:.3f}"
+                             f" gqa={r['gqa_kv_fraction_final']:.3f}")
+    for block in payload["all_methods"]:
+        for row in block["rows"]:
+            if "infeasible" in row:
+                lines.append(f"all      {row['label']:<22} infeasible: {row['infeasible'][:80]}")
+            else:
+                lines.append(f"all      {row['label']:<22} tok/s={med(row):8.2f} vs base={row['vs_base_decode_tps']:.3f}"
+                             f" kv={row['kv_bytes']['fraction_of_base_final']:.3f}")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

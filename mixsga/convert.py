@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.cache_utils import Cache
 
@@ -108,6 +109,10 @@ class LayerSpec:
     base_fn: Callable
     runtime: MixSGARuntime
     route: Route | None = field(default=None, repr=False)
+    experts: tuple[int, ...] = field(init=False)  # the active experts' ids
+
+    def __post_init__(self) -> None:
+        self.experts = tuple(e for e, a in enumerate(self.active) if a)
 
 
 def _attention_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
@@ -126,9 +131,16 @@ def _attention_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     real = rt._real
     if real is not None and real.shape != (batch, q):
         raise ValueError(f"attention mask covers {tuple(real.shape)} tokens but the chunk is {(batch, q)}")
-    logits = module.mixsga_router(hidden) if cfg.router == "learned" else None
+    single = decode and len(spec.experts) == 1 and rt.forced is None
+    if cfg.router == "learned" and not single:
+        router = module.mixsga_router
+        logits = F.linear(hidden, router.weight, router.bias)  # the router module, minus nn.Module call overhead
+    else:
+        logits = None
     with torch.no_grad():
-        if rt.forced is not None:
+        if single:  # one active expert: argmax routing is constant, the router need not run
+            expert = torch.full((batch, q), spec.experts[0], dtype=torch.long, device=hidden.device)
+        elif rt.forced is not None:
             expert = rt.forced[spec.layer_idx, :, past : past + q].to(hidden.device)
             if expert.shape != (batch, q):
                 raise ValueError(f"forced routing does not cover positions {past}..{past + q} of batch {batch}")
@@ -146,9 +158,12 @@ def _attention_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     ids = None
     if decode:
         if q == 1:
-            # The one host read of a decode step: the expert id picks the store to append to.
-            flat = expert.view(-1) if real is None else expert.view(-1).masked_fill(~real.view(-1), -1)
-            ids = flat.tolist()
+            if single and real is None:
+                ids = [spec.experts[0]] * batch
+            else:
+                # The one host read of a decode step: the expert id picks the store to append to.
+                flat = expert.view(-1) if real is None else expert.view(-1).masked_fill(~real.view(-1), -1)
+                ids = flat.tolist()
             rt.stats.add_decode(spec.layer_idx, ids)
         else:
             rt.stats.add_decode(spec.layer_idx, (expert if real is None else expert[real]).view(-1).tolist())

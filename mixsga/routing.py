@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Sequence
 
@@ -76,8 +77,13 @@ def argmax_route(logits: torch.Tensor, active: Sequence[bool]) -> torch.Tensor:
     """Decode-time routing: ``argmax_e S(x)`` over the active experts, ``[B, L]``."""
     if all(active):
         return logits.argmax(dim=-1)
-    off = torch.tensor([not a for a in active], device=logits.device)
-    return logits.masked_fill(off, -math.inf).argmax(dim=-1)
+    return logits.masked_fill(_switched_off(tuple(bool(a) for a in active), logits.device), -math.inf).argmax(dim=-1)
+
+
+@functools.lru_cache(maxsize=64)
+def _switched_off(active: tuple[bool, ...], device: torch.device) -> torch.Tensor:
+    """Mask of the experts with ratio 0, made once per device (decode calls this every layer and step)."""
+    return torch.tensor([not a for a in active], device=device)
 
 
 def random_route(
