@@ -27,7 +27,7 @@ def plot_perplexity(table: pd.DataFrame | str | Path, out: str | Path) -> Path:
     if base.empty:
         raise ValueError("no 'base' runs in the table: nothing to plot")
     summary = perplexity_summary(base)
-    labels = [f"{m}\n({f})" for m, f in zip(summary["model"], summary["family"])]
+    labels = [m if m == f else f"{m}\n({f})" for m, f in zip(summary["model"], summary["family"])]
     x = np.arange(len(summary))
     width = 0.38
 
@@ -58,7 +58,7 @@ def plot_perplexity(table: pd.DataFrame | str | Path, out: str | Path) -> Path:
     ax.set_ylim(1, top * 4)  # head room for the value labels
     ax.yaxis.set_major_formatter(ticker.FuncFormatter(lambda v, _: f"{v:g}"))
     ax.set_xticks(x, labels)
-    ax.set_xlabel("base model (family)")
+    ax.set_xlabel("base model")
     ax.set_ylabel("held-out perplexity per token (log scale)")
     eval_sets = ", ".join(sorted(set(map(str, base["eval_set"]))))
     seeds = int(summary["seeds"].max())
