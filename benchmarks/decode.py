@@ -209,6 +209,8 @@ def time_interleaved(entries: list[Entry], ids: torch.Tensor, *, new_tokens: int
         kv["fraction_of_base_final"] = kv["final"] / kv["base_final"]
         if hasattr(cache, "metadata_bytes"):
             kv["eviction_metadata_final"] = int(cache.metadata_bytes())
+        if hasattr(cache, "uncompressed_bytes"):  # eviction on mixSGA: its bound is keep x this
+            kv["mixsga_bytes_same_routing_final"] = int(cache.uncompressed_bytes())
         if getattr(entry.model, "mixsga_runtime", None) is not None:
             from mixsga import routing_stats
 
@@ -275,19 +277,28 @@ def headline(label: str, base, contexts, batch, opts: dict) -> dict:
 
 
 def all_methods(label: str, base, context: int, opts: dict) -> dict:
-    """Every method on one model and context, each timed interleaved with the base model."""
+    """Every method on one model and context, each timed interleaved with the base model (prefilled once)."""
     ids = context_ids(base.config.vocab_size, 1, context, opts["seed"], opts["device"])
-    rows = []
+    prep = {k: opts[k] for k in ("prefill_repeats", "chunk", "seed", "device")}
     base_spec, *others = all_specs(base.config)
+    reference = prepare(base_spec, base, ids, **prep)
+    rows = []
     for spec in others:
         log.info("%s ctx=%d all-methods: %s vs base", label, context, spec.label)
-        pair = run_group(base, [base_spec, spec], ids, **opts)
-        row = pair[1]
-        if "infeasible" not in row:
-            row["vs_base_decode_tps"] = med(row) / med(pair[0])
-            row["base_decode_tokens_per_s"] = pair[0]["decode_tokens_per_s"]
-        rows.append(row)
-    return {"model": label, "context": context, "batch": 1, "rows": rows}
+        entry = prepare(spec, base, ids, **prep)
+        if isinstance(entry, dict):
+            log.info("  %s infeasible: %s", spec.label, entry["infeasible"])
+            rows.append(entry)
+            continue
+        reference.seconds = []
+        time_interleaved([reference, entry], ids, new_tokens=opts["new_tokens"], repeats=opts["repeats"],
+                         device=opts["device"])
+        entry.result["base_decode_tokens_per_s"] = reference.result["decode_tokens_per_s"]
+        entry.result["vs_base_decode_tps"] = med(entry.result) / med(reference.result)
+        rows.append(entry.result)
+        release([entry])
+    release([reference])
+    return {"model": label, "context": context, "batch": 1, "base": reference.result, "rows": rows}
 
 
 def environment(device: torch.device) -> dict:

@@ -124,6 +124,10 @@ class MixSGAEvictionCache(MixSGACache):
         """Bytes of the eviction bookkeeping (scores, token indices, RoPE positions), apart from the K/V."""
         return sum(t.nbytes for row in self.states for s in row for t in (s.score, s.slots, s.rope_pos))
 
+    def uncompressed_bytes(self) -> int:
+        """Bytes the plain mixSGA cache would hold for every real token seen, under the same routing."""
+        return sum(s.seen_bytes for row in self.states for s in row)
+
     def kept_tokens(self) -> list[list[int]]:
         """Stored tokens per layer and sample."""
         return [[layer.num_tokens(b) for b in range(len(layer.index))] for layer in self.layers]

@@ -127,6 +127,7 @@ def test_every_sample_compressed_within_keep_times_mixsga_bytes(policy):
     assert out.shape == (2, 26)
     # decode routes by argmax: the bound is keep x what plain mixSGA would store under that routing
     assert 0 < method.live_bytes(cache) <= keep * _plain_bytes(model)
+    assert cache.uncompressed_bytes() == _plain_bytes(model)
     real = [16 + 5, 20 + 5]
     for layer in cache.kept_tokens():
         for b, kept in enumerate(layer):
