@@ -104,22 +104,24 @@ def token_mqa(model) -> Iterator[Callable[[torch.Tensor | None], None]]:
                          f"this one uses {base!r}")
     modules = _attention_modules(model)
     specs = [_Perturbation(base_attention(m, base)) for m in modules]
-    for module, spec in zip(modules, specs):
-        module.token_mqa = spec
-    config.token_mqa_base = base
-    model.set_attn_implementation(ATTN_NAME)
 
     def set_positions(positions: torch.Tensor | None) -> None:
         for spec in specs:
             spec.positions = positions
 
     try:
+        for module, spec in zip(modules, specs):
+            module.token_mqa = spec
+        config.token_mqa_base = base
+        model.set_attn_implementation(ATTN_NAME)
         yield set_positions
     finally:
         model.set_attn_implementation(base)
-        del config.token_mqa_base
+        if hasattr(config, "token_mqa_base"):
+            del config.token_mqa_base
         for module in modules:
-            del module.token_mqa
+            if hasattr(module, "token_mqa"):
+                del module.token_mqa
 
 
 def _sequence_nll(model, ids: torch.Tensor) -> torch.Tensor:
