@@ -103,7 +103,7 @@ def paper_config(name: str) -> PretrainedConfig:
 
 def build_method(config: PretrainedConfig, method: str, *, budget: float = 0.5, device: str | torch.device = "meta",
                  dtype: torch.dtype = torch.float32, seed: int = 0, base=None) -> tuple[torch.nn.Module, dict]:
-    """``(model, params)``: ``method`` at ``budget`` applied to ``base`` (a deep copy) or to a fresh model of ``config``.
+    """``(model, params)``: ``method`` at ``budget`` on a deep copy of ``base``, or on a fresh model of ``config``.
 
     A fresh model is built on ``device`` with random weights; ``"meta"`` allocates none
     (parameter counting only).
@@ -177,7 +177,7 @@ def _has_kv_bias(config: PretrainedConfig) -> bool:
 
 
 def kv_bytes(config: PretrainedConfig, method: str, params: dict, dtype: torch.dtype | str = torch.float32) -> dict:
-    """Stored K/V bytes per token: the registry's figure (our uint8 index for mixSGA) and the paper's packed-index figure."""
+    """Stored K/V bytes per token: the registry's (uint8 index for mixSGA) and the paper's (packed index) figures."""
     ours = get_method(method).analytic_bytes_per_token(config, params, dtype)
     paper = ours
     if method == "mixsga":
@@ -390,7 +390,8 @@ def overheads(
                                   "(our cache); kv_bytes_per_token_paper_index: packed 2-bit index (the paper)",
             "decode_tokens_per_s": "harness.measure.time_generation per repeat: (new_tokens - 1) / (generate(N) - "
                                    "generate(1)) s; batch 1, greedy, random prompt; one warm-up per method, then GQA "
-                                   "and mixSGA alternated for each repeat, order flipped every repeat; ratios of medians",
+                                   "and mixSGA alternated for each repeat, order flipped every repeat; ratios of "
+                                   "medians",
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup,
             "seed": seed,
         },
@@ -438,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     write_json_atomic(args.out, result)
     for row in result["rows"]:
         tps = row["decode_tokens_per_s"]
-        print(f"{row['model']:<14} {row['method']:<7} params={row['params']:>13,} kv/token={row['kv_bytes_per_token']:>10,.1f}"
+        print(f"{row['model']:<14} {row['method']:<7} params={row['params']:>13,} "
+              f"kv/token={row['kv_bytes_per_token']:>10,.1f}"
               f" (paper index {row['kv_bytes_per_token_paper_index']:,.1f})"
               + (f" decode p50={tps['p50']:.1f} tok/s" if tps else ""))
     for c in result["throughput"]:

@@ -202,8 +202,13 @@ def summarise_deltas(delta_pct: Sequence[float], thresholds: Sequence[float] = F
     }
 
 
-def pick_sequence(tokenizer, texts: Sequence[str], *, seq_tokens: int = 256, doc_index: int = 0) -> tuple[list[int], int]:
-    """``(ids, doc)``: ``<bos>`` + the first ``seq_tokens - 1`` tokens of the first document from ``doc_index`` on that is long enough."""
+def pick_sequence(
+    tokenizer, texts: Sequence[str], *, seq_tokens: int = 256, doc_index: int = 0
+) -> tuple[list[int], int]:
+    """``(ids, doc)``: ``<bos>`` + the first ``seq_tokens - 1`` tokens of document ``doc``.
+
+    ``doc`` is the first document from ``doc_index`` on that has enough tokens.
+    """
     if seq_tokens < 2:
         raise ValueError(f"seq_tokens must be >= 2, got {seq_tokens!r}")
     if not 0 <= doc_index < len(texts):
@@ -270,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = argparse.ArgumentParser(prog="python -m harness.token_importance", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", required=True, help="checkpoint directory (e.g. work/models/llama3/base) or hub name")
+    parser.add_argument("--model", required=True,
+                        help="checkpoint directory (e.g. work/models/llama3/base) or hub name")
     parser.add_argument("--text-set", default="stdlib", help="stdlib (offline corpus) or wikitext2")
     parser.add_argument("--text-path", default=None, help="corpus directory / local data (see load_text_set)")
     parser.add_argument("--split", default="test")

@@ -187,3 +187,29 @@ def test_summary_and_sequence_choice():
         pick_sequence(vocab, ["short"], seq_tokens=50)
     with pytest.raises(ValueError, match="doc_index"):
         pick_sequence(vocab, ["short"], doc_index=3)
+
+
+def test_figure1_end_to_end_on_a_saved_checkpoint(tmp_path):
+    import json
+    import shutil
+
+    from harness.corpus import build_corpus, stdlib_dir
+    from harness.token_importance import figure1
+    from harness.tokenizer import train_tokenizer
+
+    torch.set_num_threads(1)
+    (tmp_path / "src").mkdir()
+    for name in ("colorsys", "bisect", "heapq", "shlex", "string", "copy"):
+        shutil.copy(stdlib_dir() / f"{name}.py", tmp_path / "src" / f"{name}.py")
+    build_corpus(tmp_path / "corpus", source_dir=tmp_path / "src", val_fraction=0.25, test_fraction=0.2)
+    tok = train_tokenizer(tmp_path / "corpus", tmp_path / "tok", vocab_size=300)
+    config = build_config("llama3", "tiny", tok, num_hidden_layers=1, hidden_size=64, intermediate_size=128)
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "model")
+    tok.save_pretrained(tmp_path / "model")
+    out = figure1(str(tmp_path / "model"), text_set="stdlib", text_path=str(tmp_path / "corpus"), seq_tokens=24,
+                  batch_size=8)
+    json.dumps(out, allow_nan=False)
+    assert out["family"] == "llama3" and out["sequence_tokens"] == 24
+    assert len(out["delta_pct"]) == len(out["tokens"]) == len(out["token_ids"]) == 23
+    assert out["summary"]["n"] == 23 and out["base_ppl"] > 1
