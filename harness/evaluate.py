@@ -28,11 +28,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from harness.perplexity import token_stream
+from harness.perplexity import score_windows
 
 ROUGE_IMPL = "rouge-score rougeL, Porter stemmer, max over references, mean x100 (MiniLLM)"
 _SCORER = None
@@ -286,46 +285,21 @@ def bounded_cache_perplexity(
     batch (no padding). Positions are passed explicitly, so a cache that reports only its kept
     tokens as its length cannot shift them.
     """
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    ids, words = token_stream(tokenizer, texts, max_tokens=max_tokens)
-    stream = torch.tensor(ids, dtype=torch.long)
-    n_pred = len(ids) - 1
-    full, rest = divmod(n_pred, seq_len)
-    starts = [[s * seq_len for s in range(b, min(b + batch_size, full))] for b in range(0, full, batch_size)]
-    groups = [(g, seq_len) for g in starts] + ([([full * seq_len], rest)] if rest else [])
-    was_training = model.training
-    model.eval()
-    nll_sum, scored = 0.0, 0
-    try:
-        for group, n in tqdm(groups, desc="bounded-cache ppl", disable=not progress, dynamic_ncols=True):
-            inputs = torch.stack([stream[s : s + n] for s in group]).to(device)
-            targets = torch.stack([stream[s + 1 : s + n + 1] for s in group]).to(device)
-            cache = cache_factory()
-            logits = []
-            for t in range(n):
-                pos = torch.full((len(group), 1), t, dtype=torch.long, device=device)
-                out = model(input_ids=inputs[:, t : t + 1], position_ids=pos, past_key_values=cache, use_cache=True)
-                logits.append(out.logits[:, -1].float())
-            logits_ = torch.stack(logits, dim=1)
-            nll = F.cross_entropy(logits_.reshape(-1, logits_.size(-1)), targets.reshape(-1), reduction="none")
-            mask = targets.reshape(-1) != tokenizer.bos_token_id
-            nll_sum += float(nll[mask].sum(dtype=torch.float64))
-            scored += int(mask.sum())
-    finally:
-        model.train(was_training)
-    return {
-        "ppl_token": math.exp(nll_sum / scored),
-        "ppl_word": math.exp(nll_sum / words) if words else float("nan"),
-        "tokens": scored,
-        "words": words,
-        "nll_sum": nll_sum,
-        "seq_len": seq_len,
-        "protocol": "token-by-token through a bounded cache; non-overlapping windows over <bos> doc <eos> "
-                    "stream; <bos> targets not scored",
-    }
+    def token_by_token(inputs: torch.Tensor) -> torch.Tensor:
+        cache = cache_factory()
+        logits = []
+        for t in range(inputs.shape[1]):
+            pos = torch.full((inputs.shape[0], 1), t, dtype=torch.long, device=inputs.device)
+            out = model(input_ids=inputs[:, t : t + 1], position_ids=pos, past_key_values=cache, use_cache=True)
+            logits.append(out.logits[:, -1])
+        return torch.stack(logits, dim=1)
+
+    return score_windows(
+        model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size, device=device,
+        max_tokens=max_tokens, window_logits=token_by_token, progress=progress,
+        protocol="token-by-token through a bounded cache; non-overlapping windows over <bos> doc <eos> "
+                 "stream; <bos> targets not scored",
+    )
 
 
 def as_quality(*, rouge: Mapping[str, Any] | None = None, ppl: Mapping[str, Any] | None = None,

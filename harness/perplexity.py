@@ -18,10 +18,11 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 
 def token_stream(tokenizer, texts: Sequence[str], *, max_tokens: int | None = None) -> tuple[list[int], int]:
@@ -56,6 +57,63 @@ def token_stream(tokenizer, texts: Sequence[str], *, max_tokens: int | None = No
 
 
 @torch.inference_mode()
+def score_windows(
+    model,
+    tokenizer,
+    texts: Sequence[str],
+    *,
+    seq_len: int,
+    window_logits: Callable[[torch.Tensor], torch.Tensor],
+    protocol: str,
+    batch_size: int = 8,
+    device: str | torch.device = "cpu",
+    max_tokens: int | None = None,
+    progress: bool = False,
+) -> dict:
+    """Score the stream of ``texts`` in windows with ``window_logits(inputs [B, n]) -> logits [B, n, V]``.
+
+    The one implementation of the protocol above; :func:`perplexity` (full forward) and
+    :func:`harness.evaluate.bounded_cache_perplexity` (token by token through a cache) differ
+    only in how a window's logits are computed.
+    """
+    if seq_len < 1:
+        raise ValueError(f"seq_len must be >= 1, got {seq_len!r}")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+    ids, words = token_stream(tokenizer, texts, max_tokens=max_tokens)
+    stream = torch.tensor(ids, dtype=torch.long)
+    full, rest = divmod(len(ids) - 1, seq_len)
+    # Equal-length windows go in batches; the short last window runs alone (no padding, so
+    # methods that route or evict per sequence see exactly the scored tokens).
+    batches = [(list(range(b * seq_len, min(b + batch_size, full) * seq_len, seq_len)), seq_len)
+               for b in range(0, full, batch_size)]
+    if rest:
+        batches.append(([full * seq_len], rest))
+    was_training = model.training
+    model.eval()
+    nll_sum, scored = 0.0, 0
+    try:
+        for starts, n in tqdm(batches, desc="perplexity", disable=not progress, dynamic_ncols=True):
+            inputs = torch.stack([stream[s : s + n] for s in starts]).to(device)
+            targets = torch.stack([stream[s + 1 : s + n + 1] for s in starts]).to(device)
+            logits = window_logits(inputs).float()
+            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
+            mask = targets.reshape(-1) != tokenizer.bos_token_id
+            nll_sum += float(nll[mask].sum(dtype=torch.float64))
+            scored += int(mask.sum())
+    finally:
+        model.train(was_training)
+    return {
+        "ppl_token": math.exp(nll_sum / scored),
+        "ppl_word": math.exp(nll_sum / words) if words else float("nan"),
+        "tokens": scored,
+        "words": words,
+        "nll_sum": nll_sum,
+        "seq_len": seq_len,
+        "protocol": protocol,
+    }
+
+
 def perplexity(
     model,
     tokenizer,
@@ -70,44 +128,11 @@ def perplexity(
 
     ``tokens`` is the number of scored targets; ``nll_sum`` is in nats.
     """
-    if seq_len < 1:
-        raise ValueError(f"seq_len must be >= 1, got {seq_len!r}")
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
-    ids, words = token_stream(tokenizer, texts, max_tokens=max_tokens)
-    stream = torch.tensor(ids, dtype=torch.long)
-    n_pred = len(ids) - 1
-    full, rest = divmod(n_pred, seq_len)
-    # Equal-length windows go in batches; the short last window runs alone (no padding, so
-    # methods that route or evict per sequence see exactly the scored tokens).
-    batches = [[(s, seq_len) for s in range(b * seq_len, min(b + batch_size, full) * seq_len, seq_len)]
-               for b in range(0, full, batch_size)]
-    if rest:
-        batches.append([(full * seq_len, rest)])
-    was_training = model.training
-    model.eval()
-    nll_sum, scored = 0.0, 0
-    try:
-        for batch in batches:
-            n = batch[0][1]
-            inputs = torch.stack([stream[s : s + n] for s, _ in batch]).to(device)
-            targets = torch.stack([stream[s + 1 : s + n + 1] for s, _ in batch]).to(device)
-            logits = model(input_ids=inputs, use_cache=False).logits.float()
-            nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
-            mask = targets.reshape(-1) != tokenizer.bos_token_id
-            nll_sum += float(nll[mask].sum(dtype=torch.float64))
-            scored += int(mask.sum())
-    finally:
-        model.train(was_training)
-    return {
-        "ppl_token": math.exp(nll_sum / scored),
-        "ppl_word": math.exp(nll_sum / words) if words else float("nan"),
-        "tokens": scored,
-        "words": words,
-        "nll_sum": nll_sum,
-        "seq_len": seq_len,
-        "protocol": "non-overlapping windows over <bos> doc <eos> stream; <bos> targets not scored",
-    }
+    return score_windows(
+        model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size, device=device,
+        max_tokens=max_tokens, window_logits=lambda inputs: model(input_ids=inputs, use_cache=False).logits,
+        protocol="non-overlapping windows over <bos> doc <eos> stream; <bos> targets not scored",
+    )
 
 
 def unigram_counts(tokenizer, texts: Sequence[str]) -> Counter:
