@@ -155,22 +155,27 @@ def build_corpus(
                    for s, r in rows.items()},
         "excluded_dirs": sorted(EXCLUDED_DIRS),
     }
+    write_splits(out_dir, rows, FINGERPRINT_FILE, fingerprint)
+    return fingerprint
+
+
+def write_splits(out_dir: str | os.PathLike, rows: dict[str, list[dict]], meta_file: str, meta: dict) -> None:
+    """Write ``{split}.jsonl`` per split plus a JSON ``meta_file``, all at once (atomic directory)."""
     with atomic_directory(out_dir) as tmp:
         for split, split_rows in rows.items():
             with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
                 for row in split_rows:
                     f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        (tmp / FINGERPRINT_FILE).write_text(json.dumps(fingerprint, indent=2, sort_keys=True) + "\n")
-    return fingerprint
+        (tmp / meta_file).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
-def read_rows(data_dir: str | os.PathLike, split: str) -> list[dict]:
-    """Rows of one split, in file order."""
+def read_rows(data_dir: str | os.PathLike, split: str, *, what: str = "corpus") -> list[dict]:
+    """Rows of one split written by :func:`write_splits`, in file order."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
     path = Path(data_dir) / f"{split}.jsonl"
     if not path.is_file():
-        raise FileNotFoundError(f"corpus split not found: {path} (run build_corpus first)")
+        raise FileNotFoundError(f"{what} split not found: {path} (run build_{what} first)")
     with open(path, encoding="utf-8") as f:
         return [json.loads(line) for line in f if line.strip()]
 

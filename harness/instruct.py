@@ -13,13 +13,11 @@ from __future__ import annotations
 
 import ast
 import hashlib
-import json
 import os
 import re
 import textwrap
-from pathlib import Path
 
-from harness.corpus import SPLITS, atomic_directory, read_fingerprint, read_rows
+from harness.corpus import SPLITS, read_fingerprint, read_rows, write_splits
 
 INSTRUCTION = "Summarise what this Python function does in one sentence."
 SOURCE = "stdlib_docstring"
@@ -161,21 +159,10 @@ def build_instruct(
         "pairs": {s: len(r) for s, r in rows.items()},
         "corpus_sha256": fingerprint["sha256"],
     }
-    with atomic_directory(out_dir) as tmp:
-        for split, split_rows in rows.items():
-            with open(tmp / f"{split}.jsonl", "w", encoding="utf-8") as f:
-                for row in split_rows:
-                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
-        (tmp / META_FILE).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    write_splits(out_dir, rows, META_FILE, meta)
     return meta
 
 
 def read_instruct(data_dir: str | os.PathLike, split: str) -> list[dict]:
     """Rows of one split of the instruction set, in file order."""
-    if split not in SPLITS:
-        raise ValueError(f"unknown split {split!r}; expected one of {SPLITS}")
-    path = Path(data_dir) / f"{split}.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"instruct split not found: {path} (run build_instruct first)")
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    return read_rows(data_dir, split, what="instruct")
