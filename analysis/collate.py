@@ -1,76 +1,232 @@
-"""Records -> one tidy pandas table (a row per run) and per-model summary tables.
+"""Records -> one tidy pandas table (a row per run), tolerant of fields a record does not carry.
 
-Only the JSON records are read (validated by harness.records); nothing is recomputed.
+Only the JSON records are read (validated by ``harness.records.read_record``); nothing is
+recomputed. ``flatten`` looks every value up by path, so a field that is missing or null in a
+record (an older schema, a run that did not measure it) becomes NaN / empty, never an error.
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
 from harness.records import read_record
 
-#: Grouping keys of the summary tables: one row per model x method x nominal budget.
+#: Grouping keys of the perplexity summary: one row per model x method x nominal budget.
 SUMMARY_KEYS = ["model", "family", "method", "budget_nominal"]
 
+#: Sizes of the paper's three experts; a ratio over these sizes is written x:y:z (Table 5's "3:4:0").
+PAPER_GROUP_SIZES = (1, 2, 4)
 
-def flatten(record: dict[str, Any]) -> dict[str, Any]:
-    """One tidy row of a record: identity, budget, quality, performance, flags, provenance essentials."""
-    ident, budget, quality, perf = record["identity"], record["budget"], record["quality"], record["performance"]
-    prov, flags = record["provenance"], record["flags"]
-    decode = perf["decode_tokens_per_s"] or {}
-    cfg = ident["config"]
+_MISSING = object()
+
+
+def get(record: Mapping[str, Any], *paths: str, default: Any = None) -> Any:
+    """The first non-null value among dotted ``paths`` (``"budget.params.ratios"``), else ``default``."""
+    for path in paths:
+        cur: Any = record
+        for key in path.split("."):
+            if not isinstance(cur, Mapping) or key not in cur:
+                cur = _MISSING
+                break
+            cur = cur[key]
+        if cur is not _MISSING and cur is not None:
+            return cur
+    return default
+
+
+def _num(value: Any) -> float:
+    """A float, the ``mean`` of a summary dict, or NaN."""
+    if isinstance(value, Mapping):
+        value = value.get("mean")
+    if isinstance(value, bool) or value is None:
+        return math.nan
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def ratio_label(ratios: Any, group_sizes: Any = None) -> str | None:
+    """``"3:1:6"`` for ratios over group sizes (1, 2, 4); experts the run lacks show 0 (``"3:4:0"``).
+
+    Other group sizes are spelled out: ``"1:3 (g1,8)"``.
+    """
+    if not isinstance(ratios, (list, tuple)) or not ratios:
+        return None
+    sizes = [int(g) for g in (group_sizes or PAPER_GROUP_SIZES[: len(ratios)])]
+    fmt = [f"{float(r):g}" for r in ratios]
+    if len(sizes) == len(ratios) and len(set(sizes)) == len(sizes) and set(sizes) <= set(PAPER_GROUP_SIZES):
+        by_size = dict(zip(sizes, fmt))
+        return ":".join(by_size.get(g, "0") for g in PAPER_GROUP_SIZES)
+    return ":".join(fmt) + f" (g{','.join(map(str, sizes))})"
+
+
+def _params(record: Mapping[str, Any]) -> dict:
+    params = get(record, "identity.params", "budget.params", "identity.config.params", default={})
+    return dict(params) if isinstance(params, Mapping) else {}
+
+
+def method_columns(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
+    """Readable method knobs: mixSGA ratio label, eviction keep, router variant, inner method of a stack."""
+    evict, inner = (method.split("+", 1) + [None])[:2] if "+" in method else (None, None)
+    inner_params = params.get("inner") if isinstance(params.get("inner"), Mapping) else params
+    evict_params = params.get("eviction") if isinstance(params.get("eviction"), Mapping) else params
+    arch = inner or method
+    ratio = ratio_label(inner_params.get("ratios"), inner_params.get("group_sizes"))
+    if ratio is None and arch == "gqa":
+        ratio = "0:1:0"  # the paper's spelling of the GQA baseline
+    router, aux_weight = inner_params.get("router"), inner_params.get("aux_loss_weight")
+    variant = None
+    if arch == "mixsga":
+        if router not in (None, "learned"):
+            variant = f"{router} router"
+        elif aux_weight is not None and float(aux_weight) == 0.0:
+            variant = "no aux loss"
+        else:
+            variant = "learned router"
+    keep = evict_params.get("keep")
     return {
-        "run_id": ident["run_id"],
-        "profile": cfg.get("profile"),
-        "model": ident["model"],
-        "family": ident["family"],
-        "method": ident["method"],
-        "seed": ident["seed"],
-        "budget_nominal": budget["nominal"],
-        "budget_realized": budget["realized"],
-        "analytic_bytes_per_token": budget["analytic_bytes_per_token"],
-        "base_bytes_per_token": budget["base_bytes_per_token"],
-        "measured_bytes": budget["measured_bytes"],
-        "base_measured_bytes": budget["base_measured_bytes"],
-        "measured_tokens": budget["measured_tokens"],
-        "dtype": budget["dtype"],
-        "ppl_token": quality["ppl_token"],
-        "ppl_word": quality["ppl_word"],
-        "ppl_unigram": quality["ppl_unigram"],
-        "eval_set": quality["eval_set"],
-        "eval_tokens": quality["eval_tokens"],
-        "rouge_l": quality["rouge_l"],
-        "rouge_impl": quality["rouge_impl"],
-        "gen_len": quality["gen_len"],
-        "prefill_ms": perf["prefill_ms"],
-        "decode_tps_mean": decode.get("mean"),
-        "decode_tps_p50": decode.get("p50"),
-        "decode_tps_p90": decode.get("p90"),
-        "decode_tps_std": decode.get("std"),
-        "peak_mem_prefill_bytes": perf["peak_memory_bytes"]["prefill"],
-        "peak_mem_decode_bytes": perf["peak_memory_bytes"]["decode"],
-        "simulated": flags["simulated"],
-        "query_aware": flags["query_aware"],
-        "device_type": prov["device"]["type"],
-        "device_name": prov["device"]["name"],
-        "git_commit": prov["git"]["commit"],
-        "git_dirty": prov["git"]["dirty"],
-        "torch": prov["packages"].get("torch"),
-        "transformers": prov["packages"].get("transformers"),
-        "wall_time_s": record["wall_time_s"],
+        "arch": arch,
+        "eviction": evict if evict else (method if "keep" in params else None),
+        "ratio": ratio,
+        "group_sizes": None if inner_params.get("group_sizes") is None
+        else ",".join(str(int(g)) for g in inner_params["group_sizes"]),
+        "keep": _num(keep),
+        "router": router,
+        "aux_loss": inner_params.get("aux_loss"),
+        "aux_loss_weight": _num(aux_weight),
+        "variant": variant,
     }
 
 
-def load_records(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """Validate and flatten the records at ``paths`` into one DataFrame sorted by run id.
+def _scalar_items(prefix: str, value: Any) -> dict[str, Any]:
+    """Flatten nested dicts / lists of numbers into ``prefix_key`` columns (lists: 1-based positions)."""
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_scalar_items(f"{prefix}_{k}", v))
+        return out
+    if isinstance(value, (list, tuple)):
+        if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return {f"{prefix}_{i + 1}": float(v) for i, v in enumerate(value)}
+        return {prefix: json.dumps(value)}
+    return {prefix: value}
 
-    ValueError if no path is given, a file is not a valid record, or two files share a run id.
+
+def _zeroshot(value: Any) -> dict[str, float]:
+    """``zs_{task}`` accuracy columns (a task's dict gives its ``acc``), and their mean ``zs_avg``."""
+    if not isinstance(value, Mapping) or not value:
+        return {}
+    out = {}
+    for task, acc in sorted(value.items()):
+        if isinstance(acc, Mapping):
+            acc = acc.get("acc", acc.get("accuracy"))
+        out[f"zs_{task}"] = _num(acc)
+    scores = list(out.values())
+    out["zs_avg"] = math.fsum(scores) / len(scores) if all(math.isfinite(s) for s in scores) else math.nan
+    return out
+
+
+def _experiments(record: Mapping[str, Any]) -> str:
+    names = get(record, "identity.experiments", "identity.config.experiments", default=[])
+    if isinstance(names, str):
+        names = [names]
+    return ";".join(sorted(str(n) for n in names))
+
+
+def flatten(record: Mapping[str, Any]) -> dict[str, Any]:
+    """One tidy row of a record: identity, method knobs, budget, quality, performance, device, provenance.
+
+    The realized KV bytes per token are the measured live-cache bytes over the tokens measured
+    (falling back to realized budget x base bytes, then to the analytic bytes).
     """
-    rows = [flatten(read_record(p)) for p in paths]
+    method = str(get(record, "identity.method", default="?"))
+    params = _params(record)
+    measured, tokens = _num(get(record, "budget.measured_bytes")), _num(get(record, "budget.measured_tokens"))
+    base_bpt = _num(get(record, "budget.base_bytes_per_token"))
+    realized = _num(get(record, "budget.realized"))
+    if not math.isfinite(realized):
+        base_measured = _num(get(record, "budget.base_measured_bytes"))
+        realized = measured / base_measured if base_measured > 0 else math.nan
+    if tokens > 0 and math.isfinite(measured):
+        kv_bpt = measured / tokens
+    elif math.isfinite(realized) and math.isfinite(base_bpt):
+        kv_bpt = realized * base_bpt
+    else:
+        kv_bpt = _num(get(record, "budget.analytic_bytes_per_token"))
+    decode = get(record, "performance.decode_tokens_per_s", default={})
+    decode = decode if isinstance(decode, Mapping) else {"mean": decode}
+    training = get(record, "identity.training", "identity.config.training")
+    by_context = get(record, "performance.by_context", default=[])
+    row: dict[str, Any] = {
+        "run_id": get(record, "identity.run_id"),
+        "experiments": _experiments(record),
+        "profile": get(record, "identity.config.profile", "identity.profile"),
+        "model": get(record, "identity.model"),
+        "family": get(record, "identity.family"),
+        "method": method,
+        **method_columns(method, params),
+        "params": json.dumps(params, sort_keys=True) if params else None,
+        "training": (training.get("kind") or training.get("stage") or training.get("name") or json.dumps(training))
+        if isinstance(training, Mapping) else training,
+        "seed": get(record, "identity.seed"),
+        "budget_nominal": _num(get(record, "budget.nominal")),
+        "budget_realized": realized,
+        "kv_bytes_per_token": kv_bpt,
+        "analytic_bytes_per_token": _num(get(record, "budget.analytic_bytes_per_token")),
+        "base_bytes_per_token": base_bpt,
+        "measured_bytes": measured,
+        "base_measured_bytes": _num(get(record, "budget.base_measured_bytes")),
+        "measured_tokens": tokens,
+        "dtype": get(record, "budget.dtype"),
+        "ppl_token": _num(get(record, "quality.ppl_token")),
+        "ppl_word": _num(get(record, "quality.ppl_word")),
+        "ppl_unigram": _num(get(record, "quality.ppl_unigram")),
+        "eval_set": get(record, "quality.eval_set"),
+        "eval_tokens": _num(get(record, "quality.eval_tokens")),
+        "rouge_l": _num(get(record, "quality.rouge_l")),
+        "rouge_impl": get(record, "quality.rouge_impl"),
+        "gen_length": _num(get(record, "quality.gen_length", "quality.gen_len")),
+        **_zeroshot(get(record, "quality.zeroshot")),
+        "ppl_protocol": get(record, "quality.ppl_protocol"),
+        "context_len": _num(get(record, "performance.context_len")),
+        "prefill_ms": _num(get(record, "performance.prefill_ms")),
+        "prefill_ms_p50": _num(get(record, "performance.prefill_ms.p50")),
+        "decode_tps_mean": _num(decode.get("mean")),
+        "decode_tps_p50": _num(decode.get("p50")),
+        "decode_tps_p90": _num(decode.get("p90")),
+        "decode_tps_std": _num(decode.get("std")),
+        **_scalar_items("peak_mem", get(record, "performance.peak_memory_bytes", default={})),
+        **_scalar_items("decode_frac", get(record, "budget.decode_expert_fractions", default=[])),
+        **_scalar_items("prefill_frac", get(record, "budget.prefill_expert_fractions", default=[])),
+        **_scalar_items("train", get(record, "identity.training_summary", default={})),
+        "simulated": get(record, "flags.simulated"),
+        "query_aware": get(record, "flags.query_aware"),
+        "device_type": get(record, "provenance.device.type"),
+        "device_name": get(record, "provenance.device.name"),
+        "device": get(record, "performance.device"),
+        "by_context": json.dumps(by_context) if by_context else None,
+        "git_commit": get(record, "provenance.git.commit"),
+        "git_dirty": get(record, "provenance.git.dirty"),
+        "torch": get(record, "provenance.packages.torch"),
+        "transformers": get(record, "provenance.packages.transformers"),
+        "wall_time_s": _num(get(record, "wall_time_s")),
+    }
+    if not row["device"] and row["device_type"]:
+        row["device"] = f"{row['device_type']}: {row['device_name']}"  # never mix CPU and GPU timings
+    tps = row["decode_tps_mean"]
+    row["decode_ms_per_token"] = 1000.0 / tps if tps > 0 else math.nan
+    return row
+
+
+def records_table(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
+    """Flatten records (already validated) into one DataFrame sorted by run id; ValueError on duplicates."""
+    rows = [flatten(r) for r in records]
     if not rows:
         raise ValueError("no records to collate")
     table = pd.DataFrame(rows)
@@ -78,6 +234,37 @@ def load_records(paths: Iterable[str | Path]) -> pd.DataFrame:
     if dupes:
         raise ValueError(f"duplicate run ids among the records: {sorted(set(dupes))}")
     return table.sort_values("run_id", ignore_index=True)
+
+
+def load_records(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """Validate (``harness.records.read_record``) and flatten the records at ``paths``.
+
+    ValueError if no path is given, a file is not a valid record, or two files share a run id.
+    """
+    return records_table(read_record(p) for p in paths)
+
+
+def record_paths(items: Iterable[str | Path]) -> list[Path]:
+    """Record files named directly or found (``*.json``) in the named directories."""
+    out: list[Path] = []
+    for item in map(Path, items):
+        if item.is_dir():
+            out.extend(sorted(item.glob("*.json")))
+        elif item.is_file():
+            out.append(item)
+        else:
+            raise FileNotFoundError(f"no record file or directory at {item}")
+    return out
+
+
+def read_table(table: pd.DataFrame | str | Path) -> pd.DataFrame:
+    """The tidy table itself, or read from the CSV that ``collate`` wrote."""
+    if isinstance(table, pd.DataFrame):
+        return table
+    path = Path(table)
+    if not path.is_file():
+        raise FileNotFoundError(f"no tidy table at {path} (run 'python -m analysis collate' first)")
+    return pd.read_csv(path, dtype={"experiments": str, "ratio": str, "group_sizes": str})
 
 
 def perplexity_summary(table: pd.DataFrame) -> pd.DataFrame:
@@ -114,24 +301,28 @@ def to_markdown(table: pd.DataFrame, digits: int = 2) -> str:
 
 
 def collate(
-    record_paths: Iterable[str | Path],
+    record_paths_: Iterable[str | Path],
     *,
     all_csv: str | Path,
-    perplexity_csv: str | Path,
-    perplexity_md: str | Path,
+    perplexity_csv: str | Path | None = None,
+    perplexity_md: str | Path | None = None,
 ) -> pd.DataFrame:
-    """Write the tidy table and the perplexity summary (CSV and Markdown); return the tidy table."""
-    table = load_records(record_paths)
-    summary = perplexity_summary(table)
-    for path in (all_csv, perplexity_csv, perplexity_md):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    """Write the tidy table (and, if asked, the perplexity summary as CSV and Markdown); return the tidy table."""
+    table = load_records(record_paths(record_paths_))
+    Path(all_csv).parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(all_csv, index=False)
-    summary.to_csv(perplexity_csv, index=False)
-    title = "# Held-out perplexity per model\n\n"
-    note = (
-        "\nppl_token: perplexity per token on the eval split (mean over seeds, std beside it); "
-        "ppl_word: per whitespace word; ppl_unigram: the tokenizer's unigram floor; "
-        "ratio_to_unigram: ppl_token / ppl_unigram (a trained model is far below 1).\n"
-    )
-    Path(perplexity_md).write_text(title + to_markdown(summary) + note, encoding="utf-8")
+    if perplexity_csv is not None or perplexity_md is not None:
+        summary = perplexity_summary(table)
+        if perplexity_csv is not None:
+            Path(perplexity_csv).parent.mkdir(parents=True, exist_ok=True)
+            summary.to_csv(perplexity_csv, index=False)
+        if perplexity_md is not None:
+            Path(perplexity_md).parent.mkdir(parents=True, exist_ok=True)
+            note = (
+                "\nppl_token: perplexity per token on the eval split (mean over seeds, std beside it); "
+                "ppl_word: per whitespace word; ppl_unigram: the tokenizer's unigram floor; "
+                "ratio_to_unigram: ppl_token / ppl_unigram (a trained model is far below 1).\n"
+            )
+            Path(perplexity_md).write_text("# Held-out perplexity per model\n\n" + to_markdown(summary) + note,
+                                           encoding="utf-8")
     return table

@@ -1,70 +1,198 @@
-"""analysis/: records -> tidy table -> per-model perplexity tables (CSV, Markdown) -> figure."""
+"""analysis/: tidy table, CI over seeds, experiment tables, Pareto fronts, figures, CLI (synthetic records)."""
 
 from __future__ import annotations
 
 import json
+import math
+import random
 
 import pandas as pd
 import pytest
+from scipy import stats
 
 from analysis.__main__ import main as analysis_main
-from analysis.collate import collate, load_records, perplexity_summary, to_markdown
-from analysis.plots import plot_perplexity
-from harness.records import write_record
+from analysis.collate import flatten, load_records, ratio_label, records_table, to_markdown
+from analysis.pareto import pareto_mask
+from analysis.stats import format_ci, mean_ci, summarise
+from analysis.tables import experiment_table
+from harness.provenance import utc_now
+from harness.records import new_record, write_record
+
+FAMILIES = ("llama3", "tinyllama")
 
 
-@pytest.fixture
-def record_files(tmp_path, make_record):
-    """Two models; llama3 with two seeds (ppl 40 and 60), opt with one (ppl 80)."""
-    specs = [("llama3", "llama3", 0, 40.0), ("llama3", "llama3", 1, 60.0), ("opt", "opt", 0, 80.0)]
-    paths = []
-    for model, family, seed, ppl in specs:
-        rec = make_record(model=model, family=family, seed=seed, ppl_token=ppl, ppl_unigram=400.0)
-        paths.append(write_record(tmp_path / "records" / f"{rec['identity']['run_id']}.json", rec))
-    return paths
-
-
-def test_tidy_table_has_one_row_per_record(record_files):
-    table = load_records(record_files)
-    assert list(table["run_id"]) == sorted(table["run_id"])
-    assert len(table) == 3
-    assert table["ppl_token"].tolist() == [40.0, 60.0, 80.0]
-    assert table.loc[0, "git_commit"] == "0" * 40 and table.loc[0, "device_type"] == "cpu"
-    assert table["rouge_l"].isna().all(), "unmeasured values stay missing"
-
-
-def test_summary_averages_over_seeds(record_files):
-    summary = perplexity_summary(load_records(record_files)).set_index("model")
-    assert summary.loc["llama3", "seeds"] == 2
-    assert summary.loc["llama3", "ppl_token"] == pytest.approx(50.0)
-    assert summary.loc["llama3", "ppl_token_std"] == pytest.approx(14.1421356)
-    assert summary.loc["opt", "ppl_token_std"] == 0.0
-    assert summary.loc["opt", "ratio_to_unigram"] == pytest.approx(0.2)
-
-
-def test_collate_writes_csv_and_markdown(tmp_path, record_files):
-    out = tmp_path / "tables"
-    collate(
-        record_files,
-        all_csv=out / "all.csv",
-        perplexity_csv=out / "perplexity.csv",
-        perplexity_md=out / "perplexity.md",
+def make_run(*, family: str = "llama3", method: str = "base", budget: float = 1.0, seed: int = 0,
+             experiments=("main",), params=None, training: str = "cpt", ppl: float | None = 50.0,
+             rouge: float | None = None, zeroshot=None, decode_fractions=None, realized: float | None = None,
+             tps: float | None = 100.0, device=("cpu", "test cpu"), run_id: str | None = None) -> dict:
+    """A schema-valid record built with harness.records.new_record (values are synthetic)."""
+    run_id = run_id or f"{family}__{method}__kv{round(100 * budget)}__s{seed}"
+    spec = {"run_id": run_id, "model": {"name": family, "family": family}, "method": method, "seed": seed,
+            "experiments": list(experiments), "training": {"kind": training}}
+    now = utc_now()
+    realized = budget if realized is None else realized
+    base_bpt = 1024.0
+    timing = None if tps is None else {"mean": tps, "p50": tps, "p90": tps * 1.1, "std": 1.0, "n": 5}
+    return new_record(
+        spec=spec,
+        provenance={"git": {"commit": "0" * 40, "dirty": False}, "packages": {"torch": "2.13.0"},
+                    "python": "3.11", "platform": "Linux", "hostname": "h",
+                    "device": {"type": device[0], "name": device[1]}, "seed": seed, "dataset_fingerprint": None,
+                    "started_at": now, "finished_at": now},
+        budget={"nominal": budget, "realized": realized, "analytic_bytes_per_token": base_bpt * budget,
+                "base_bytes_per_token": base_bpt, "measured_bytes": base_bpt * realized * 64,
+                "base_measured_bytes": base_bpt * 64, "measured_tokens": 64, "dtype": "float32", "params": params,
+                "decode_expert_fractions": decode_fractions},
+        quality={"ppl_token": ppl, "ppl_word": None if ppl is None else 2 * ppl, "rouge_l": rouge,
+                 "gen_length": None if rouge is None else 12.0, "zeroshot": zeroshot},
+        performance={"device": f"{device[0]}: {device[1]}",
+                     "prefill_ms": None if tps is None else {"mean": 5.0, "p50": 5.0, "p90": 6.0, "std": 0.5},
+                     "decode_tokens_per_s": timing,
+                     "peak_memory_bytes": {"prefill": 2.0**20, "decode": 3.0 * 2**20}},
+        flags={"simulated": False, "query_aware": None},
+        wall_time_s=1.0,
+        params=params,
     )
-    assert len(pd.read_csv(out / "all.csv")) == 3
-    assert len(pd.read_csv(out / "perplexity.csv")) == 2
-    md = (out / "perplexity.md").read_text()
-    assert "| model | family | method |" in md and "| llama3 | llama3 | base |" in md
-    assert "50.00" in md
 
 
-def test_markdown_marks_missing_values():
-    md = to_markdown(pd.DataFrame({"name": ["a"], "x": [float("nan")], "y": [1.23456]}))
-    assert md.splitlines() == ["| name | x | y |", "|---|---:|---:|", "| a | – | 1.23 |"]
+def mixsga_params(ratios, group_sizes=(1, 2, 4), router="learned", aux=0.1) -> dict:
+    return {"ratios": list(ratios), "group_sizes": list(group_sizes), "router": router, "aux_loss_weight": aux,
+            "aux_loss": "sigmoid", "seed": 0}
 
 
-def test_collate_rejects_duplicates_empty_and_invalid(tmp_path, record_files):
+def synthetic_records(seeds=(0, 1, 2)) -> list[dict]:
+    """A realistic small grid: main grid on two families, Table 1 / 3 / 5 / 6 runs, Figure 3 sweep."""
+    rng = random.Random(0)
+    out = []
+    for seed in seeds:
+        for family in FAMILIES:
+            base = 40.0 if family == "llama3" else 55.0
+            grid = [("base", 1.0, None), ("gqa", 0.5, {}), ("mqa", 0.25, {}), ("cla", 0.5, {"share": 2}),
+                    ("cla", 0.25, {"share": 4}), ("h2o", 0.5, {"keep": 0.5})]
+            grid += [("mixsga", b, mixsga_params(r)) for b, r in
+                     ((0.25, (0, 0, 1)), (0.35, (1, 1, 8)), (0.5, (3, 1, 6)), (0.75, (1, 1, 0)))]
+            for method, budget, params in grid:
+                penalty = {"base": 0, "gqa": 6, "mqa": 14, "cla": 9 / budget, "h2o": 10,
+                           "mixsga": 2 / budget}[method]
+                exps = ["main"] + (["figure3_budget_sweep"] if family == "tinyllama" and method != "h2o" else [])
+                exps += ["table2_cpt"] if family == "tinyllama" and budget == 0.5 and method != "h2o" else []
+                ppl = base + penalty + rng.gauss(0, 0.8)
+                zs = {"arc_easy": 40 - penalty / 3 + rng.gauss(0, 1), "piqa": 55 - penalty / 4 + rng.gauss(0, 1)}
+                out.append(make_run(family=family, method=method, budget=budget, seed=seed, experiments=exps,
+                                    params=params, ppl=ppl, zeroshot=zs,
+                                    realized=budget * (1 + rng.uniform(-0.01, 0.01)),
+                                    tps=300 * (1 + 0.4 * (1 - budget)) + rng.gauss(0, 5)))
+            for ratio, rouge in (((0, 1, 0), 20.0), ((1, 1, 2), 22.0), ((3, 1, 6), 23.5)):
+                method = "gqa" if ratio == (0, 1, 0) else "mixsga"
+                out.append(make_run(family=family, method=method, budget=0.5, seed=seed, experiments=["table1_sft"],
+                                    params=None if method == "gqa" else mixsga_params(ratio), training="sft",
+                                    ppl=None, rouge=rouge + rng.gauss(0, 0.5), tps=None,
+                                    run_id=f"{family}__sft_{''.join(map(str, ratio))}__s{seed}"))
+        for ratios, sizes, budget, rouge in (((3, 1, 6), (1, 2, 4), 0.5, 23.0), ((3, 4), (1, 2), 0.714, 21.0),
+                                             ((1, 2), (1, 2), 0.667, 18.0)):
+            out.append(make_run(method="mixsga", budget=round(budget, 3), seed=seed, experiments=["table5_expert_count"],
+                                params=mixsga_params(ratios, sizes), training="sft", ppl=None, tps=None,
+                                rouge=rouge + rng.gauss(0, 0.5),
+                                run_id=f"llama3__t5_{''.join(map(str, ratios))}__s{seed}"))
+        for variant, router, aux, fr in (("learned", "learned", 0.1, [0.31, 0.1, 0.59]),
+                                          ("random", "random", 0.1, [0.3, 0.1, 0.6]),
+                                          ("noaux", "learned", 0.0, [0.35, 0.33, 0.32])):
+            out.append(make_run(family="gemma2", method="mixsga", budget=0.5, seed=seed, experiments=["table6_router"],
+                                params=mixsga_params((3, 1, 6), router=router, aux=aux), training="sft",
+                                ppl=None, tps=None, decode_fractions=fr,
+                                rouge={"learned": 22.0, "random": 19.0, "noaux": 8.0}[variant] + rng.gauss(0, 0.4),
+                                run_id=f"gemma2__t6_{variant}__s{seed}"))
+        for keep in (0.8, 0.4):
+            for inner, base in (("gqa", 47.0), ("mixsga", 44.0)):
+                params = {"inner": {} if inner == "gqa" else mixsga_params((3, 1, 6)), "inner_budget": 0.5,
+                          "eviction": {"method": "h2o", "keep": keep}}
+                out.append(make_run(family="tinyllama", method=f"h2o+{inner}", budget=0.5 * keep, seed=seed,
+                                    experiments=["table3_eviction_stack"], params=params,
+                                    ppl=base + 5 * (1 - keep) + rng.gauss(0, 0.5), tps=None))
+    return out
+
+
+@pytest.fixture(scope="module")
+def grid() -> pd.DataFrame:
+    return records_table(synthetic_records())
+
+
+# ---- confidence intervals -------------------------------------------------------------------------
+
+def test_mean_ci_matches_scipy_and_hand_values():
+    mean, half, n = mean_ci([40.0, 60.0])
+    assert (mean, n) == (50.0, 2)
+    assert half == pytest.approx(12.7062047 * 14.1421356 / math.sqrt(2))  # t_{0.975,1} s / sqrt(n)
+    xs = [1.0, 2.0, 4.0, 7.0, 11.0]
+    lo, hi = stats.t.interval(0.95, len(xs) - 1, loc=sum(xs) / 5, scale=stats.sem(xs))
+    _, half, _ = mean_ci(xs)
+    assert half == pytest.approx((hi - lo) / 2)
+
+
+def test_mean_ci_single_missing_and_bad_level():
+    assert mean_ci([3.0])[0] == 3.0 and math.isnan(mean_ci([3.0])[1])
+    assert mean_ci([None, float("nan")])[2] == 0
+    assert format_ci(3.0, math.nan, 1) == "3.00 (n=1)"
+    assert format_ci(3.0, 0.26, 3, digits=1) == "3.0 ± 0.3"
+    assert format_ci(0.5, 0.01, 2, digits=1, scale=100.0) == "50.0 ± 1.0"
+    assert format_ci(math.nan, math.nan, 0) == "–"
+    with pytest.raises(ValueError, match="confidence"):
+        mean_ci([1.0, 2.0], confidence=1.5)
+
+
+def test_summarise_counts_seeds_and_tolerates_missing_metrics():
+    df = pd.DataFrame({"m": ["a", "a", "b"], "x": [1.0, 3.0, 5.0]})
+    s = summarise(df, ["m"], ["x", "absent"]).set_index("m")
+    assert s.loc["a", "seeds"] == 2 and s.loc["a", "x"] == 2.0 and s.loc["b", "x_n"] == 1
+    assert s.loc["a", "absent_n"] == 0
+    with pytest.raises(ValueError, match="grouping columns"):
+        summarise(df, ["nope"], ["x"])
+
+
+# ---- Pareto ------------------------------------------------------------------------------------
+
+def test_pareto_mask_hand_example():
+    cost = [1, 2, 3, 4, 2, 5, float("nan")]
+    ppl = [10, 8, 9, 5, 8, 5, 1]
+    assert pareto_mask(cost, ppl).tolist() == [True, True, False, True, True, False, False]
+    rouge = [10, 8, 12, 11, 8, 13, 99]  # higher is better
+    assert pareto_mask(cost, rouge, lower_quality_better=False).tolist() == [True, False, True, False, False, True,
+                                                                              False]
+    with pytest.raises(ValueError, match="differ in length"):
+        pareto_mask([1, 2], [1])
+
+
+# ---- tidy table ----------------------------------------------------------------------------------
+
+def test_flatten_reads_the_extended_schema(grid):
+    row = grid.set_index("run_id").loc["tinyllama__mixsga__kv50__s1"]
+    assert row["ratio"] == "3:1:6" and row["arch"] == "mixsga" and row["variant"] == "learned router"
+    assert row["experiments"] == "figure3_budget_sweep;main;table2_cpt"
+    assert row["training"] == "cpt" and row["device"] == "cpu: test cpu"
+    assert row["kv_bytes_per_token"] == pytest.approx(1024.0 * row["budget_realized"])
+    assert row["zs_avg"] == pytest.approx((row["zs_arc_easy"] + row["zs_piqa"]) / 2)
+    assert row["decode_ms_per_token"] == pytest.approx(1000.0 / row["decode_tps_mean"])
+    assert row["prefill_ms"] == 5.0 and row["peak_mem_decode"] == 3.0 * 2**20
+    stacked = grid.set_index("run_id").loc["tinyllama__h2o+gqa__kv40__s0"]
+    assert stacked["keep"] == 0.8 and stacked["arch"] == "gqa" and stacked["eviction"] == "h2o"
+    assert ratio_label([3, 4], [1, 2]) == "3:4:0" and ratio_label([1, 3], [1, 8]) == "1:3 (g1,8)"
+    fracs = grid.set_index("run_id").loc["gemma2__t6_noaux__s0"]
+    assert (fracs["variant"], fracs["decode_frac_2"]) == ("no aux loss", 0.33)
+
+
+def test_flatten_tolerates_missing_fields():
+    row = flatten({"identity": {"run_id": "x", "method": "gqa"}})
+    assert row["run_id"] == "x" and row["ratio"] == "0:1:0"
+    assert math.isnan(row["ppl_token"]) and math.isnan(row["kv_bytes_per_token"]) and row["experiments"] == ""
+
+
+def test_load_records_validates_and_rejects(tmp_path):
+    recs = synthetic_records(seeds=(0,))[:3]
+    paths = [write_record(tmp_path / f"{r['identity']['run_id']}.json", r) for r in recs]
+    table = load_records(paths)
+    assert len(table) == 3 and list(table["run_id"]) == sorted(table["run_id"])
     with pytest.raises(ValueError, match="duplicate run ids"):
-        load_records([record_files[0], record_files[0]])
+        load_records([paths[0], paths[0]])
     with pytest.raises(ValueError, match="no records"):
         load_records([])
     bad = tmp_path / "bad.json"
@@ -73,25 +201,109 @@ def test_collate_rejects_duplicates_empty_and_invalid(tmp_path, record_files):
         load_records([bad])
 
 
-def test_figure_is_written(tmp_path, record_files):
-    out = plot_perplexity(load_records(record_files), tmp_path / "fig" / "perplexity.png")
-    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert out.stat().st_size > 10_000
+def test_markdown_marks_missing_values():
+    md = to_markdown(pd.DataFrame({"name": ["a"], "x": [float("nan")], "y": [1.23456]}))
+    assert md.splitlines() == ["| name | x | y |", "|---|---:|---:|", "| a | – | 1.23 |"]
 
 
-def test_figure_needs_base_runs(tmp_path, record_files):
-    table = load_records(record_files)
-    table["method"] = "gqa"
-    with pytest.raises(ValueError, match="no 'base' runs"):
-        plot_perplexity(table, tmp_path / "x.png")
+# ---- experiment tables ------------------------------------------------------------------------------
+
+def test_table1_layout_ci_and_paper_block(grid):
+    summary, md = experiment_table(grid, "table1_sft")
+    assert len(summary) == 6 and set(summary["seeds"]) == {3}
+    row = summary[(summary["family"] == "llama3") & (summary["ratio"] == "3:1:6")].iloc[0]
+    runs = grid[grid["run_id"].str.startswith("llama3__sft_316")]["rouge_l"]
+    mean, half, _ = mean_ci(runs)
+    assert row["rouge_l"] == pytest.approx(mean) and row["rouge_l_ci"] == pytest.approx(half)
+    assert row["paper: avg ROUGE-L"] == 16.10  # Llama3.2-1B, 3:1:6
+    gqa = summary[(summary["family"] == "llama3") & (summary["ratio"] == "0:1:0")].iloc[0]
+    assert row["delta vs GQA (ours)"] == pytest.approx(row["rouge_l"] - gqa["rouge_l"])
+    assert row["delta vs GQA (paper)"] == pytest.approx(16.10 - 13.63) and row["same direction"] == "yes"
+    tiny = summary[summary["family"] == "tinyllama"]
+    assert tiny["paper: avg ROUGE-L"].isna().all(), "TinyLlama has no Table 1 row in the paper"
+    assert "± " in md and "paper: avg ROUGE-L" in md and "| 3 |" in md
 
 
-def test_command_line(tmp_path, record_files, capsys):
-    tables = tmp_path / "t"
-    args = ["collate", *map(str, record_files), "--all-csv", str(tables / "all.csv"),
-            "--perplexity-csv", str(tables / "p.csv"), "--perplexity-md", str(tables / "p.md")]
-    assert analysis_main(args) == 0
-    assert analysis_main(["plot-perplexity", "--table", str(tables / "all.csv"), "--out", str(tmp_path / "f.png")]) == 0
-    assert (tmp_path / "f.png").exists()
-    assert analysis_main(["plot-perplexity", "--table", str(tmp_path / "missing.csv"), "--out", "x.png"]) == 2
+def test_tables_2_3_5_6_and_default(grid):
+    t2, md2 = experiment_table(grid, "table2_cpt")
+    assert set(t2["arch"]) == {"gqa", "cla", "mixsga"} and "zs_avg" in t2 and "piqa acc. (%)" in md2
+    assert t2.set_index("arch").loc["mixsga", "paper: WikiText-2 ppl"] == 20.46
+    t3, _ = experiment_table(grid, "table3_eviction_stack")
+    assert list(zip(t3["keep"], t3["arch"])) == [(0.8, "gqa"), (0.8, "mixsga"), (0.4, "gqa"), (0.4, "mixsga")]
+    assert t3.set_index(["keep", "arch"]).loc[(0.4, "mixsga"), "paper: WikiText-2 ppl"] == 20.98
+    t5, md5 = experiment_table(grid, "table5_expert_count")
+    assert set(t5["ratio"]) == {"3:1:6", "3:4:0", "1:2:0"} and "71.4 ±" in md5
+    t6, md6 = experiment_table(grid, "table6_router")
+    assert list(t6["variant"]) == ["learned router", "random router", "no aux loss"]
+    assert t6.set_index("variant").loc["no aux loss", "paper: decode fraction expert 1"] == 0.3458
+    assert "decode fraction expert 3" in md6
+    main, md = experiment_table(grid, "main")
+    assert len(main) == 2 * 10 and "decode (tokens/s)" in md
+    with pytest.raises(ValueError, match="no runs of experiment 'nope'"):
+        experiment_table(grid, "nope")
+
+
+def test_single_seed_shows_n1():
+    table = records_table(synthetic_records(seeds=(0,)))
+    _, md = experiment_table(table, "table1_sft")
+    body = md[md.index("| family"):]
+    assert "(n=1)" in body and "± " not in body
+
+
+# ---- command line ----------------------------------------------------------------------------------
+
+def test_every_subcommand_writes_its_outputs(tmp_path, capsys):
+    records = tmp_path / "records"
+    for rec in synthetic_records(seeds=(0, 1)):
+        write_record(records / f"{rec['identity']['run_id']}.json", rec)
+    t, f = tmp_path / "tables", tmp_path / "figures"
+    assert analysis_main(["collate", str(records), "--all-csv", str(t / "all.csv")]) == 0
+    for exp in ("table1_sft", "table2_cpt", "table3_eviction_stack", "table5_expert_count", "table6_router", "main"):
+        assert analysis_main(["table", "--table", str(t / "all.csv"), "--experiment", exp,
+                              "--csv", str(t / f"{exp}.csv"), "--md", str(t / f"{exp}.md")]) == 0
+    assert analysis_main(["pareto", "--table", str(t / "all.csv"), "--csv", str(t / "pareto.csv"),
+                          "--md", str(t / "pareto.md"), "--kv-figure", str(f / "pareto_kv.png"),
+                          "--latency-figure", str(f / "pareto_latency.png")]) == 0
+    assert analysis_main(["figure3", "--table", str(t / "all.csv"), "--out", str(f / "figure3.png"),
+                          "--csv", str(t / "f3.csv"), "--md", str(t / "f3.md")]) == 0
+    assert analysis_main(["perf", "--table", str(t / "all.csv"), "--csv", str(t / "perf.csv"),
+                          "--md", str(t / "perf.md"), "--figure", str(f / "perf.png")]) == 0
+    ti = {"positions": list(range(63)), "delta_pct": [0.01 * (i % 7) for i in range(63)], "base_ppl": 8.1,
+          "family": "llama3", "text_set": "stdlib", "split": "test"}
+    (tmp_path / "ti.json").write_text(json.dumps(ti))
+    assert analysis_main(["figure1", "--json", str(tmp_path / "ti.json"), "--out", str(f / "figure1.png")]) == 0
+    timing = {"mean": 50.0, "p50": 50.0, "p90": 55.0, "std": 1.0}
+    over = {"budget": 0.5, "rows": [
+        {"model": "llama3.2-1b", "source": "paper config, meta device", "method": m, "params": p,
+         "kv_bytes_per_token": kv, "kv_bytes_per_token_paper_index": kv, "base_kv_bytes_per_token": 65536.0,
+         "decode_tokens_per_s": None, "prefill_ms": None, "device": None}
+        for m, p, kv in (("gqa", 1.22e9, 32768.0), ("mixsga", 1.24e9, 32772.0))] + [
+        {"model": "tiny:llama3", "source": "random", "method": m, "params": 1e6, "kv_bytes_per_token": 512.0,
+         "decode_tokens_per_s": timing, "prefill_ms": timing, "device": "cpu: x"} for m in ("gqa", "mixsga")],
+        "throughput": [{"model": "tiny:llama3", "mixsga_vs_gqa": 0.95}],
+        "paper_reported": {"table9": {"params": {"gqa": {"llama3.2-1b": "1.22b"}}}}}
+    (tmp_path / "over.json").write_text(json.dumps(over))
+    assert analysis_main(["table9", "--json", str(tmp_path / "over.json"), "--csv", str(t / "t9.csv"),
+                          "--md", str(t / "t9.md")]) == 0
+    assert analysis_main(["plot-perplexity", "--table", str(t / "all.csv"), "--out", str(f / "ppl.png")]) == 0
+    for png in f.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
+    assert len(list(f.glob("*.png"))) == 6
+    front = pd.read_csv(t / "pareto.csv")
+    assert set(front["axis"]) == {"kv", "latency"} and "base" in set(front["method"])
+    assert "1.220 M" not in (t / "t9.md").read_text() and "1220.000 M" in (t / "t9.md").read_text()
+    assert "## cpu: test cpu" in (t / "perf.md").read_text()
+    assert analysis_main(["figure1", "--json", str(tmp_path / "missing.json"), "--out", "x.png"]) == 2
+    assert analysis_main(["table", "--table", str(t / "all.csv"), "--experiment", "nope", "--csv", "a", "--md",
+                          "b"]) == 2
     assert "error:" in capsys.readouterr().err
+
+
+def test_perf_never_mixes_devices(grid):
+    from analysis.reports import perf_table
+
+    gpu = records_table([make_run(device=("cuda", "H100"), tps=900.0, run_id="gpu_run")])
+    summary, texts = perf_table(pd.concat([grid, gpu], ignore_index=True))
+    assert set(texts) == {"cpu: test cpu", "cuda: H100"}
+    assert summary.groupby(["family", "method", "budget_nominal", "device"]).size().max() == 1
+    assert "900.0 (n=1)" in texts["cuda: H100"] and "900.0" not in texts["cpu: test cpu"]

@@ -1,0 +1,178 @@
+"""Pareto fronts: configurations no other configuration beats on both quality and cost, per family.
+
+A configuration is a (model, method, params) with its runs averaged over seeds. Costs: the
+realized KV bytes per token, and the decode latency (ms per token, per device: CPU and GPU
+timings never share a front).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+from analysis.collate import read_table, to_markdown
+
+#: Quality columns and whether lower is better.
+QUALITY = {"ppl_token": True, "ppl_word": True, "rouge_l": False, "zs_avg": False}
+#: Cost axes: column, figure label.
+COSTS = {"kv": ("kv_bytes_per_token", "realized KV cache (KiB per token)"),
+         "latency": ("decode_ms_per_token", "decode latency (ms per token)")}
+CONFIG_KEYS = ["family", "model", "method", "ratio", "keep", "variant", "budget_nominal"]
+
+
+def pareto_mask(cost: Sequence[float], quality: Sequence[float], *, lower_quality_better: bool = True) -> np.ndarray:
+    """True for points not dominated: no other point has cost <= and quality at least as good, one strictly.
+
+    Points with a missing (NaN) coordinate are never on the front.
+    """
+    c = np.asarray(cost, dtype=float)
+    q = np.asarray(quality, dtype=float)
+    if c.shape != q.shape:
+        raise ValueError(f"cost and quality differ in length: {c.shape} vs {q.shape}")
+    q = q if lower_quality_better else -q
+    ok = np.isfinite(c) & np.isfinite(q)
+    mask = np.zeros(len(c), dtype=bool)
+    for i in np.flatnonzero(ok):
+        others = ok & (c <= c[i]) & (q <= q[i]) & ((c < c[i]) | (q < q[i]))
+        mask[i] = not others.any()
+    return mask
+
+
+def configurations(table: pd.DataFrame, quality: str, *, by_device: bool) -> pd.DataFrame:
+    """Mean over seeds per configuration (and device, if ``by_device``) of quality, costs and realized budget."""
+    table = table.copy()
+    for k in CONFIG_KEYS + ["device"]:
+        if k not in table.columns:
+            table[k] = None
+    agg = {c: (c, "mean") for c in (quality, "kv_bytes_per_token", "decode_ms_per_token", "budget_realized")
+           if c in table.columns}
+    keys = CONFIG_KEYS + (["device"] if by_device else [])
+    out = table.groupby(keys, dropna=False, sort=True).agg(seeds=("run_id", "count"), **agg).reset_index()
+    if not by_device:
+        out["device"] = None
+    return out
+
+
+def pareto_fronts(table: pd.DataFrame | str | Path, quality: str = "ppl_token") -> pd.DataFrame:
+    """Every configuration with ``axis`` (kv / latency), ``cost``, ``quality`` and ``on_front``, per family.
+
+    Latency fronts are computed per device (``device``); KV fronts over all devices (bytes do not
+    depend on the device).
+    """
+    if quality not in QUALITY:
+        raise ValueError(f"unknown quality metric {quality!r}; known: {sorted(QUALITY)}")
+    table = read_table(table)
+    if quality not in table.columns or table[quality].notna().sum() == 0:
+        raise ValueError(f"no run has a {quality!r} value: nothing to put on a Pareto front")
+    parts = []
+    for axis, (column, _) in COSTS.items():
+        conf = configurations(table, quality, by_device=axis == "latency")
+        if column not in conf.columns:
+            continue
+        groups = ["family"] if axis == "kv" else ["family", "device"]
+        for _, part in conf.groupby(groups, dropna=False, sort=True):
+            part = part.copy()
+            part["axis"], part["cost"], part["quality"] = axis, part[column], part[quality]
+            part["on_front"] = pareto_mask(part["cost"], part["quality"], lower_quality_better=QUALITY[quality])
+            parts.append(part)
+    out = pd.concat(parts, ignore_index=True)
+    out["quality_metric"] = quality
+    return out
+
+
+def _label(row: pd.Series) -> str:
+    text = str(row["method"])
+    if isinstance(row.get("ratio"), str) and row["method"] == "mixsga":
+        text += f" {row['ratio']}"
+    budget = row.get("budget_nominal")
+    if budget is not None and not pd.isna(budget) and float(budget) < 1:
+        text += f" @{100 * float(budget):g}%"
+    return text
+
+
+def plot_pareto(fronts: pd.DataFrame, axis: str, out: str | Path) -> Path:
+    """One panel per family (rows: devices for latency): all configurations, front as a step line, front labelled."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = fronts[(fronts["axis"] == axis) & fronts["cost"].notna() & fronts["quality"].notna()]
+    if data.empty:
+        raise ValueError(f"no configuration has both a {axis} cost and a quality value: no {axis} Pareto figure")
+    quality = str(fronts["quality_metric"].iloc[0])
+    lower = QUALITY[quality]
+    families = sorted(data["family"].dropna().unique())
+    devices = sorted(data["device"].dropna().unique()) if axis == "latency" else [None]
+    devices = devices or [None]
+    methods = sorted(data["method"].unique())
+    cmap = plt.get_cmap("tab20")
+    colour = {m: cmap(i % 20) for i, m in enumerate(methods)}
+    fig, axes = plt.subplots(len(devices), len(families), figsize=(4.6 * len(families), 4.0 * len(devices)),
+                             squeeze=False, layout="constrained")
+    scale = 1 / 1024 if axis == "kv" else 1.0
+    for r, device in enumerate(devices):
+        for c, family in enumerate(families):
+            ax = axes[r][c]
+            part = data[data["family"] == family]
+            if device is not None:
+                part = part[part["device"] == device]
+            for method, pts in part.groupby("method"):
+                ax.scatter(pts["cost"] * scale, pts["quality"], color=colour[method], s=28, label=method,
+                           edgecolor="black", linewidth=0.3, zorder=3)
+            front = part[part["on_front"]].sort_values("cost")
+            if not front.empty:
+                ax.step(front["cost"] * scale, front["quality"], where="post", color="black", lw=1.2,
+                        zorder=2, label="Pareto front")
+                for _, row in front.iterrows():
+                    ax.annotate(_label(row), (row["cost"] * scale, row["quality"]), fontsize=7,
+                                xytext=(3, 3 if lower else -9), textcoords="offset points")
+            title = family if device is None else f"{family}\n{device}"
+            ax.set_title(title, fontsize=10)
+            ax.set_xlabel(COSTS[axis][1])
+            if c == 0:
+                ax.set_ylabel(f"{quality} ({'lower' if lower else 'higher'} is better)")
+            ax.grid(alpha=0.3)
+    handles, labels = {}, {}
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(lab, h)
+    fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8, frameon=False)
+    what = "realized KV bytes" if axis == "kv" else "decode latency"
+    fig.suptitle(f"Pareto fronts: {quality} vs {what} (mean over seeds per configuration)")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=130)
+    plt.close(fig)
+    return out
+
+
+def write_pareto(table: pd.DataFrame | str | Path, *, csv: str | Path, md: str | Path | None = None,
+                 kv_figure: str | Path | None = None, latency_figure: str | Path | None = None,
+                 quality: str = "ppl_token") -> pd.DataFrame:
+    """Write the fronts (front rows only) as CSV / Markdown and the two faceted figures; return all rows."""
+    fronts = pareto_fronts(table, quality)
+    front = fronts[fronts["on_front"]].drop(columns=["on_front"])
+    Path(csv).parent.mkdir(parents=True, exist_ok=True)
+    front.to_csv(csv, index=False)
+    if md is not None:
+        cols = ["axis", "family", "device", "method", "ratio", "keep", "budget_nominal", "budget_realized",
+                "cost", "quality", "seeds"]
+        shown = front[[c for c in cols if c in front.columns]].copy()
+        shown["device"] = [d if a == "latency" else "any" for a, d in zip(shown["axis"], shown["device"])]
+        text = (f"# Pareto fronts ({quality} vs cost)\n\nNon-dominated configurations (mean over seeds) per "
+                "family; cost: realized KV bytes per token (axis kv) or decode ms per token on one device "
+                "(axis latency).\n\n" + to_markdown(shown.drop_duplicates()))
+        Path(md).parent.mkdir(parents=True, exist_ok=True)
+        Path(md).write_text(text, encoding="utf-8")
+    if kv_figure is not None:
+        plot_pareto(fronts, "kv", kv_figure)
+    if latency_figure is not None:
+        plot_pareto(fronts, "latency", latency_figure)
+    return fronts
+
+
+__all__ = ["pareto_mask", "pareto_fronts", "plot_pareto", "write_pareto"]

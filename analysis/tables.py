@@ -1,0 +1,285 @@
+"""Per-experiment tables laid out like the paper's: rows = method / ratio / variant, columns = metrics.
+
+Every metric cell is the mean over seeds ± the half width of its 95 % Student-t interval
+(``analysis.stats``); a single seed shows the value and "(n=1)". Where an experiment maps onto
+a paper table, the paper's numbers follow in a separate block of columns headed ``paper:``,
+and the change against the reference row (GQA, or the paper's best ratio) is shown for ours
+and for the paper, so agreement in *direction* is visible even though scales differ.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import pandas as pd
+
+from analysis import paper
+from analysis.collate import read_table, to_markdown
+from analysis.stats import format_ci, summarise
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One metric column: tidy-table column, header label (with unit), digits, display scale."""
+
+    column: str
+    label: str
+    digits: int = 2
+    scale: float = 1.0
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one experiment's table is laid out (see ``LAYOUTS``)."""
+
+    title: str
+    keys: tuple[str, ...]
+    metrics: tuple[Metric, ...]
+    #: row key values -> {paper column label: value}; None where the paper has no counterpart
+    paper: Callable[[dict], dict[str, float]] | None = None
+    #: (key column, value) of the reference row within each context, the metric compared, and the paper column
+    reference: tuple[str, Any] | None = None
+    context: tuple[str, ...] = ()
+    primary: str | None = None
+    paper_primary: str | None = None
+    zeroshot: bool = False
+    note: str = ""
+    fill: dict = field(default_factory=dict)
+
+
+ROUGE = Metric("rouge_l", "ROUGE-L (x100)")
+GEN = Metric("gen_length", "gen. length (tokens)", 1)
+PPL = Metric("ppl_token", "perplexity (per token)")
+REALIZED = Metric("budget_realized", "realized KV budget (%)", 1, 100.0)
+BYTES = Metric("kv_bytes_per_token", "realized KV (bytes/token)", 0)
+DECODE = Metric("decode_tps_mean", "decode (tokens/s)", 1)
+FRACS = tuple(Metric(f"decode_frac_{e}", f"decode fraction expert {e}", 3) for e in (1, 2, 3))
+
+
+def _paper_sft(by_model: dict) -> Callable[[dict], dict]:
+    """Paper ROUGE-L looked up by (paper model of the row's family, ratio) (Table 1)."""
+    def lookup(row: dict) -> dict[str, float]:
+        got = by_model.get((paper.PAPER_MODEL.get(row.get("family")), row.get("ratio")))
+        return {} if got is None else {"paper: Dolly ROUGE-L": got[0], "paper: avg ROUGE-L": got[1]}
+    return lookup
+
+
+def _paper_ratio(by_ratio: dict) -> Callable[[dict], dict]:
+    """Paper ROUGE-L looked up by ratio (ablations on one paper model, Tables 4 / 5 / 11)."""
+    def lookup(row: dict) -> dict[str, float]:
+        got = by_ratio.get(row.get("ratio"))
+        return {} if got is None else {"paper: Dolly ROUGE-L": got[0], "paper: avg ROUGE-L": got[1]}
+    return lookup
+
+
+def _paper_table2(row: dict) -> dict[str, float]:
+    got = paper.TABLE2.get(row.get("arch")) if row.get("family") == "tinyllama" else None
+    return {} if got is None else {"paper: avg acc. (%)": got[0], "paper: WikiText-2 ppl": got[1]}
+
+
+def _paper_table3(row: dict) -> dict[str, float]:
+    keep, arch = row.get("keep"), row.get("arch")
+    got = paper.TABLE2.get(arch) if keep == 1.0 else paper.TABLE3.get((round(float(keep), 2), arch))
+    return {} if got is None else {"paper: avg acc. (%)": got[0], "paper: WikiText-2 ppl": got[1]}
+
+
+def _paper_table6(row: dict) -> dict[str, float]:
+    got = paper.TABLE6.get(row.get("variant"))
+    if got is None:
+        return {}
+    out = {"paper: Dolly ROUGE-L": got[0], "paper: avg ROUGE-L": got[1]}
+    if row.get("variant") == "no aux loss":
+        out.update({f"paper: decode fraction expert {e + 1}": f
+                    for e, f in enumerate(paper.TABLE6_NO_AUX_DECODE_FRACTIONS)})
+    return out
+
+
+_SFT_NOTE = ("Ours: offline instruct set (code -> docstring first sentence), ROUGE-L x100 (MiniLLM convention) "
+             "on its test split after SFT; paper: Dolly-15k SFT, ROUGE-L x100 over DL/SI/VC/SN/UN.")
+
+#: Experiment name (as in the records' ``experiments``) -> layout.
+LAYOUTS: dict[str, Layout] = {
+    "table1_sft": Layout(
+        "Table 1: SFT at 50 % KV, GQA (0:1:0) vs mixSGA", ("family", "arch", "ratio"), (ROUGE, GEN, REALIZED),
+        paper=_paper_sft(paper.TABLE1), reference=("arch", "gqa"), context=("family",), primary="rouge_l",
+        paper_primary="paper: avg ROUGE-L",
+        note=_SFT_NOTE + " Paper model per family: " + ", ".join(f"{k} -> {v}" for k, v in paper.PAPER_MODEL.items()
+                                                                  if k != "tinyllama") + "."),
+    "table2_cpt": Layout(
+        "Table 2: continued pretraining at 50 % KV", ("family", "arch"), (PPL, REALIZED), paper=_paper_table2,
+        reference=("arch", "gqa"), context=("family",), primary="ppl_token", paper_primary="paper: WikiText-2 ppl",
+        zeroshot=True,
+        note="Ours: tiny TinyLlama-shaped model, continued pretraining on identical tokens, held-out perplexity "
+             "and the offline zero-shot tasks (accuracy %); paper: TinyLlama-1.1B on MiniPile, lm-eval zero-shot "
+             "HS/PI/WG/ARC-E/ARC-C average and WikiText-2 perplexity."),
+    "table3_eviction_stack": Layout(
+        "Table 3: H2O keep ratio on top of GQA / mixSGA at 50 % KV", ("family", "keep", "arch"),
+        (PPL, REALIZED, BYTES), paper=_paper_table3, reference=("arch", "gqa"), context=("family", "keep"),
+        primary="ppl_token", paper_primary="paper: WikiText-2 ppl", zeroshot=True, fill={"keep": 1.0},
+        note="Ours: bounded-cache perplexity (token by token, the evicting cache live); keep 100 % = no eviction "
+             "(paper column from Table 2). Paper: labelled Gemma2-2b, numbers match the TinyLlama CPT models."),
+    "table4_middle_ratio": Layout(
+        "Table 4: middle-expert ratio (mixSGA, 50 % KV)", ("family", "ratio"), (ROUGE, GEN, REALIZED),
+        paper=_paper_ratio(paper.TABLE4), reference=("ratio", "1:1:2"),
+        context=("family",), primary="rouge_l", paper_primary="paper: avg ROUGE-L",
+        note=_SFT_NOTE + " Paper: Llama3.2-1B."),
+    "table5_expert_count": Layout(
+        "Table 5: number of experts (two-expert variants drop the 3rd expert)", ("family", "ratio", "group_sizes"),
+        (ROUGE, GEN, REALIZED), paper=_paper_ratio(paper.TABLE5),
+        reference=("ratio", "3:1:6"), context=("family",), primary="rouge_l", paper_primary="paper: avg ROUGE-L",
+        note=_SFT_NOTE + " Paper: Llama3.2-1B, said to be 50 % KV; with group sizes (1, 2) 3:4:0 and 1:2:0 store "
+                         "71 % and 67 % (see the realized budget column)."),
+    "table6_router": Layout(
+        "Table 6: learned router vs random router vs no auxiliary loss (mixSGA 3:1:6)", ("family", "variant"),
+        (ROUGE, GEN, REALIZED, *FRACS), paper=_paper_table6, reference=("variant", "learned router"),
+        context=("family",), primary="rouge_l", paper_primary="paper: avg ROUGE-L",
+        note=_SFT_NOTE + " Paper: Gemma2-2B. Decode fractions: share of decoded tokens routed to each expert "
+                         "(group sizes 1, 2, 4); the prefill ratio is 0.3 : 0.1 : 0.6."),
+    "table11_ratio_grid": Layout(
+        "Table 11: ratio grid at 50 % KV (mixSGA)", ("family", "ratio"), (ROUGE, GEN, REALIZED),
+        paper=_paper_ratio(paper.TABLE11), reference=("ratio", "3:1:6"),
+        context=("family",), primary="rouge_l", paper_primary="paper: avg ROUGE-L",
+        note=_SFT_NOTE + " Paper: Gemma2-2B."),
+    "figure3_budget_sweep": Layout(
+        "Figure 3 data: perplexity vs KV budget", ("family", "arch", "ratio", "budget_nominal"),
+        (PPL, REALIZED, BYTES),
+        note="Perplexity per token on the held-out split after continued pretraining; the paper gives no numbers "
+             "for Figure 3 beyond its 50 % points (Table 2)."),
+}
+
+#: Layout of any experiment without its own (the main grid: every method x budget).
+DEFAULT_LAYOUT = Layout("All runs: method x budget", ("family", "method", "budget_nominal"),
+                        (PPL, REALIZED, BYTES, DECODE),
+                        note="Held-out perplexity per token (bounded cache for eviction methods).")
+
+_ARCH_ORDER = ["base", "gqa", "mqa", "cla", "mixsga"]
+_VARIANT_ORDER = ["learned router", "random router", "no aux loss"]
+
+
+def _sort_value(column: str, value: Any) -> Any:
+    if column in ("arch", "method"):
+        name = str(value).split("+")[-1]
+        return (_ARCH_ORDER.index(name) if name in _ARCH_ORDER else len(_ARCH_ORDER), str(value))
+    if column == "variant":
+        return (_VARIANT_ORDER.index(value) if value in _VARIANT_ORDER else 99, str(value))
+    if column in ("keep", "budget_nominal"):
+        return -float(value) if value is not None and not pd.isna(value) else 0.0
+    return (0, "") if value is None or (isinstance(value, float) and math.isnan(value)) else (1, str(value))
+
+
+def experiment_runs(table: pd.DataFrame, experiment: str) -> pd.DataFrame:
+    """The runs whose ``experiments`` name ``experiment`` ("all" = every run); ValueError if there are none."""
+    if experiment == "all":
+        return table
+    names = table.get("experiments", pd.Series([""] * len(table))).fillna("").astype(str)
+    part = table[names.str.split(";").apply(lambda xs: experiment in xs)]
+    if part.empty:
+        known = sorted({n for ns in names for n in ns.split(";") if n})
+        raise ValueError(f"no runs of experiment {experiment!r} in the table (experiments present: {known})")
+    return part
+
+
+def _fmt_key(column: str, value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    if column in ("keep", "budget_nominal"):
+        return f"{100 * float(value):g} %"
+    return str(value)
+
+
+def experiment_table(table: pd.DataFrame | str | Path, experiment: str) -> tuple[pd.DataFrame, str]:
+    """``(csv_table, markdown)`` of one experiment.
+
+    The CSV keeps numbers (``{metric}``, ``{metric}_ci``, ``{metric}_n`` per metric, ``seeds``, the paper
+    block, the deltas); the Markdown shows formatted "mean ± CI" cells.
+    """
+    runs = experiment_runs(read_table(table), experiment).copy()
+    layout = LAYOUTS.get(experiment, DEFAULT_LAYOUT)
+    for column, value in layout.fill.items():
+        if column in runs.columns:
+            runs[column] = runs[column].fillna(value)
+    for key in layout.keys:
+        if key not in runs.columns:
+            runs[key] = None
+    metrics = list(layout.metrics)
+    if layout.zeroshot:
+        tasks = sorted(c for c in runs.columns if c.startswith("zs_") and c != "zs_avg")
+        metrics += [Metric(c, f"{c[3:]} acc. (%)") for c in tasks]
+        if tasks:
+            metrics.append(Metric("zs_avg", "avg acc. (%)"))
+    summary = summarise(runs, layout.keys, [m.column for m in metrics])
+    summary = summary.iloc[sorted(range(len(summary)), key=lambda i: tuple(
+        _sort_value(k, summary.iloc[i][k]) for k in layout.keys))].reset_index(drop=True)
+    rows = [{k: summary.at[i, k] for k in layout.keys} for i in range(len(summary))]
+    paper_cols: list[str] = []
+    paper_vals = [layout.paper(r) if layout.paper else {} for r in rows]
+    for vals in paper_vals:
+        paper_cols += [c for c in vals if c not in paper_cols]
+    for c in paper_cols:
+        summary[c] = [v.get(c, math.nan) for v in paper_vals]
+    delta_cols: list[str] = []
+    if layout.reference and layout.primary:
+        ref_col, ref_val = layout.reference
+        label = f"{ref_val}" if ref_col != "arch" else ref_val.upper()
+        ours_col, paper_col = f"delta vs {label} (ours)", f"delta vs {label} (paper)"
+        ours, theirs = [], []
+        for i, row in enumerate(rows):
+            ref = [j for j, r in enumerate(rows) if r[ref_col] == ref_val
+                   and all(_same(r[c], row[c]) for c in layout.context)]
+            if not ref or row[ref_col] == ref_val:
+                ours.append(math.nan), theirs.append(math.nan)
+                continue
+            j = ref[0]
+            ours.append(summary.at[i, layout.primary] - summary.at[j, layout.primary])
+            p = summary[layout.paper_primary] if layout.paper_primary in summary else None
+            theirs.append(math.nan if p is None else p.iloc[i] - p.iloc[j])
+        summary[ours_col], summary[paper_col] = ours, theirs
+        summary["same direction"] = [
+            None if math.isnan(a) or math.isnan(b) else ("yes" if (a > 0) == (b > 0) else "no")
+            for a, b in zip(ours, theirs)]
+        delta_cols = [ours_col, paper_col, "same direction"]
+    md = _markdown(layout, experiment, summary, metrics, paper_cols, delta_cols)
+    return summary, md
+
+
+def _same(a: Any, b: Any) -> bool:
+    if (a is None or (isinstance(a, float) and math.isnan(a))) and (b is None or (isinstance(b, float) and math.isnan(b))):
+        return True
+    return a == b
+
+
+def _markdown(layout: Layout, experiment: str, summary: pd.DataFrame, metrics: list[Metric],
+              paper_cols: list[str], delta_cols: list[str]) -> str:
+    shown = pd.DataFrame({k: [_fmt_key(k, v) for v in summary[k]] for k in layout.keys})
+    for m in metrics:
+        shown[m.label] = [format_ci(a, h, int(n), m.digits, m.scale) for a, h, n in
+                          zip(summary[m.column], summary[f"{m.column}_ci"], summary[f"{m.column}_n"])]
+    shown["seeds"] = summary["seeds"].astype(int).astype(str)
+    for c in paper_cols:
+        shown[c] = summary[c]
+    for c in delta_cols:
+        shown[c] = summary[c]
+    text = [f"# {layout.title}", "", f"Experiment `{experiment}`. Cells: mean ± half width of the 95 % Student-t "
+            "confidence interval over seeds; \"(n=1)\" marks a single run. `seeds` counts the runs per row.", ""]
+    if paper_cols:
+        text += ["Columns headed `paper:` are the paper's own numbers (different models, data and scale): compare "
+                 "directions, not values.", ""]
+    if delta_cols:
+        text += ["`delta vs ...` columns: this row minus the reference row (ours: on the mean; paper: on its "
+                 "number); `same direction` says whether the signs agree.", ""]
+    body = to_markdown(shown)
+    return "\n".join(text) + body + ("\n" + layout.note + "\n" if layout.note else "")
+
+
+def write_experiment_table(table: pd.DataFrame | str | Path, experiment: str, csv: str | Path,
+                           md: str | Path) -> pd.DataFrame:
+    """Write one experiment's table as CSV and Markdown; return the CSV table."""
+    summary, text = experiment_table(table, experiment)
+    for path in (csv, md):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+    summary.to_csv(csv, index=False)
+    Path(md).write_text(text, encoding="utf-8")
+    return summary
