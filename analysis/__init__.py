@@ -11,7 +11,7 @@ Reads only run records (``harness.records``) and the JSON of ``harness.token_imp
          table6_router table11_ratio_grid figure3_budget_sweep, any other name or "all": method x budget)
     python -m analysis pareto --table results/tables/all.csv --csv results/tables/pareto.csv \\
         --md results/tables/pareto.md --kv-figure results/figures/pareto_kv.png \\
-        --latency-figure results/figures/pareto_latency.png [--quality ppl_token]
+        --latency-figure results/figures/pareto_latency.png [--experiment main] [--quality ppl_token]
     python -m analysis figure3 --table results/tables/all.csv --out results/figures/figure3_budget_sweep.png \\
         [--csv results/tables/figure3_budget_sweep.csv --md results/tables/figure3_budget_sweep.md]
     python -m analysis figure1 --json results/token_importance.json --out results/figures/figure1_token_importance.png

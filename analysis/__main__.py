@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-figure", help="PNG: quality vs realized KV bytes, a panel per family")
     p.add_argument("--latency-figure", help="PNG: quality vs decode ms/token, a panel per family x device")
     p.add_argument("--quality", default="ppl_token", help="ppl_token (default), ppl_word, rouge_l or zs_avg")
+    p.add_argument("--experiment", default="all", help="only runs of this experiment (default: all runs)")
 
     p = sub.add_parser("figure3", help="Figure 3: perplexity vs realized KV budget")
     p.add_argument("--table", required=True)
@@ -75,7 +76,8 @@ def _run(args: argparse.Namespace) -> str:
         from analysis.pareto import write_pareto
 
         fronts = write_pareto(args.table, csv=args.csv, md=args.md, kv_figure=args.kv_figure,
-                              latency_figure=args.latency_figure, quality=args.quality)
+                              latency_figure=args.latency_figure, quality=args.quality,
+                              experiment=args.experiment)
         return f"pareto: {int(fronts['on_front'].sum())} front points of {len(fronts)} -> {args.csv}"
     if args.command == "figure3":
         from analysis.figures import figure3

@@ -15,11 +15,11 @@ import pandas as pd  # noqa: E402
 
 from analysis.collate import read_table  # noqa: E402
 from analysis.stats import summarise  # noqa: E402
+from analysis.style import method_style  # noqa: E402
 from analysis.tables import experiment_runs  # noqa: E402
 
 #: Methods drawn as lines over the budget sweep; the others are single points.
-SWEEP_LINES = {"mixsga": ("tab:red", "o"), "cla": ("tab:blue", "s")}
-SWEEP_POINTS = {"gqa": ("tab:green", "^"), "mqa": ("tab:purple", "v"), "base": ("black", "*")}
+SWEEP_LINES = ("mixsga", "cla")
 
 
 def _save(fig, out: str | Path) -> Path:
@@ -53,7 +53,7 @@ def figure3(table: pd.DataFrame | str | Path, out: str | Path, *,
             if arch == "base":
                 ax.axhline(sub[quality].iloc[0], color="black", ls=":", lw=1, label="base (100 % KV)")
                 continue
-            colour, marker = SWEEP_LINES.get(arch) or SWEEP_POINTS.get(arch) or ("tab:gray", "D")
+            colour, marker = method_style(arch)
             ls = "-" if arch in SWEEP_LINES else "none"
             ax.errorbar(x, sub[quality], yerr=yerr, color=colour, marker=marker, ls=ls, capsize=3, ms=7,
                         label=arch if arch in ("cla", "mqa") else {"mixsga": "mixSGA", "gqa": "GQA"}.get(arch, arch))
@@ -63,7 +63,7 @@ def figure3(table: pd.DataFrame | str | Path, out: str | Path, *,
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     seeds = int(summ["seeds"].max())
-    fig.suptitle(f"Figure 3: perplexity vs KV budget (lower is better; mean of up to {seeds} seed(s), 95 % CI)")
+    fig.suptitle(f"Figure 3: perplexity vs KV budget\n(lower is better; mean of up to {seeds} seed(s), 95 % CI)")
     return _save(fig, out)
 
 

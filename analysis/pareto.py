@@ -14,6 +14,8 @@ import numpy as np
 import pandas as pd
 
 from analysis.collate import read_table, to_markdown
+from analysis.style import method_style
+from analysis.tables import experiment_runs
 
 #: Quality columns and whether lower is better.
 QUALITY = {"ppl_token": True, "ppl_word": True, "rouge_l": False, "zs_avg": False}
@@ -56,15 +58,16 @@ def configurations(table: pd.DataFrame, quality: str, *, by_device: bool) -> pd.
     return out
 
 
-def pareto_fronts(table: pd.DataFrame | str | Path, quality: str = "ppl_token") -> pd.DataFrame:
+def pareto_fronts(table: pd.DataFrame | str | Path, quality: str = "ppl_token", experiment: str = "all") -> pd.DataFrame:
     """Every configuration with ``axis`` (kv / latency), ``cost``, ``quality`` and ``on_front``, per family.
 
+    ``experiment`` restricts the runs (e.g. the main grid, so that SFT or ablation runs do not mix in).
     Latency fronts are computed per device (``device``); KV fronts over all devices (bytes do not
     depend on the device).
     """
     if quality not in QUALITY:
         raise ValueError(f"unknown quality metric {quality!r}; known: {sorted(QUALITY)}")
-    table = read_table(table)
+    table = experiment_runs(read_table(table), experiment)
     if quality not in table.columns or table[quality].notna().sum() == 0:
         raise ValueError(f"no run has a {quality!r} value: nothing to put on a Pareto front")
     parts = []
@@ -108,9 +111,6 @@ def plot_pareto(fronts: pd.DataFrame, axis: str, out: str | Path) -> Path:
     families = sorted(data["family"].dropna().unique())
     devices = sorted(data["device"].dropna().unique()) if axis == "latency" else [None]
     devices = devices or [None]
-    methods = sorted(data["method"].unique())
-    cmap = plt.get_cmap("tab20")
-    colour = {m: cmap(i % 20) for i, m in enumerate(methods)}
     fig, axes = plt.subplots(len(devices), len(families), figsize=(4.6 * len(families), 4.0 * len(devices)),
                              squeeze=False, layout="constrained")
     scale = 1 / 1024 if axis == "kv" else 1.0
@@ -121,7 +121,8 @@ def plot_pareto(fronts: pd.DataFrame, axis: str, out: str | Path) -> Path:
             if device is not None:
                 part = part[part["device"] == device]
             for method, pts in part.groupby("method"):
-                ax.scatter(pts["cost"] * scale, pts["quality"], color=colour[method], s=28, label=method,
+                colour, marker = method_style(method)
+                ax.scatter(pts["cost"] * scale, pts["quality"], color=colour, marker=marker, s=34, label=method,
                            edgecolor="black", linewidth=0.3, zorder=3)
             front = part[part["on_front"]].sort_values("cost")
             if not front.empty:
@@ -142,7 +143,7 @@ def plot_pareto(fronts: pd.DataFrame, axis: str, out: str | Path) -> Path:
             handles.setdefault(lab, h)
     fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8, frameon=False)
     what = "realized KV bytes" if axis == "kv" else "decode latency"
-    fig.suptitle(f"Pareto fronts: {quality} vs {what} (mean over seeds per configuration)")
+    fig.suptitle(f"Pareto fronts: {quality} vs {what}\n(mean over seeds per configuration; black line: front)")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=130)
@@ -152,9 +153,9 @@ def plot_pareto(fronts: pd.DataFrame, axis: str, out: str | Path) -> Path:
 
 def write_pareto(table: pd.DataFrame | str | Path, *, csv: str | Path, md: str | Path | None = None,
                  kv_figure: str | Path | None = None, latency_figure: str | Path | None = None,
-                 quality: str = "ppl_token") -> pd.DataFrame:
+                 quality: str = "ppl_token", experiment: str = "all") -> pd.DataFrame:
     """Write the fronts (front rows only) as CSV / Markdown and the two faceted figures; return all rows."""
-    fronts = pareto_fronts(table, quality)
+    fronts = pareto_fronts(table, quality, experiment)
     front = fronts[fronts["on_front"]].drop(columns=["on_front"])
     Path(csv).parent.mkdir(parents=True, exist_ok=True)
     front.to_csv(csv, index=False)

@@ -11,6 +11,7 @@ import pandas as pd
 
 from analysis.collate import read_table, to_markdown
 from analysis.stats import format_ci, summarise
+from analysis.style import method_style
 
 
 def _p50(summary: Any) -> float:
@@ -130,9 +131,6 @@ def plot_perf(summary: pd.DataFrame, out: str | Path) -> Path:
     if data.empty:
         raise ValueError("no decode timing to plot")
     devices, families = sorted(data["device"].unique()), sorted(data["family"].dropna().unique())
-    methods = sorted(data["method"].unique())
-    cmap = plt.get_cmap("tab20")
-    colour = {m: cmap(i % 20) for i, m in enumerate(methods)}
     fig, axes = plt.subplots(len(devices), len(families), figsize=(4.6 * len(families), 3.9 * len(devices)),
                              squeeze=False, layout="constrained")
     for r, device in enumerate(devices):
@@ -141,7 +139,8 @@ def plot_perf(summary: pd.DataFrame, out: str | Path) -> Path:
             part = data[(data["device"] == device) & (data["family"] == family)]
             for method, pts in part.groupby("method"):
                 ax.errorbar(pts["kv_bytes_per_token"] / 1024, pts["decode_tps_mean"],
-                            yerr=pts["decode_tps_mean_ci"].fillna(0.0), color=colour[method], marker="o", ls="none",
+                            yerr=pts["decode_tps_mean_ci"].fillna(0.0), color=method_style(method)[0],
+                            marker=method_style(method)[1], ls="none",
                             capsize=2, label=method)
             ax.set_title(f"{family}\n{device}", fontsize=9)
             ax.set_xlabel("realized KV cache (KiB per token)")
@@ -153,7 +152,7 @@ def plot_perf(summary: pd.DataFrame, out: str | Path) -> Path:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
     fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8, frameon=False)
-    fig.suptitle("Decode throughput vs realized KV size (batch 1; mean ± 95 % CI over seeds; devices never mixed)")
+    fig.suptitle("Decode throughput vs realized KV size\n(batch 1; mean ± 95 % CI over seeds; one row per device)")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=130)

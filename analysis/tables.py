@@ -155,6 +155,7 @@ DEFAULT_LAYOUT = Layout("All runs: method x budget", ("family", "method", "budge
                         (PPL, REALIZED, BYTES, DECODE),
                         note="Held-out perplexity per token (bounded cache for eviction methods).")
 
+_KEY_LABELS = {"arch": "method", "budget_nominal": "nominal budget", "group_sizes": "group sizes"}
 _ARCH_ORDER = ["base", "gqa", "mqa", "cla", "mixsga"]
 _VARIANT_ORDER = ["learned router", "random router", "no aux loss"]
 
@@ -253,7 +254,7 @@ def _same(a: Any, b: Any) -> bool:
 
 def _markdown(layout: Layout, experiment: str, summary: pd.DataFrame, metrics: list[Metric],
               paper_cols: list[str], delta_cols: list[str]) -> str:
-    shown = pd.DataFrame({k: [_fmt_key(k, v) for v in summary[k]] for k in layout.keys})
+    shown = pd.DataFrame({_KEY_LABELS.get(k, k): [_fmt_key(k, v) for v in summary[k]] for k in layout.keys})
     for m in metrics:
         shown[m.label] = [format_ci(a, h, int(n), m.digits, m.scale) for a, h, n in
                           zip(summary[m.column], summary[f"{m.column}_ci"], summary[f"{m.column}_n"])]
@@ -271,7 +272,7 @@ def _markdown(layout: Layout, experiment: str, summary: pd.DataFrame, metrics: l
         text += ["`delta vs ...` columns: this row minus the reference row (ours: on the mean; paper: on its "
                  "number); `same direction` says whether the signs agree.", ""]
     body = to_markdown(shown)
-    return "\n".join(text) + body + ("\n" + layout.note + "\n" if layout.note else "")
+    return "\n".join(text) + "\n" + body + ("\n" + layout.note + "\n" if layout.note else "")
 
 
 def write_experiment_table(table: pd.DataFrame | str | Path, experiment: str, csv: str | Path,
