@@ -97,26 +97,59 @@ def cmd_grid(args: argparse.Namespace) -> None:
         write_run_table(rows, args.out)
     print("\t".join(RUN_TABLE_COLUMNS))
     for row in rows:
-        print("\t".join(str(row[c]) for c in RUN_TABLE_COLUMNS))
+        cells = {**row, "experiments": ",".join(row["experiments"]), "evaluate": ",".join(row["evaluate"]),
+                 "params": json.dumps(row["params"], sort_keys=True)}
+        print("\t".join(str(cells[c]) for c in RUN_TABLE_COLUMNS))
+
+
+def _spec_from(args: argparse.Namespace, table: str) -> dict:
+    """The spec of --spec (JSON, as the workflow passes it) or of --run-id / --train-id in --configfile."""
+    from harness.config import load_config, run_spec, train_table
+
+    ident = getattr(args, "run_id" if table == "run" else "train_id")
+    if (args.spec is None) == (ident is None):
+        raise ValueError(f"give exactly one of --spec (JSON, as the workflow does) or --{table}-id (with --configfile)")
+    if args.spec is not None:
+        return json.loads(args.spec)
+    cfg = load_config(args.configfile)
+    if table == "run":
+        return run_spec(cfg, ident)
+    trains = train_table(cfg)
+    if ident not in trains:
+        raise ValueError(f"train id {ident!r} is not needed by any run of this config ({len(trains)} checkpoints)")
+    return trains[ident]
+
+
+def cmd_train(args: argparse.Namespace) -> None:
+    from harness.run import execute_train
+
+    spec = _spec_from(args, "train")
+    got = execute_train(spec, args.out, model_path=args.model, corpus_dir=args.corpus, instruct_dir=args.instruct,
+                        threads=args.threads)
+    s = got["summary"]
+    print(f"{s['train_id']}: {s['steps']} steps, {s['tokens']} tokens, loss {s['final_loss_avg']:.4f} -> {args.out}")
 
 
 def cmd_run(args: argparse.Namespace) -> None:
-    from harness.config import load_config, run_spec
     from harness.run import execute_run
 
-    if (args.spec is None) == (args.run_id is None):
-        raise ValueError("give exactly one of --spec (JSON, as the workflow does) or --run-id (with --configfile)")
-    spec = json.loads(args.spec) if args.spec is not None else run_spec(load_config(args.configfile), args.run_id)
+    spec = _spec_from(args, "run")
     record = execute_run(
         spec,
         args.out,
         model_path=args.model,
+        trained_dir=args.trained,
         corpus_dir=args.corpus,
+        instruct_dir=args.instruct,
         unigram_path=args.unigram,
+        predictions_dir=args.predictions,
+        code=args.code,
         threads=args.threads,
     )
     q = record["quality"]
-    print(f"{record['identity']['run_id']}: ppl_token={q['ppl_token']:.3f} ppl_word={q['ppl_word']:.3f} -> {args.out}")
+    shown = {k: q[k] for k in ("ppl_token", "rouge_l") if q.get(k) is not None}
+    print(f"{record['identity']['run_id']}: {json.dumps(shown)} realized budget {record['budget']['realized']:.3f} "
+          f"-> {args.out}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -180,13 +213,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--configfile", nargs="+", default=[DEFAULT_CONFIG])
     p.add_argument("--out", help="also write the table here (TSV)")
 
+    p = add("train", cmd_train, "train one checkpoint (CPT / SFT) that runs share; resumes a killed job")
+    p.add_argument("--spec", help="the training spec as JSON (what the workflow passes)")
+    p.add_argument("--train-id", help="alternatively: a train id of --configfile's runs")
+    p.add_argument("--configfile", nargs="+", default=[DEFAULT_CONFIG])
+    p.add_argument("--model", help="directory of the base model pretrained here (omit for hub models)")
+    p.add_argument("--corpus", help="corpus directory (CPT data)")
+    p.add_argument("--instruct", help="instruction set directory (SFT data)")
+    p.add_argument("--out", required=True, help="checkpoint directory (model.pt + train.json)")
+    threads(p)
+
     p = add("run", cmd_run, "run one grid cell and write its record (skipped if a valid record exists)")
     p.add_argument("--spec", help="the run's resolved config as JSON (what the workflow passes)")
     p.add_argument("--run-id", help="alternatively: a run id of --configfile's grid")
     p.add_argument("--configfile", nargs="+", default=[DEFAULT_CONFIG])
     p.add_argument("--model", help="directory of a model pretrained here (omit for hub models)")
+    p.add_argument("--trained", help="trained checkpoint directory from 'harness train' (trained runs)")
     p.add_argument("--corpus", help="corpus directory (eval texts for text_set 'corpus', fingerprint)")
+    p.add_argument("--instruct", help="instruction set directory (offline ROUGE-L)")
     p.add_argument("--unigram", help="JSON from 'harness unigram' (models pretrained here)")
+    p.add_argument("--predictions", help="directory for generated responses (default: records/../predictions)")
+    p.add_argument("--code", help="hash of the code the run executes (recorded in provenance)")
     p.add_argument("--out", required=True, help="record path (JSON)")
     threads(p)
     return parser
@@ -197,7 +244,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, NotImplementedError) as exc:
+    except (ValueError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -9,6 +9,8 @@ from __future__ import annotations
 import copy
 import csv
 import hashlib
+import json
+from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -19,7 +21,10 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 #: The method that leaves the model unchanged; it always runs at budget 1.0.
 BASE_METHOD = "base"
-RUN_TABLE_COLUMNS = ("run_id", "model", "family", "source", "method", "budget", "seed")
+RUN_TABLE_COLUMNS = (
+    "run_id", "experiments", "model", "family", "source", "training", "method", "budget", "params", "seed",
+    "evaluate", "train_id",
+)
 
 
 class ConfigError(ValueError):
@@ -89,10 +94,19 @@ def _check_semantics(cfg: dict) -> None:
             )
         elif "hub" in model and "pretrain" in model:
             problems.append(f"config key 'models[{i}].pretrain': model {name!r} comes from the hub, it is not pretrained")
+    for exp_name, exp in cfg["experiments"].items():
+        for name in exp.get("models") or []:
+            if name not in seen:
+                problems.append(f"config key 'experiments.{exp_name}.models': unknown model {name!r}; "
+                                f"config models are {sorted(seen)}")
+        if exp["training"] == "none" and "rouge" in exp["evaluate"]:
+            problems.append(f"config key 'experiments.{exp_name}.evaluate': ROUGE-L needs an instruction-tuned "
+                            "model (training: sft)")
     if cfg["eval"]["text_set"] == "corpus" and cfg["eval"]["text_path"] is not None:
         problems.append("config key 'eval.text_path': only used with a hub text set, not with text_set 'corpus'")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+    run_table(cfg)  # expansion errors (unknown method, missing budgets, clashing ids) surface here
 
 
 def load_config(paths: str | Path | Iterable[str | Path], overrides: Mapping[str, Any] | None = None) -> dict:
@@ -122,13 +136,46 @@ def merge_config(base: dict, update: Mapping[str, Any]) -> dict:
 
 
 def budget_tag(budget: float) -> str:
-    """Budget as it appears in run ids: 1.0 -> 'kv100', 0.375 -> 'kv37.5'."""
-    return f"kv{round(float(budget) * 100, 4):g}"
+    """Budget as it appears in run ids: 1.0 -> 'kv100', 0.375 -> 'kv37.5', 5/7 -> 'kv71.43'."""
+    return f"kv{round(float(budget) * 100, 2):g}"
 
 
-def make_run_id(model: str, method: str, budget: float, seed: int) -> str:
-    """The run id; '__' separates fields (model names cannot contain '_')."""
-    return f"{model}__{method}__{budget_tag(budget)}__s{int(seed)}"
+def make_run_id(model: str, method: str, budget: float, seed: int, *, training: str = "none",
+                params: Mapping[str, Any] | None = None) -> str:
+    """The readable run id ``{model}__{training}__{method}[-{variant}]__kv{budget}__s{seed}``.
+
+    '__' separates fields (model names cannot contain '_'); the variant spells out the
+    explicit method params (e.g. ``mixsga-r1.9.2``, ``mixsga-r3.1.6-routerrandom``).
+    """
+    return f"{model}__{training}__{method}{_variant(params or {})}__{budget_tag(budget)}__s{int(seed)}"
+
+
+_KEY_TAGS = {"ratios": "r", "group_sizes": "g", "aux_loss_weight": "aux", "inner_budget": "in"}
+
+
+def _variant(params: Mapping[str, Any]) -> str:
+    """A short readable tag of explicit params: {'ratios': [1, 9, 2]} -> '-r1.9.2'."""
+    parts = []
+    for key in sorted(params):
+        value = params[key]
+        if isinstance(value, Mapping):
+            text = _variant(value).lstrip("-")
+        elif isinstance(value, (list, tuple)):
+            text = ".".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+        else:
+            text = f"{value:g}" if isinstance(value, float) else str(value)
+        parts.append(_KEY_TAGS.get(key, key.replace("_", "")) + text)
+    tag = "-".join(parts)
+    tag = "".join(c if c.isalnum() or c in ".-" else "" for c in tag)
+    return f"-{tag}" if tag else ""
+
+
+def mixsga_budget(ratios: Iterable[float], group_sizes: Iterable[int] = (1, 2, 4)) -> float:
+    """The KV budget of mixSGA capacity ratios (sum r_e / g_e over sum r_e), without importing torch."""
+    ratios, group_sizes = [Fraction(str(r)) for r in ratios], [int(g) for g in group_sizes]
+    if len(ratios) != len(group_sizes) or sum(ratios) <= 0 or any(r < 0 for r in ratios):
+        raise ConfigError(f"mixSGA ratios {[float(r) for r in ratios]} do not fit group sizes {group_sizes}")
+    return float(sum(r / g for r, g in zip(ratios, group_sizes)) / sum(ratios))
 
 
 def model_entry(cfg: Mapping[str, Any], name: str) -> dict:
@@ -152,52 +199,167 @@ def pretrain_settings(cfg: Mapping[str, Any], name: str) -> dict:
     return {**cfg["pretrain"], **model.get("pretrain", {})}
 
 
+#: Architecture-changing methods (the checkpoint a run trains or loads is this method's).
+ARCHITECTURES = ("base", "gqa", "mqa", "cla", "mixsga")
+#: Token-eviction methods: they act through the cache of an architecture (base unless stacked).
+EVICTIONS = ("h2o", "streamingllm", "snapkv", "tova")
+DEFAULT_INNER_BUDGET = 0.5
+
+
+def architecture_of(method: str, budget: float, params: Mapping[str, Any]) -> tuple[str, float, dict]:
+    """(method, budget, explicit params) of the weights a run uses: eviction shares its inner model's.
+
+    ``h2o`` runs on the base model; ``h2o+mixsga`` on mixSGA at ``inner_budget`` (0.5 by default)
+    with the ``inner`` params. Runs differing only in the eviction keep thus share one checkpoint.
+    """
+    if method in ARCHITECTURES:
+        return method, (1.0 if method == BASE_METHOD else float(budget)), dict(params)
+    evict, _, inner = method.partition("+")
+    if evict not in EVICTIONS or (inner and inner not in ("gqa", "mixsga")):
+        raise ConfigError(f"unknown method {method!r}; known: {', '.join(ARCHITECTURES + EVICTIONS)} "
+                          "and <eviction>+gqa / <eviction>+mixsga")
+    if not inner:
+        return BASE_METHOD, 1.0, {}
+    return inner, float(params.get("inner_budget", DEFAULT_INNER_BUDGET)), dict(params.get("inner") or {})
+
+
+def _run_budgets(exp_name: str, i: int, entry: Mapping[str, Any]) -> list[float]:
+    method, params = entry["method"], entry.get("params") or {}
+    where = f"config key 'experiments.{exp_name}.runs[{i}]'"
+    if method == BASE_METHOD:
+        if entry.get("budgets") not in (None, [1.0], [1]):
+            raise ConfigError(f"{where}: method 'base' always runs at budget 1.0, got budgets {entry['budgets']}")
+        return [1.0]
+    if entry.get("budgets") is not None:
+        return [float(b) for b in entry["budgets"]]
+    if method == "mixsga" and "ratios" in params:
+        return [mixsga_budget(params["ratios"], params.get("group_sizes", (1, 2, 4)))]
+    raise ConfigError(f"{where}: method {method!r} needs budgets (or mixSGA ratios to derive the budget from)")
+
+
 def run_table(cfg: Mapping[str, Any]) -> list[dict]:
-    """The grid model x method x budget x seed as rows (base runs once per seed at budget 1.0)."""
-    rows = []
-    for model in cfg["models"]:
-        for method in cfg["methods"]:
-            budgets = [1.0] if method == BASE_METHOD else [float(b) for b in cfg["budgets"]]
-            for budget in budgets:
-                for seed in cfg["seeds"]:
-                    rows.append(
-                        {
-                            "run_id": make_run_id(model["name"], method, budget, seed),
-                            "model": model["name"],
-                            "family": model["family"],
-                            "source": "pretrained" if pretrained_here(model) else model["hub"],
-                            "method": method,
-                            "budget": budget,
-                            "seed": int(seed),
-                        }
-                    )
+    """Every experiment's runs as rows, shared runs once (their ``experiments`` merged), in config order.
+
+    A run is identified by model, training, method, budget, explicit params and seed; two
+    experiments asking for the same run share it, and its evaluations are the union of theirs.
+    """
+    by_id: dict[str, dict] = {}
+    for exp_name, exp in cfg["experiments"].items():
+        models = exp.get("models") or [m["name"] for m in cfg["models"]]
+        seeds = exp.get("seeds") or cfg["seeds"]
+        for i, entry in enumerate(exp["runs"]):
+            params = dict(entry.get("params") or {})
+            architecture_of(entry["method"], 1.0, params)  # validates the method name
+            for model_name in models:
+                model = model_entry(cfg, model_name)
+                for budget in _run_budgets(exp_name, i, entry):
+                    for seed in seeds:
+                        run_id = make_run_id(model_name, entry["method"], budget, seed,
+                                             training=exp["training"], params=params)
+                        row = by_id.get(run_id)
+                        if row is None:
+                            row = by_id[run_id] = {
+                                "run_id": run_id,
+                                "experiments": [],
+                                "model": model_name,
+                                "family": model["family"],
+                                "source": "pretrained" if pretrained_here(model) else model["hub"],
+                                "training": exp["training"],
+                                "method": entry["method"],
+                                "budget": float(budget),
+                                "params": params,
+                                "seed": int(seed),
+                                "evaluate": [],
+                            }
+                        elif row["params"] != params:
+                            raise ConfigError(f"run id {run_id!r} stands for two different param sets: "
+                                              f"{row['params']} and {params}")
+                        if exp_name not in row["experiments"]:
+                            row["experiments"].append(exp_name)
+                        for what in exp["evaluate"]:
+                            if what not in row["evaluate"]:
+                                row["evaluate"].append(what)
+    rows = list(by_id.values())
+    for row in rows:
+        row["evaluate"] = [w for w in EVALUATIONS if w in row["evaluate"]]
+        row["train_id"] = train_id(row) if row["training"] != "none" else ""
     return rows
 
 
-def run_spec(cfg: Mapping[str, Any], run_id: str) -> dict:
-    """Everything that determines one run's result: its row, model, eval and (if pretrained here)
-    the data, tokenizer and pretraining settings. Stored as the record's resolved config."""
-    rows = {row["run_id"]: row for row in run_table(cfg)}
-    if run_id not in rows:
-        raise ConfigError(f"run id {run_id!r} is not in the grid of this config ({len(rows)} runs)")
-    row = rows[run_id]
+EVALUATIONS = ("ppl", "rouge", "zeroshot")
+
+
+def train_id(row: Mapping[str, Any]) -> str:
+    """Id of the trained checkpoint a run uses (shared by runs that differ only in eviction)."""
+    method, budget, params = architecture_of(row["method"], row["budget"], row["params"])
+    return make_run_id(row["model"], method, budget, row["seed"], training=row["training"], params=params)
+
+
+def _indexed(cfg: Mapping[str, Any], rows: list[dict] | None) -> dict[str, dict]:
+    return {row["run_id"]: row for row in (rows if rows is not None else run_table(cfg))}
+
+
+def training_spec(cfg: Mapping[str, Any], row: Mapping[str, Any]) -> dict:
+    """What decides a run's trained weights: kind, recipe (+ overrides), data, architecture, seed."""
+    if row["training"] == "none":
+        return {"kind": "none"}
+    method, budget, params = architecture_of(row["method"], row["budget"], row["params"])
+    return {
+        "kind": row["training"],
+        "train_id": row["train_id"],
+        **copy.deepcopy(cfg["training"][row["training"]]),
+        "architecture": {"method": method, "budget": budget, "params": params},
+        "seed": row["seed"],
+    }
+
+
+def run_spec(cfg: Mapping[str, Any], run_id: str, rows: list[dict] | None = None) -> dict:
+    """Everything that determines one run's result (stored as the record's resolved config).
+
+    ``rows``: the precomputed ``run_table(cfg)`` (the workflow computes it once).
+    """
+    index = _indexed(cfg, rows)
+    if run_id not in index:
+        raise ConfigError(f"run id {run_id!r} is not in the grid of this config ({len(index)} runs)")
+    row = index[run_id]
     model = model_entry(cfg, row["model"])
     spec = {
         "run_id": run_id,
+        "experiments": list(row["experiments"]),
         "profile": cfg["profile"],
         "model": model,
         "method": row["method"],
         "budget": row["budget"],
+        "params": dict(row["params"]),
         "seed": row["seed"],
         "device": cfg["device"],
         "dtype": cfg["dtype"],
+        "training": training_spec(cfg, row),
+        "evaluate": list(row["evaluate"]),
         "eval": copy.deepcopy(cfg["eval"]),
+        "measure": copy.deepcopy(cfg["measure"]),
     }
     if pretrained_here(model):
         spec["data"] = copy.deepcopy(cfg["data"])
         spec["tokenizer"] = copy.deepcopy(cfg["tokenizer"])
         spec["pretrain"] = pretrain_settings(cfg, model["name"])
     return spec
+
+
+def train_table(cfg: Mapping[str, Any], rows: list[dict] | None = None) -> dict[str, dict]:
+    """Every trained checkpoint the runs need: train_id -> training spec (+ model, dtype, device)."""
+    trains: dict[str, dict] = {}
+    for row in (rows if rows is not None else run_table(cfg)):
+        if row["training"] == "none" or row["train_id"] in trains:
+            continue
+        model = model_entry(cfg, row["model"])
+        spec = {"model": model, "device": cfg["device"], **training_spec(cfg, row)}
+        if pretrained_here(model):
+            spec["data_build"] = copy.deepcopy(cfg["data"])
+            spec["tokenizer"] = copy.deepcopy(cfg["tokenizer"])
+            spec["pretrain"] = pretrain_settings(cfg, model["name"])
+        trains[row["train_id"]] = spec
+    return trains
 
 
 def write_run_table(rows: list[dict], path: str | Path) -> Path:
@@ -207,7 +369,13 @@ def write_run_table(rows: list[dict], path: str | Path) -> Path:
     with open(path, "w", encoding="utf-8", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=RUN_TABLE_COLUMNS, delimiter="\t", lineterminator="\n")
         writer.writeheader()
-        writer.writerows(rows)
+        for row in rows:
+            writer.writerow({
+                **row,
+                "experiments": ",".join(row["experiments"]),
+                "evaluate": ",".join(row["evaluate"]),
+                "params": json.dumps(row["params"], sort_keys=True),
+            })
     return path
 
 

@@ -1,8 +1,8 @@
 """One JSON record per run: schema, constructor, validation, atomic writer, reader.
 
 A record has the sections identity, provenance, budget, quality, performance, flags
-and wall_time_s. Numbers not measured yet are ``null``, never invented. ``analysis/``
-reads only these records.
+and wall_time_s (results/README.md lists every field). Numbers not measured are
+``null``, never invented. ``analysis/`` reads only these records.
 """
 
 from __future__ import annotations
@@ -16,12 +16,15 @@ from typing import Any, Mapping
 
 from jsonschema import Draft202012Validator
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+TRAINING_KINDS = ("none", "cpt", "sft")
 
 _NUM = {"type": "number"}
 _NUM_OR_NULL = {"type": ["number", "null"]}
 _POS_OR_NULL = {"type": ["number", "null"], "minimum": 0}
+_INT_OR_NULL = {"type": ["integer", "null"], "minimum": 0}
 _STR_OR_NULL = {"type": ["string", "null"]}
+_FRACTIONS_OR_NULL = {"type": ["array", "null"], "items": {"type": "number", "minimum": 0, "maximum": 1}}
 
 
 def _section(properties: dict, required: list[str] | None = None) -> dict:
@@ -33,6 +36,43 @@ def _section(properties: dict, required: list[str] | None = None) -> dict:
     }
 
 
+def _or_null(schema: dict) -> dict:
+    return {"oneOf": [{"type": "null"}, schema]}
+
+
+#: mean / p50 / p90 / std over the timed repeats (harness.measure.summarise), plus their count.
+_SUMMARY = _section({**{k: {"type": "number", "minimum": 0} for k in ("mean", "p50", "p90", "std", "min")},
+                     "n": {"type": "integer", "minimum": 1}}, required=["mean", "p50", "p90", "std"])
+_PEAK = _section({"prefill": _POS_OR_NULL, "decode": _POS_OR_NULL})
+#: One context length's timing: prefill = generate 1 token; decode = the other new tokens.
+_TIMING = _section(
+    {
+        "context_len": {"type": "integer", "minimum": 1},
+        "new_tokens": {"type": "integer", "minimum": 2},
+        "prefill_ms": _SUMMARY,
+        "decode_tokens_per_s": _SUMMARY,
+        "peak_memory_bytes": _PEAK,
+        "peak_torch_allocated_bytes": _PEAK,
+        "memory_source": {"enum": ["rss", "nvml"]},
+    }
+)
+_TRAINING_SUMMARY = _section(
+    {
+        "train_id": {"type": "string", "minLength": 1},
+        "recipe": {"type": "string", "minLength": 1},
+        "steps": {"type": "integer", "minimum": 1},
+        "tokens": {"type": "integer", "minimum": 1},
+        "target_tokens": {"type": "integer", "minimum": 1},
+        "token_hash": {"type": "string", "minLength": 16},
+        "final_loss": _NUM,
+        "final_loss_avg": _NUM,
+        "aux_loss_final": _NUM_OR_NULL,
+        "agreement_final": _NUM_OR_NULL,
+        "precision": {"type": "string"},
+        "wall_time_s": {"type": "number", "minimum": 0},
+    }
+)
+
 RECORD_SCHEMA: dict = {
     "$schema": "https://json-schema.org/draft/2020-12/schema",
     "title": "mixSGA-bench run record",
@@ -42,10 +82,14 @@ RECORD_SCHEMA: dict = {
             "identity": _section(
                 {
                     "run_id": {"type": "string", "minLength": 1},
+                    "experiments": {"type": "array", "minItems": 1, "items": {"type": "string", "minLength": 1}},
                     "model": {"type": "string", "minLength": 1},
                     "family": {"type": "string", "minLength": 1},
                     "method": {"type": "string", "minLength": 1},
                     "seed": {"type": "integer", "minimum": 0},
+                    "params": {"type": ["object", "null"]},
+                    "training": {"enum": list(TRAINING_KINDS)},
+                    "training_summary": _or_null(_TRAINING_SUMMARY),
                     "config": {"type": "object"},
                 }
             ),
@@ -65,9 +109,12 @@ RECORD_SCHEMA: dict = {
                     },
                     "seed": {"type": "integer", "minimum": 0},
                     "dataset_fingerprint": {"type": ["object", "null"]},
+                    "code": {"type": ["string", "null"]},
                     "started_at": {"type": "string", "format": "date-time"},
                     "finished_at": {"type": "string", "format": "date-time"},
-                }
+                },
+                required=["git", "packages", "python", "platform", "hostname", "device", "seed",
+                          "dataset_fingerprint", "started_at", "finished_at"],
             ),
             "budget": _section(
                 {
@@ -77,36 +124,44 @@ RECORD_SCHEMA: dict = {
                     "base_bytes_per_token": _POS_OR_NULL,
                     "measured_bytes": _POS_OR_NULL,
                     "base_measured_bytes": _POS_OR_NULL,
-                    "measured_tokens": {"type": ["integer", "null"], "minimum": 0},
+                    "measured_tokens": _INT_OR_NULL,
                     "dtype": {"type": "string"},
                     "params": {"type": ["object", "null"]},
-                }
+                    "prefill_expert_fractions": _FRACTIONS_OR_NULL,
+                    "decode_expert_fractions": _FRACTIONS_OR_NULL,
+                },
+                required=["nominal", "realized", "analytic_bytes_per_token", "base_bytes_per_token",
+                          "measured_bytes", "base_measured_bytes", "measured_tokens", "dtype", "params"],
             ),
             "quality": _section(
                 {
                     "ppl_token": _POS_OR_NULL,
                     "ppl_word": _POS_OR_NULL,
                     "ppl_unigram": _POS_OR_NULL,
+                    "ppl_protocol": {"enum": ["full", "bounded_cache", None]},
                     "eval_set": _STR_OR_NULL,
-                    "eval_tokens": {"type": ["integer", "null"], "minimum": 0},
-                    "eval_words": {"type": ["integer", "null"], "minimum": 0},
+                    "eval_tokens": _INT_OR_NULL,
+                    "eval_words": _INT_OR_NULL,
                     "rouge_l": _POS_OR_NULL,
                     "rouge_impl": _STR_OR_NULL,
-                    "gen_len": _POS_OR_NULL,
+                    "gen_length": _POS_OR_NULL,
+                    "instruct_set": _STR_OR_NULL,
+                    "instruct_rows": _INT_OR_NULL,
+                    "rouge_by_set": {
+                        "type": ["object", "null"],
+                        "additionalProperties": _section({"rouge_l": _NUM, "gen_length": _NUM, "rows": _NUM}),
+                    },
+                    "zeroshot": {"type": ["object", "null"], "additionalProperties": _NUM_OR_NULL},
                 }
             ),
             "performance": _section(
                 {
-                    "prefill_ms": _POS_OR_NULL,
-                    "decode_tokens_per_s": {
-                        "oneOf": [
-                            {"type": "null"},
-                            _section({k: _POS_OR_NULL for k in ("mean", "p50", "p90", "std")}),
-                        ]
-                    },
-                    "peak_memory_bytes": _section(
-                        {k: _POS_OR_NULL for k in ("prefill", "decode")}
-                    ),
+                    "device": {"type": ["string", "null"]},
+                    "context_len": _INT_OR_NULL,
+                    "prefill_ms": _or_null(_SUMMARY),
+                    "decode_tokens_per_s": _or_null(_SUMMARY),
+                    "peak_memory_bytes": _PEAK,
+                    "by_context": {"type": "array", "items": _TIMING},
                 }
             ),
             "flags": _section(
@@ -127,7 +182,8 @@ def empty_quality() -> dict:
 
 def empty_performance() -> dict:
     """Performance section with nothing measured."""
-    return {"prefill_ms": None, "decode_tokens_per_s": None, "peak_memory_bytes": {"prefill": None, "decode": None}}
+    return {"device": None, "context_len": None, "prefill_ms": None, "decode_tokens_per_s": None,
+            "peak_memory_bytes": {"prefill": None, "decode": None}, "by_context": []}
 
 
 def new_record(
@@ -139,16 +195,26 @@ def new_record(
     performance: Mapping[str, Any] | None = None,
     flags: Mapping[str, Any],
     wall_time_s: float,
+    params: Mapping[str, Any] | None = None,
+    training_summary: Mapping[str, Any] | None = None,
 ) -> dict:
-    """Assemble and validate a record; ``spec`` is the run's resolved config (harness.config.run_spec)."""
+    """Assemble and validate a record.
+
+    ``spec`` is the run's resolved config (harness.config.run_spec); ``params`` the method's
+    resolved parameters; ``training_summary`` the CPT / SFT summary (None when untrained).
+    """
     record = {
         "schema_version": SCHEMA_VERSION,
         "identity": {
             "run_id": spec["run_id"],
+            "experiments": list(spec.get("experiments") or ["adhoc"]),
             "model": spec["model"]["name"],
             "family": spec["model"]["family"],
             "method": spec["method"],
             "seed": spec["seed"],
+            "params": None if params is None else dict(params),
+            "training": spec.get("training", {}).get("kind", "none") if spec.get("training") else "none",
+            "training_summary": None if training_summary is None else dict(training_summary),
             "config": dict(spec),
         },
         "provenance": dict(provenance),
