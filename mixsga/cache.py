@@ -32,7 +32,8 @@ so that bytes follow the ledger on every layer.
 Cost of one decode token per layer and sample (no window, no observer):
 router matmul + argmax, one host read of the expert id (the store to append to
 is chosen on the host; on CUDA this is the one sync per layer the ragged layout
-needs), K/V fuse + pool + append, index append, then one logits matmul per
+needs, made asynchronous: the id is copied to pinned memory right after the
+router and read at the cache update, once the Q/K/V projections are queued), K/V fuse + pool + append, index append, then one logits matmul per
 expert holding tokens, one concatenation, one softmax and one value matmul per
 expert. Batches > 1 loop over samples (the stores are ragged).
 
@@ -47,7 +48,7 @@ last W *kept* tokens.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
@@ -68,6 +69,14 @@ class Route:
     # Single-token decode: each sample's expert id, -1 where the sample's token is padding.
     ids: list[int] | None = None
     cache_layer: "MixSGALayer | None" = None
+    # On CUDA the ids travel to the host asynchronously; ``resolve`` waits for them. The cache
+    # update calls it after the layer's Q/K/V projections are queued, so the GPU has work while
+    # the host waits instead of idling through a sync right after the router.
+    fetch: Callable[[], list[int]] | None = None
+
+    def resolve(self) -> None:
+        if self.fetch is not None:
+            self.ids, self.fetch = self.fetch(), None
 
 
 class MixSGALayer(CacheLayerMixin):
@@ -124,6 +133,7 @@ class MixSGALayer(CacheLayerMixin):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        route.resolve()
         batch, _, q, _ = key_states.shape
         if batch != len(self.index):
             raise ValueError(f"cache holds {len(self.index)} samples but got a batch of {batch}")
@@ -275,6 +285,7 @@ class MixSGALayer(CacheLayerMixin):
         ``[B, q, H_q, d]``; padded query rows are zero.
         """
         batch, heads, q, dim = query.shape
+        route.resolve()
         if route.ids is not None:
             if batch == 1:
                 if route.ids[0] < 0:
