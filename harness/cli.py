@@ -90,16 +90,12 @@ def cmd_check_config(args: argparse.Namespace) -> None:
 
 
 def cmd_grid(args: argparse.Namespace) -> None:
-    from harness.config import RUN_TABLE_COLUMNS, load_config, run_table, write_run_table
+    from harness.config import load_config, run_table, run_table_lines, write_run_table
 
     rows = run_table(load_config(args.configfile))
     if args.out:
         write_run_table(rows, args.out)
-    print("\t".join(RUN_TABLE_COLUMNS))
-    for row in rows:
-        cells = {**row, "experiments": ",".join(row["experiments"]), "evaluate": ",".join(row["evaluate"]),
-                 "params": json.dumps(row["params"], sort_keys=True)}
-        print("\t".join(str(cells[c]) for c in RUN_TABLE_COLUMNS))
+    print("\n".join(run_table_lines(rows)))
 
 
 def _spec_from(args: argparse.Namespace, table: str) -> dict:
@@ -209,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("check-config", cmd_check_config, "validate config file(s) and print the resolved config")
     p.add_argument("--configfile", nargs="+", default=[DEFAULT_CONFIG], help="later files override earlier ones")
 
-    p = add("grid", cmd_grid, "print the run table (model x method x budget x seed) of a config")
+    p = add("grid", cmd_grid, "print the expanded sweep (every experiment's runs, shared runs once) of a config")
     p.add_argument("--configfile", nargs="+", default=[DEFAULT_CONFIG])
     p.add_argument("--out", help="also write the table here (TSV)")
 

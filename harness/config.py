@@ -7,7 +7,6 @@ and the CLI. The schema lives in ``workflow/schemas/config.schema.yaml``.
 from __future__ import annotations
 
 import copy
-import csv
 import hashlib
 import json
 from fractions import Fraction
@@ -362,20 +361,21 @@ def train_table(cfg: Mapping[str, Any], rows: list[dict] | None = None) -> dict[
     return trains
 
 
+def run_table_lines(rows: list[dict]) -> list[str]:
+    """The sweep table as tab-separated lines, header first (lists comma-joined, params as JSON)."""
+    lines = ["\t".join(RUN_TABLE_COLUMNS)]
+    for row in rows:
+        cells = {**row, "experiments": ",".join(row["experiments"]), "evaluate": ",".join(row["evaluate"]),
+                 "params": json.dumps(row["params"], sort_keys=True)}
+        lines.append("\t".join(str(cells[c]) for c in RUN_TABLE_COLUMNS))
+    return lines
+
+
 def write_run_table(rows: list[dict], path: str | Path) -> Path:
-    """Write the grid as a TSV (one row per run) and return its path."""
+    """Write the sweep table (one row per run, see run_table_lines) and return its path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=RUN_TABLE_COLUMNS, delimiter="\t", lineterminator="\n")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({
-                **row,
-                "experiments": ",".join(row["experiments"]),
-                "evaluate": ",".join(row["evaluate"]),
-                "params": json.dumps(row["params"], sort_keys=True),
-            })
+    path.write_text("\n".join(run_table_lines(rows)) + "\n", encoding="utf-8")
     return path
 
 

@@ -27,14 +27,17 @@ def _record(
     ppl_token: float = 50.0,
     ppl_unigram: float | None = 500.0,
 ) -> dict[str, Any]:
-    from harness.config import load_config, make_run_id, run_spec
+    import yaml
+
+    from harness.config import make_run_id, run_spec, validate_config
     from harness.provenance import utc_now
     from harness.records import new_record
 
-    cfg = load_config(
-        [REPO_ROOT / "config" / "config.yaml"],
-        {"models": [{"name": model, "family": family, "size": "tiny"}], "seeds": [seed]},
-    )
+    run = {"method": method} if method == "base" else {"method": method, "budgets": [budget]}
+    raw = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
+    raw.update(models=[{"name": model, "family": family, "size": "tiny"}], seeds=[seed],
+               experiments={"main": {"training": "none", "runs": [run]}})
+    cfg = validate_config(raw)
     spec = run_spec(cfg, make_run_id(model, method, budget, seed))
     now = utc_now()
     provenance = {

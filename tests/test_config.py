@@ -14,10 +14,13 @@ from harness.config import (
     load_schema,
     make_run_id,
     merge_config,
+    mixsga_budget,
     pretrain_settings,
     run_spec,
     run_table,
+    train_table,
     validate_config,
+    write_run_table,
 )
 
 DEFAULT = REPO_ROOT / "config" / "config.yaml"
@@ -30,7 +33,8 @@ def test_empty_config_gets_every_default():
     assert cfg["profile"] == "offline"
     assert cfg["pretrain"]["steps"] == 720 and cfg["pretrain"]["lr"] == 0.002
     assert cfg["eval"]["text_set"] == "corpus" and cfg["eval"]["split"] == "test"
-    assert cfg["methods"] == ["base"] and cfg["seeds"] == [0]
+    assert cfg["experiments"] == {"main": {"training": "none", "evaluate": ["ppl"], "runs": [{"method": "base"}]}}
+    assert cfg["seeds"] == [0] and cfg["measure"]["repeats"] == 5 and cfg["training"]["cpt"]["recipe"] == "cpt_offline"
     assert cfg["models"] == [{"name": "llama3", "family": "llama3", "size": "tiny"}]
 
 
@@ -56,8 +60,20 @@ def test_validate_does_not_mutate_its_input():
         ({"models": [{"name": "a", "family": "bert", "size": "tiny"}]}, "models[0].family", "'bert' is not one of"),
         ({"models": [{"name": "a_b", "family": "opt", "size": "tiny"}]}, "models[0].name", "does not match"),
         ({"models": [{"name": "a", "size": "tiny"}]}, "models[0]", "'family' is a required property"),
-        ({"budgets": [1.5]}, "budgets[0]", "greater than the maximum of 1"),
-        ({"methods": ["nope"]}, "methods[0]", "'nope' is not one of"),
+        ({"experiments": {"main": {"runs": [{"method": "gqa", "budgets": [1.5]}]}}},
+         "experiments.main.runs[0].budgets[0]", "greater than the maximum of 1"),
+        ({"experiments": {"main": {"runs": [{"method": "nope"}]}}}, "experiments.main.runs[0].method",
+         "does not match"),
+        ({"experiments": {"main": {"runs": [{"method": "gqa"}]}}}, "experiments.main.runs[0]", "needs budgets"),
+        ({"experiments": {"main": {"runs": [{"method": "base", "budgets": [0.5]}]}}}, "experiments.main.runs[0]",
+         "always runs at budget 1.0"),
+        ({"experiments": {"main": {"models": ["gpt"], "runs": [{"method": "base"}]}}}, "experiments.main.models",
+         "unknown model 'gpt'"),
+        ({"experiments": {"main": {"training": "lora", "runs": [{"method": "base"}]}}}, "experiments.main.training",
+         "'lora' is not one of"),
+        ({"experiments": {"main": {"evaluate": ["rouge"], "runs": [{"method": "base"}]}}},
+         "experiments.main.evaluate", "needs an instruction-tuned model"),
+        ({"measure": {"repeats": 3}}, "measure.repeats", "less than the minimum of 5"),
         ({"seeds": [0, 0]}, "seeds", "non-unique"),
         ({"eval": {"seq_len": "long"}}, "eval.seq_len", "'long' is not of type 'integer'"),
         ({"device": "tpu"}, "device", "'tpu' is not one of"),
@@ -70,8 +86,9 @@ def test_validate_does_not_mutate_its_input():
     ],
 )
 def test_bad_config_is_rejected_naming_the_key(override, key, why):
+    raw = {"models": [{"name": "llama3", "family": "llama3", "size": "tiny"}]}
     with pytest.raises(ConfigError) as err:
-        load_config([DEFAULT], override)
+        validate_config(merge_config(raw, override))
     message = str(err.value)
     assert f"config key '{key}'" in message
     assert why in message
@@ -109,14 +126,14 @@ def test_config_file_must_hold_a_mapping(tmp_path):
 
 
 def test_model_pretrain_entry_overrides_the_default():
-    cfg = load_config([DEFAULT], {"models": [{"name": "a", "family": "opt", "size": "tiny", "pretrain": {"steps": 9}},
-                                             {"name": "b", "family": "opt", "size": "tiny"}]})
+    cfg = validate_config({"models": [{"name": "a", "family": "opt", "size": "tiny", "pretrain": {"steps": 9}},
+                                      {"name": "b", "family": "opt", "size": "tiny"}]})
     assert pretrain_settings(cfg, "a") == {**cfg["pretrain"], "steps": 9}
     assert pretrain_settings(cfg, "b") == cfg["pretrain"]
     with pytest.raises(ConfigError, match="config key 'models\\[0\\].pretrain.steps'"):
-        load_config([DEFAULT], {"models": [{"name": "a", "family": "opt", "size": "tiny", "pretrain": {"steps": 0}}]})
+        validate_config({"models": [{"name": "a", "family": "opt", "size": "tiny", "pretrain": {"steps": 0}}]})
     with pytest.raises(ConfigError, match="comes from the hub"):
-        load_config([DEFAULT], {"models": [{"name": "a", "family": "opt", "hub": "x/y", "pretrain": {"steps": 3}}]})
+        validate_config({"models": [{"name": "a", "family": "opt", "hub": "x/y", "pretrain": {"steps": 3}}]})
 
 
 def test_offline_default_uses_the_tuned_recipes():
@@ -136,29 +153,62 @@ def test_family_enum_matches_the_zoo():
     assert sorted(enum) == sorted(FAMILIES)
 
 
-def test_method_enum_matches_the_registry():
-    methods = pytest.importorskip("harness.methods", reason="method registry not written yet")
-    enum = load_schema()["properties"]["methods"]["items"]["enum"]
-    for name in enum:
-        if name != "base":
-            methods.get_method(name)  # raises for a name the registry does not know
+def test_method_pattern_matches_the_registry():
+    import re
+
+    from harness.methods import METHODS
+
+    pattern = load_schema()["properties"]["experiments"]["additionalProperties"]["properties"]["runs"]["items"]
+    regex = re.compile(pattern["properties"]["method"]["pattern"])
+    assert {m for m in METHODS if regex.fullmatch(m)} == set(METHODS)
+    assert not regex.fullmatch("h2o+cla") and not regex.fullmatch("gqa+mixsga")
 
 
-def test_grid_expands_model_method_budget_seed():
-    cfg = load_config([DEFAULT], {"seeds": [0, 1, 2]})
+def _cfg(experiments, models=("llama3", "gemma2"), seeds=(0,)):
+    return validate_config({"models": [{"name": m, "family": m, "size": "tiny"} for m in models],
+                            "seeds": list(seeds), "experiments": experiments})
+
+
+def test_experiments_expand_once_and_share_runs():
+    cfg = _cfg({
+        "main": {"training": "cpt", "runs": [{"method": "base"}, {"method": "mixsga", "budgets": [0.25, 0.5]},
+                                             {"method": "h2o", "budgets": [0.5]}]},
+        "table2_cpt": {"models": ["llama3"], "training": "cpt", "evaluate": ["ppl", "zeroshot"],
+                       "runs": [{"method": "mixsga", "budgets": [0.5]}]},
+        "table3_eviction_stack": {"models": ["llama3"], "training": "cpt",
+                                  "runs": [{"method": "h2o+mixsga", "budgets": [0.4, 0.2]}]},
+    }, seeds=(0, 1))
     rows = run_table(cfg)
-    assert len(rows) == 4 * 3  # 4 models x base x 3 seeds (base runs at budget 1.0 only)
-    assert len({r["run_id"] for r in rows}) == len(rows)
-    assert {r["budget"] for r in rows} == {1.0}
-    assert rows[0]["run_id"] == "llama3__base__kv100__s0"
-    assert {r["source"] for r in rows} == {"pretrained"}
+    ids = [r["run_id"] for r in rows]
+    assert len(ids) == len(set(ids)) == 2 * 4 * 2 + 2 * 2  # (base, mixsga x2, h2o) x 2 models x 2 seeds + stacked
+    shared = {r["run_id"]: r for r in rows}["llama3__cpt__mixsga__kv50__s1"]
+    assert shared["experiments"] == ["main", "table2_cpt"] and shared["evaluate"] == ["ppl", "zeroshot"]
+    assert {r["run_id"]: r for r in rows}["gemma2__cpt__mixsga__kv50__s1"]["evaluate"] == ["ppl"]
+    # eviction shares the checkpoint of the model it runs on: base, or mixSGA at the inner 50 %
+    by_id = {r["run_id"]: r for r in rows}
+    assert by_id["llama3__cpt__h2o__kv50__s0"]["train_id"] == "llama3__cpt__base__kv100__s0"
+    assert by_id["llama3__cpt__h2o+mixsga__kv20__s0"]["train_id"] == "llama3__cpt__mixsga__kv50__s0"
+    trains = train_table(cfg, rows)
+    assert len(trains) == 2 * 3 * 2  # base, mixsga 25, mixsga 50 per model and seed
+    assert trains["llama3__cpt__mixsga__kv50__s0"]["architecture"] == {"method": "mixsga", "budget": 0.5, "params": {}}
+    # the expansion is deterministic
+    assert run_table(cfg) == rows
 
 
-def test_grid_of_shipped_configs():
-    assert len(run_table(load_config([DEFAULT]))) == 4
-    assert len(run_table(load_config([DEFAULT, TEST]))) == 2
-    paper = run_table(load_config([DEFAULT, PAPER]))
-    assert len(paper) == 7 and paper[0]["source"] == "facebook/opt-125m"
+def test_explicit_params_name_the_run_and_set_the_budget():
+    cfg = _cfg({"t5": {"models": ["llama3"], "training": "sft", "evaluate": ["ppl", "rouge"], "runs": [
+        {"method": "mixsga", "params": {"ratios": [1, 9, 2]}},
+        {"method": "mixsga", "params": {"ratios": [3, 4], "group_sizes": [1, 2]}},
+        {"method": "mixsga", "params": {"ratios": [3, 1, 6], "router": "random"}},
+    ]}})
+    rows = run_table(cfg)
+    assert [r["run_id"] for r in rows] == [
+        "llama3__sft__mixsga-r1.9.2__kv50__s0",
+        "llama3__sft__mixsga-g1.2-r3.4__kv71.43__s0",
+        "llama3__sft__mixsga-r3.1.6-routerrandom__kv50__s0",
+    ]
+    assert rows[1]["budget"] == pytest.approx(5 / 7)
+    assert mixsga_budget([1, 2], [1, 2]) == pytest.approx(2 / 3) and mixsga_budget([0, 0, 1]) == 0.25
 
 
 def test_run_ids_and_budget_tags():
@@ -166,26 +216,46 @@ def test_run_ids_and_budget_tags():
     assert budget_tag(0.5) == "kv50"
     assert budget_tag(0.375) == "kv37.5"
     assert budget_tag(0.35) == "kv35"
-    assert make_run_id("opt-125m", "mixsga", 0.5, 3) == "opt-125m__mixsga__kv50__s3"
+    assert make_run_id("opt-125m", "mixsga", 0.5, 3, training="cpt") == "opt-125m__cpt__mixsga__kv50__s3"
+    assert make_run_id("o", "h2o+mixsga", 0.2, 0, params={"inner": {"ratios": [1, 1, 2]}}) == \
+        "o__none__h2o+mixsga-innerr1.1.2__kv20__s0"
+
+
+def test_grid_of_shipped_configs(tmp_path):
+    offline = run_table(load_config([DEFAULT]))
+    assert len(offline) == 204 and len({r["run_id"] for r in offline}) == 204
+    main = [r for r in offline if "main" in r["experiments"]]
+    assert len(main) == 4 * 18 * 2 and {r["seed"] for r in main} == {0, 1}
+    assert {r["family"] for r in offline} == {"llama3", "tinyllama", "opt", "gemma2"}
+    test_rows = run_table(load_config([DEFAULT, TEST]))
+    assert {e for r in test_rows for e in r["experiments"]} == set(load_config([DEFAULT])["experiments"])
+    paper = run_table(load_config([DEFAULT, PAPER]))
+    assert {r["source"] for r in paper} >= {"facebook/opt-125m", "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"}
+    out = write_run_table(offline, tmp_path / "runs.tsv")
+    lines = out.read_text().splitlines()
+    assert len(lines) == 205 and lines[0].startswith("run_id\texperiments\tmodel")
 
 
 def test_run_spec_holds_what_determines_the_run():
     cfg = load_config([DEFAULT])
-    spec = run_spec(cfg, "opt__base__kv100__s0")
+    spec = run_spec(cfg, "opt__cpt__base__kv100__s0")
     assert spec["model"] == {"name": "opt", "family": "opt", "size": "tiny", "pretrain": {"lr": 0.0005}}
     assert spec["pretrain"] == {**cfg["pretrain"], "lr": 0.0005} and spec["tokenizer"] == cfg["tokenizer"]
     assert spec["eval"] == cfg["eval"] and spec["seed"] == 0 and spec["budget"] == 1.0
+    assert spec["training"]["kind"] == "cpt" and spec["training"]["overrides"] == cfg["training"]["cpt"]["overrides"]
+    assert spec["measure"] == cfg["measure"] and spec["evaluate"] == ["ppl"]
     # a hub model does not depend on the local pretraining recipe
-    hub = run_spec(load_config([DEFAULT, PAPER]), "opt-125m__base__kv100__s0")
+    paper = load_config([DEFAULT, PAPER])
+    hub = run_spec(paper, "opt-125m__cpt__base__kv100__s0")
     assert "pretrain" not in hub and "tokenizer" not in hub
     # adding a seed does not change an existing run's spec (so it is not rerun)
-    more = load_config([DEFAULT], {"seeds": [0, 1]})
-    assert run_spec(more, "opt__base__kv100__s0") == spec
+    more = load_config([DEFAULT], {"seeds": [0, 1, 2]})
+    assert run_spec(more, "opt__cpt__base__kv100__s0") == spec
 
 
 def test_run_spec_rejects_unknown_run_id():
     with pytest.raises(ConfigError, match="not in the grid"):
-        run_spec(load_config([DEFAULT]), "opt__base__kv50__s0")
+        run_spec(load_config([DEFAULT]), "opt__none__base__kv50__s0")
 
 
 def test_code_hash_follows_file_contents(tmp_path):

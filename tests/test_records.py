@@ -17,9 +17,12 @@ def test_factory_record_is_valid_and_has_every_section(make_record):
     assert set(rec) == {
         "schema_version", "identity", "provenance", "budget", "quality", "performance", "flags", "wall_time_s",
     }
-    assert rec["identity"]["config"]["run_id"] == rec["identity"]["run_id"] == "llama3__base__kv100__s0"
+    assert rec["identity"]["config"]["run_id"] == rec["identity"]["run_id"] == "llama3__none__base__kv100__s0"
+    assert rec["identity"]["experiments"] == ["main"] and rec["identity"]["training"] == "none"
+    assert rec["identity"]["training_summary"] is None
     # unmeasured numbers are null, not invented
     assert rec["quality"]["rouge_l"] is None and rec["performance"]["prefill_ms"] is None
+    assert rec["quality"]["zeroshot"] is None and rec["performance"]["by_context"] == []
     assert rec["performance"]["peak_memory_bytes"] == {"prefill": None, "decode": None}
 
 
@@ -37,6 +40,12 @@ def test_factory_record_is_valid_and_has_every_section(make_record):
         (lambda r: r["provenance"].update(seed=7), "record field 'provenance.seed': differs"),
         (lambda r: r.update(schema_version=0), "record field 'schema_version'"),
         (lambda r: r["performance"].update(decode_tokens_per_s={"mean": 1.0}), "performance.decode_tokens_per_s"),
+        (lambda r: r["identity"].update(training="lora"), "record field 'identity.training'"),
+        (lambda r: r["identity"].update(experiments=[]), "record field 'identity.experiments'"),
+        (lambda r: r["quality"].update(zeroshot={"piqa": "high"}), "record field 'quality.zeroshot.piqa'"),
+        (lambda r: r["quality"].update(gen_len=3.0), "'gen_len' was unexpected"),
+        (lambda r: r["budget"].update(decode_expert_fractions=[1.5]), "budget.decode_expert_fractions[0]"),
+        (lambda r: r["identity"].update(training_summary={"steps": 3}), "identity.training_summary"),
     ],
 )
 def test_invalid_records_are_rejected_naming_the_field(make_record, mutate, field):
@@ -49,11 +58,27 @@ def test_invalid_records_are_rejected_naming_the_field(make_record, mutate, fiel
 
 def test_full_performance_section_validates(make_record):
     rec = make_record()
+    summary = {"mean": 100.0, "p50": 101.0, "p90": 110.0, "std": 3.0, "min": 95.0, "n": 5}
+    timing = {"context_len": 128, "new_tokens": 16, "prefill_ms": summary, "decode_tokens_per_s": summary,
+              "peak_memory_bytes": {"prefill": 1e6, "decode": 2e6},
+              "peak_torch_allocated_bytes": {"prefill": None, "decode": None}, "memory_source": "rss"}
     rec["performance"] = {
-        "prefill_ms": 12.5,
-        "decode_tokens_per_s": {"mean": 100.0, "p50": 101.0, "p90": 110.0, "std": 3.0},
+        "device": "cpu",
+        "context_len": 128,
+        "prefill_ms": summary,
+        "decode_tokens_per_s": summary,
         "peak_memory_bytes": {"prefill": 1e6, "decode": 2e6},
+        "by_context": [timing],
     }
+    rec["identity"]["training"] = "cpt"
+    rec["identity"]["training_summary"] = {
+        "train_id": "llama3__cpt__base__kv100__s0", "recipe": "cpt_offline", "steps": 16, "tokens": 8192,
+        "target_tokens": 8192, "token_hash": "ab" * 32, "final_loss": 4.0, "final_loss_avg": 4.1,
+        "aux_loss_final": None, "agreement_final": None, "precision": "fp32", "wall_time_s": 3.0,
+    }
+    rec["quality"].update(zeroshot={"heldout_mc": 0.5}, rouge_l=12.0, gen_length=9.5,
+                          rouge_by_set={"offline": {"rouge_l": 12.0, "gen_length": 9.5, "rows": 32}})
+    rec["budget"].update(decode_expert_fractions=[0.3, 0.1, 0.6], prefill_expert_fractions=[0.3, 0.1, 0.6])
     validate_record(rec)
 
 

@@ -1,38 +1,114 @@
-# Analysis: records -> tidy tables (CSV + Markdown) -> figures. Reads only the records.
+# Analysis: records -> tidy tables -> per-experiment tables (mean ± 95 % CI over seeds) and
+# figures. Reads only the records; each rule is one `python -m analysis ...` call
+# (the subcommands are listed in results/README.md).
 
 
-rule collate:
+rule collate_all:
     input:
         records=expand(f"{RESULTS}/records/{{run_id}}.json", run_id=RUN_IDS),
     output:
-        all=f"{RESULTS}/tables/all.csv",
-        perplexity_csv=f"{RESULTS}/tables/perplexity.csv",
-        perplexity_md=f"{RESULTS}/tables/perplexity.md",
+        f"{RESULTS}/tables/all.csv",
     params:
-        code=code_hash(CODE["analysis"]),
+        code=cached_code_hash(tuple(CODE["analysis"])),
     log:
-        f"{RESULTS}/logs/collate.log",
+        f"{RESULTS}/logs/collate_all.log",
     conda:
         ENV
     shell:
-        "python -m analysis collate {input.records} --all-csv {output.all} "
-        "--perplexity-csv {output.perplexity_csv} --perplexity-md {output.perplexity_md} > {log} 2>&1"
+        "python -m analysis collate {input.records} --all-csv {output} > {log} 2>&1"
 
 
-rule figure_perplexity:
+rule collate_experiment:
     input:
-        table=f"{RESULTS}/tables/all.csv",
+        records=lambda wildcards: records_of(wildcards.experiment),
+    output:
+        f"{RESULTS}/tables/records/{{experiment}}.csv",
+    params:
+        code=cached_code_hash(tuple(CODE["analysis"])),
+    log:
+        f"{RESULTS}/logs/collate_{{experiment}}.log",
+    conda:
+        ENV
+    shell:
+        "python -m analysis collate {input.records} --all-csv {output} > {log} 2>&1"
+
+
+rule experiment:
+    input:
+        table=f"{RESULTS}/tables/records/{{experiment}}.csv",
+    output:
+        csv=report(
+            f"{RESULTS}/tables/{{experiment}}.csv",
+            caption="../report/experiment_table.rst",
+            category="Experiments",
+            subcategory="{experiment}",
+        ),
+        md=f"{RESULTS}/tables/{{experiment}}.md",
+    params:
+        code=cached_code_hash(tuple(CODE["analysis"])),
+    log:
+        f"{RESULTS}/logs/experiment_{{experiment}}.log",
+    conda:
+        ENV
+    shell:
+        "python -m analysis table --table {input.table} --experiment {wildcards.experiment} "
+        "--csv {output.csv} --md {output.md} > {log} 2>&1"
+
+
+rule experiment_figure:
+    input:
+        table=f"{RESULTS}/tables/records/{{experiment}}.csv",
     output:
         report(
-            f"{RESULTS}/figures/perplexity.png",
-            caption="../report/perplexity.rst",
-            category="Quality",
+            f"{RESULTS}/figures/{{experiment}}.png",
+            caption="../report/experiment_figure.rst",
+            category="Experiments",
+            subcategory="{experiment}",
         ),
     params:
-        code=code_hash(CODE["analysis"]),
+        code=cached_code_hash(tuple(CODE["analysis"])),
     log:
-        f"{RESULTS}/logs/figure_perplexity.log",
+        f"{RESULTS}/logs/experiment_figure_{{experiment}}.log",
     conda:
         ENV
     shell:
-        "python -m analysis plot-perplexity --table {input.table} --out {output} > {log} 2>&1"
+        "python -m analysis figure3 --table {input.table} --experiment {wildcards.experiment} "
+        "--out {output} > {log} 2>&1"
+
+
+rule pareto_tables:
+    input:
+        table=f"{RESULTS}/tables/records/{MAIN}.csv",
+    output:
+        csv=report(PARETO_OUTPUTS[0], caption="../report/pareto.rst", category="Pareto"),
+        md=PARETO_OUTPUTS[1],
+        png_bytes=report(PARETO_OUTPUTS[2], caption="../report/pareto.rst", category="Pareto"),
+        png_latency=report(PARETO_OUTPUTS[3], caption="../report/pareto.rst", category="Pareto"),
+    params:
+        experiment=MAIN,
+        code=cached_code_hash(tuple(CODE["analysis"])),
+    log:
+        f"{RESULTS}/logs/pareto.log",
+    conda:
+        ENV
+    shell:
+        "python -m analysis pareto --table {input.table} --experiment {params.experiment} --csv {output.csv} "
+        "--md {output.md} --kv-figure {output.png_bytes} --latency-figure {output.png_latency} > {log} 2>&1"
+
+
+rule perf_tables:
+    input:
+        table=f"{RESULTS}/tables/records/{MAIN}.csv",
+    output:
+        csv=report(PERF_OUTPUTS[0], caption="../report/perf.rst", category="Performance"),
+        md=PERF_OUTPUTS[1],
+        png=report(PERF_OUTPUTS[2], caption="../report/perf.rst", category="Performance"),
+    params:
+        code=cached_code_hash(tuple(CODE["analysis"])),
+    log:
+        f"{RESULTS}/logs/perf.log",
+    conda:
+        ENV
+    shell:
+        "python -m analysis perf --table {input.table} --csv {output.csv} --md {output.md} "
+        "--figure {output.png} > {log} 2>&1"

@@ -1,4 +1,5 @@
-# Shared set-up: config validation, paths, the run grid, input and param helpers.
+# Shared set-up: config validation, paths, the run grid (expanded once), input and param helpers.
+import functools
 import json
 import os
 import sys
@@ -12,12 +13,14 @@ sys.path.insert(0, str(Path(workflow.basedir)))
 os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 
 from harness.config import (
+    architecture_of,
     code_hash,
     model_entry,
     pretrain_settings,
     pretrained_here,
     run_spec,
     run_table,
+    train_table,
     validate_config,
     write_run_table,
 )
@@ -31,10 +34,26 @@ ENV = "../../environment.yml"
 CORPUS = f"{WORK}/data/corpus"
 INSTRUCT = f"{WORK}/data/instruct"
 TOKENIZER = f"{WORK}/tokenizer"
+# The grid, expanded once: every run of every experiment, shared runs once.
 RUNS = run_table(config)
-RUN_IDS = [row["run_id"] for row in RUNS]
+RUN_INDEX = {row["run_id"]: row for row in RUNS}
+RUN_IDS = list(RUN_INDEX)
+TRAINS = train_table(config, RUNS)
+EXPERIMENTS = list(config["experiments"])
 PRETRAINED = [m["name"] for m in config["models"] if pretrained_here(m)]
-USES_CORPUS = bool(PRETRAINED) or config["eval"]["text_set"] == "corpus"
+# The paper's experiments, each with a target rule of its name (workflow/rules/targets.smk).
+NAMED_EXPERIMENTS = [
+    "table1_sft",
+    "table2_cpt",
+    "table3_eviction_stack",
+    "table4_middle_ratio",
+    "table5_expert_count",
+    "table6_router",
+    "table11_ratio_grid",
+    "figure3_budget_sweep",
+]
+# The grid behind `pareto` and `perf`.
+MAIN = "main"
 
 # Source files each stage runs; their hash is a param, so editing the code reruns the stage.
 CODE = {
@@ -43,39 +62,67 @@ CODE = {
     "tokenizer": ["harness/tokenizer.py"],
     "unigram": ["harness/perplexity.py", "harness/tokenizer.py"],
     "pretrain": ["harness/pretrain.py", "harness/zoo.py", "harness/tokenizer.py"],
+    "train": ["harness/train.py", "harness/recipes.py", "harness/run.py", "harness/zoo.py", "harness/hub_data.py"],
     "run": [
         "harness/run.py",
         "harness/perplexity.py",
+        "harness/evaluate.py",
+        "harness/measure.py",
         "harness/zoo.py",
         "harness/records.py",
         "harness/provenance.py",
         "harness/hub_data.py",
+        "harness/methods.py",
         "mixsga/budget.py",
     ],
-    # every method other than 'base' comes from the registry and the method packages
-    "method": ["harness/methods.py", "mixsga", "baselines"],
+    "zeroshot": ["harness/lm_eval_adapter.py"],
+    "token_importance": ["harness/token_importance.py"],
+    "overheads": ["harness/overheads.py", "harness/measure.py", "harness/methods.py", "mixsga", "baselines"],
     "analysis": ["analysis"],
+}
+# The code of each method: changing it reruns that method's runs (and only those).
+METHOD_CODE = {
+    "base": [],
+    "gqa": ["baselines/gqa.py", "baselines/attention.py"],
+    "mqa": ["baselines/gqa.py", "baselines/attention.py"],
+    "cla": ["baselines/cla.py", "baselines/gqa.py", "baselines/attention.py"],
+    "mixsga": ["mixsga"],
+    "eviction": ["baselines/eviction.py", "baselines/attention.py"],
 }
 
 
 wildcard_constraints:
     model=r"[A-Za-z0-9][A-Za-z0-9.-]*",
-    run_id=r"[A-Za-z0-9][A-Za-z0-9.-]*__[^/_][^/]*__kv[0-9.]+__s[0-9]+",
+    run_id=r"[A-Za-z0-9][^/]*__s[0-9]{1,9}",
+    train_id=r"[A-Za-z0-9][^/]*__s[0-9]{1,9}",
+    experiment="|".join(EXPERIMENTS),
     split=r"validation|test",
 
 
-def all_targets():
-    """Everything `snakemake` builds by default: the grid table, one record per run, tables, figures."""
-    targets = [
-        f"{RESULTS}/runs.tsv",
-        f"{RESULTS}/tables/all.csv",
-        f"{RESULTS}/tables/perplexity.csv",
-        f"{RESULTS}/tables/perplexity.md",
-        f"{RESULTS}/figures/perplexity.png",
-    ]
-    if USES_CORPUS:
-        targets.append(INSTRUCT)
-    return targets
+@functools.lru_cache(maxsize=None)
+def cached_code_hash(files):
+    """code_hash of a tuple of paths, computed once per workflow invocation."""
+    return code_hash(list(files))
+
+
+def method_code(method):
+    """The method packages a method (plain, eviction, or eviction stacked on gqa / mixsga) executes."""
+    inner = architecture_of(method, 0.5, {})[0]
+    files = list(METHOD_CODE[inner])
+    if inner != method:
+        files += METHOD_CODE["eviction"]
+        if inner == "mixsga":
+            files.append("mixsga/eviction.py")
+    return files
+
+
+def records_of(experiment):
+    """Record paths of one experiment's runs."""
+    if experiment not in config["experiments"]:
+        raise ValueError(
+            f"experiment {experiment!r} is not in this config; its experiments are {EXPERIMENTS}"
+        )
+    return [f"{RESULTS}/records/{r['run_id']}.json" for r in RUNS if experiment in r["experiments"]]
 
 
 def max_tokens_arg():
@@ -94,27 +141,113 @@ def recipe(name):
     return lambda wildcards: pretrain_settings(config, wildcards.model)[name]
 
 
-def run_inputs(wildcards):
-    """Inputs of one run: its base model if pretrained here, the corpus, the unigram reference."""
-    spec = run_spec(config, wildcards.run_id)
+def _model_input(model, inputs):
+    if pretrained_here(model):
+        inputs["model"] = f"{WORK}/models/{model['name']}/base"
+
+
+def train_inputs(wildcards):
+    """Inputs of one training: the base model if pretrained here, and its offline data."""
+    spec = TRAINS[wildcards.train_id]
     inputs = {}
-    if spec["eval"]["text_set"] == "corpus" or pretrained_here(spec["model"]):
+    _model_input(spec["model"], inputs)
+    if spec["kind"] == "cpt" and spec["data"] == "corpus":
         inputs["corpus"] = CORPUS
-    if pretrained_here(spec["model"]):
-        inputs["model"] = f"{WORK}/models/{spec['model']['name']}/base"
-        # the shared tokenizer's unigram floor only means something for models that use it
-        inputs["unigram"] = f"{WORK}/reference/unigram_{spec['eval']['split']}.json"
+    if spec["kind"] == "sft" and spec["data"] == "offline":
+        inputs["instruct"] = INSTRUCT
     return inputs
 
 
-def run_optional_args(wildcards, input):
-    """Command-line flags for the inputs this run has (hub models have no --model)."""
-    names = [name for name in ("model", "corpus", "unigram") if name in input.keys()]
-    return " ".join(f"--{name} {getattr(input, name)}" for name in names)
+def train_code(wildcards):
+    """Hash of the code one training executes."""
+    spec = TRAINS[wildcards.train_id]
+    return cached_code_hash(tuple(CODE["train"] + CODE["run"] + method_code(spec["architecture"]["method"])))
+
+
+def run_inputs(wildcards):
+    """Inputs of one run: base model, trained checkpoint, corpus, instruction set, unigram floor."""
+    row = RUN_INDEX[wildcards.run_id]
+    model = model_entry(config, row["model"])
+    inputs = {}
+    _model_input(model, inputs)
+    if row["train_id"]:
+        inputs["trained"] = f"{WORK}/trained/{row['train_id']}"
+    if config["eval"]["text_set"] == "corpus" or pretrained_here(model):
+        inputs["corpus"] = CORPUS
+    if "rouge" in row["evaluate"] and "offline" in config["eval"]["instruct"]["sets"]:
+        inputs["instruct"] = INSTRUCT
+    if pretrained_here(model) and "ppl" in row["evaluate"]:
+        # the shared tokenizer's unigram floor only means something for models that use it
+        inputs["unigram"] = f"{WORK}/reference/unigram_{config['eval']['split']}.json"
+    return inputs
+
+
+def optional_args(names):
+    """A param function: `--name path` for each of `names` the job has as an input."""
+
+    def args(wildcards, input):
+        return " ".join(f"--{n} {getattr(input, n)}" for n in names if n in input.keys())
+
+    return args
 
 
 def run_code(wildcards):
-    """Hash of the code one run executes (method packages only for methods other than base)."""
-    spec = run_spec(config, wildcards.run_id)
-    files = CODE["run"] + (CODE["method"] if spec["method"] != "base" else [])
-    return code_hash(files)
+    """Hash of the code one run executes (its method's packages included)."""
+    row = RUN_INDEX[wildcards.run_id]
+    files = CODE["run"] + method_code(row["method"])
+    if row["train_id"]:
+        files += CODE["train"]
+    if "zeroshot" in row["evaluate"]:
+        files += CODE["zeroshot"]
+    return cached_code_hash(tuple(files))
+
+
+def figure1_model():
+    """The model Figure 1 perturbs: the configured one, else the first."""
+    name = config["figure1"]["model"] or config["models"][0]["name"]
+    return model_entry(config, name)
+
+
+#: Experiments with a figure of their own (quality against the realized budget).
+FIGURE_EXPERIMENTS = ["figure3_budget_sweep"]
+
+
+def figure1_inputs(wildcards):
+    """Figure 1's model (if pretrained here) and the corpus (offline text set)."""
+    inputs = {}
+    _model_input(figure1_model(), inputs)
+    if config["figure1"]["text_set"] == "stdlib":
+        inputs["corpus"] = CORPUS
+    return inputs
+
+
+def experiment_outputs(experiment):
+    """What an experiment's target builds: its paper-shaped table (CSV + Markdown) and figure."""
+    outputs = [f"{RESULTS}/tables/{experiment}.csv", f"{RESULTS}/tables/{experiment}.md"]
+    if experiment in FIGURE_EXPERIMENTS:
+        outputs.append(f"{RESULTS}/figures/{experiment}.png")
+    return outputs
+
+
+PARETO_OUTPUTS = [
+    f"{RESULTS}/tables/pareto.csv",
+    f"{RESULTS}/tables/pareto.md",
+    f"{RESULTS}/figures/pareto_bytes.png",
+    f"{RESULTS}/figures/pareto_latency.png",
+]
+PERF_OUTPUTS = [f"{RESULTS}/tables/perf.csv", f"{RESULTS}/tables/perf.md", f"{RESULTS}/figures/perf.png"]
+FIGURE1_OUTPUTS = [f"{RESULTS}/figures/figure1_token_importance.png"]
+TABLE9_OUTPUTS = [f"{RESULTS}/tables/table9_overheads.csv", f"{RESULTS}/tables/table9_overheads.md"]
+
+
+def all_targets():
+    """Everything `snakemake` builds by default: every experiment's outputs and the global targets."""
+    targets = [f"{RESULTS}/runs.tsv", f"{RESULTS}/tables/all.csv"]
+    for experiment in EXPERIMENTS:
+        if experiment != MAIN:
+            targets += experiment_outputs(experiment)
+    if MAIN in config["experiments"]:
+        targets += PARETO_OUTPUTS + PERF_OUTPUTS
+    targets += FIGURE1_OUTPUTS
+    targets += TABLE9_OUTPUTS
+    return targets

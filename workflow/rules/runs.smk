@@ -1,5 +1,5 @@
-# Runs: one job per grid cell (model x method x budget x seed), one JSON record each.
-# A new method or budget is a config entry; this rule does not change.
+# Runs: one training job per distinct checkpoint, one run job per run (one JSON record each).
+# A new method, budget, family or experiment is a config entry; these rules do not change.
 
 
 rule grid:
@@ -13,16 +13,42 @@ rule grid:
         write_run_table(params.rows, output[0])
 
 
+rule train:
+    input:
+        unpack(train_inputs),
+    output:
+        directory(f"{WORK}/trained/{{train_id}}"),
+    params:
+        spec=lambda wildcards: json.dumps(TRAINS[wildcards.train_id], sort_keys=True),
+        optional=optional_args(["model", "corpus", "instruct"]),
+        code=train_code,
+    threads: config["threads"]
+    resources:
+        gpu=lambda wildcards: int(config["device"] == "cuda"),
+    log:
+        f"{RESULTS}/logs/train/{{train_id}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/train/{{train_id}}.tsv"
+    conda:
+        ENV
+    shell:
+        "python -m harness train --spec {params.spec:q} {params.optional} "
+        "--out {output} --threads {threads} > {log} 2>&1"
+
+
 rule run:
     input:
         unpack(run_inputs),
     output:
         f"{RESULTS}/records/{{run_id}}.json",
     params:
-        spec=lambda wildcards: json.dumps(run_spec(config, wildcards.run_id), sort_keys=True),
-        optional=run_optional_args,
+        spec=lambda wildcards: json.dumps(run_spec(config, wildcards.run_id, RUNS), sort_keys=True),
+        optional=optional_args(["model", "trained", "corpus", "instruct", "unigram"]),
+        predictions=f"{RESULTS}/predictions",
         code=run_code,
     threads: config["threads"]
+    resources:
+        gpu=lambda wildcards: int(config["device"] == "cuda"),
     log:
         f"{RESULTS}/logs/runs/{{run_id}}.log",
     benchmark:
@@ -30,5 +56,5 @@ rule run:
     conda:
         ENV
     shell:
-        "python -m harness run --spec {params.spec:q} {params.optional} "
-        "--out {output} --threads {threads} > {log} 2>&1"
+        "python -m harness run --spec {params.spec:q} {params.optional} --predictions {params.predictions} "
+        "--code {params.code} --out {output} --threads {threads} > {log} 2>&1"
