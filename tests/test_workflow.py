@@ -50,29 +50,46 @@ def all_rules() -> set[str]:
     return {line.strip() for line in proc.stdout.splitlines() if line.strip()}
 
 
+TARGETS = (
+    "figure1_token_importance", "table1_sft", "table2_cpt", "table3_eviction_stack", "table4_middle_ratio",
+    "table5_expert_count", "table6_router", "table9_overheads", "table11_ratio_grid", "figure3_budget_sweep",
+    "pareto", "perf", "report",
+)
+
+
 def test_default_dry_run_lists_the_grid(tmp_path):
     proc = snakemake("-n", "--cores", "1", "--configfile", str(override(tmp_path)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     counts = job_counts(proc.stdout)
-    assert counts == {
-        "all": 1, "corpus": 1, "instruct": 1, "tokenizer": 1, "unigram": 1, "pretrain": 4,
-        "run": 4, "grid": 1, "collate": 1, "figure_perplexity": 1,
-    }
+    assert counts["run"] == 204 and counts["train"] == 124 and counts["pretrain"] == 4
+    assert counts["experiment"] == 8 and counts["collate_experiment"] == 9 and counts["experiment_figure"] == 1
     for family in ("llama3", "tinyllama", "opt", "gemma2"):
-        assert f"records/{family}__base__kv100__s0.json" in proc.stdout
+        assert f"records/{family}__cpt__base__kv100__s1.json" in proc.stdout
+    assert "trained/tinyllama__cpt__mixsga__kv50__s0" in proc.stdout
     assert not (tmp_path / "work").exists(), "a dry run must not write outputs"
 
 
-def test_more_seeds_mean_more_runs_not_more_models(tmp_path):
-    proc = snakemake("-n", "--cores", "1", "--configfile", str(override(tmp_path, seeds=[0, 1, 2])))
-    assert proc.returncode == 0, proc.stderr
+def test_each_target_builds_only_what_it_needs(tmp_path):
+    proc = snakemake("table6_router", "-n", "--cores", "1", "--configfile", str(override(tmp_path)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
     counts = job_counts(proc.stdout)
-    assert counts["run"] == 12 and counts["pretrain"] == 4
+    # 3 router variants x 2 seeds on gemma2 only: one base model pretrained, six SFT checkpoints
+    assert counts["run"] == 6 and counts["train"] == 6 and counts["pretrain"] == 1
+    assert "figure1" not in proc.stdout and "overheads" not in counts
+    proc = snakemake("table9_overheads", "-n", "--cores", "1", "--configfile", str(override(tmp_path)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "run" not in job_counts(proc.stdout) and job_counts(proc.stdout)["overheads"] == 1
+
+
+def test_every_named_target_exists(tmp_path):
+    assert set(TARGETS) <= all_rules()
+    proc = snakemake(*TARGETS, "-n", "--cores", "1", "--configfile", str(override(tmp_path)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
 def test_ci_config_touches_every_rule(tmp_path):
     proc = snakemake(
-        "-n", "--cores", "1", "--configfile", ".test/config/config.yaml", str(override(tmp_path))
+        "all", *TARGETS, "-n", "--cores", "1", "--configfile", ".test/config/config.yaml", str(override(tmp_path))
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert set(job_counts(proc.stdout)) == all_rules()
@@ -82,17 +99,32 @@ def test_paper_profile_downloads_instead_of_pretraining(tmp_path):
     proc = snakemake("-n", "--cores", "1", "--configfile", "config/paper.yaml", str(override(tmp_path)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     counts = job_counts(proc.stdout)
-    assert counts["run"] == 7
+    assert counts["run"] == 105 and counts["train"] == 65
     assert "pretrain" not in counts and "corpus" not in counts and "tokenizer" not in counts
 
 
+def test_slurm_profile_dry_run(tmp_path):
+    pytest.importorskip("snakemake_executor_plugin_slurm", reason="the SLURM executor plugin is not installed")
+    proc = snakemake("-n", "--workflow-profile", "workflow/profiles/slurm", "--configfile", "config/paper.yaml",
+                     str(override(tmp_path)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert job_counts(proc.stdout)["run"] == 105
+
+
+def test_slurm_profile_declares_gpu_resources():
+    profile = yaml.safe_load((REPO_ROOT / "workflow" / "profiles" / "slurm" / "config.yaml").read_text())
+    assert profile["executor"] == "slurm"
+    for rule in ("pretrain", "train", "run"):
+        assert profile["set-resources"][rule]["gpu"] == 1, rule
+
+
 def test_bad_config_stops_before_any_job(tmp_path):
-    bad = override(tmp_path, pretrain={"steps": 0}, methods=["base", "nope"])
+    bad = override(tmp_path, pretrain={"steps": 0}, experiments={"main": {"runs": [{"method": "nope"}]}})
     proc = snakemake("--cores", "1", "--configfile", str(bad))
     assert proc.returncode != 0
     message = proc.stdout + proc.stderr
     assert "config key 'pretrain.steps': 0 is less than the minimum of 1" in message
-    assert "config key 'methods[1]': 'nope' is not one of" in message
+    assert "config key 'experiments.main.runs[0].method'" in message
     assert not (tmp_path / "work").exists() and not (tmp_path / "results").exists()
 
 
