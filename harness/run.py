@@ -317,6 +317,8 @@ def execute_run(
 
     out = Path(out)
     previous = existing_record(out, spec) or _refresh_experiments(out, spec)
+    if previous is not None and code is not None and previous["provenance"].get("code") != code:
+        previous = None  # made by other code: the workflow reruns it (Snakemake removes it first anyway)
     if previous is not None:
         log(f"{spec['run_id']}: valid record for this spec exists at {out}; skipping")
         return previous

@@ -136,6 +136,12 @@ def test_run_writes_a_valid_record_and_resumes(tiny_setup, capsys):
     assert out.stat().st_mtime_ns == mtime
     assert "skipping" in capsys.readouterr().err
 
+    # the same spec run by changed code is recomputed
+    assert main([*args[:-4], "--code", "abd", "--out", str(out)]) == 0
+    assert read_record(out)["provenance"]["code"] == "abd"
+    assert main(args) == 0  # and back (the test's later steps start from code "abc")
+    record = read_record(out)
+
     # a run that another experiment now shares is relabelled, not recomputed
     relabelled = dict(tiny_setup["spec"], experiments=["main", "extra"])
     assert main([*args[:2], json.dumps(relabelled), *args[3:]]) == 0
