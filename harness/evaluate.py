@@ -307,7 +307,7 @@ def as_quality(*, rouge: Mapping[str, Any] | None = None, ppl: Mapping[str, Any]
     """The record ``quality`` fields (``harness.records``) filled from :func:`rouge_l` / perplexity results."""
     quality: dict[str, Any] = {}
     if rouge is not None:
-        quality.update(rouge_l=rouge["rouge_l"], rouge_impl=rouge["rouge_impl"], gen_len=rouge["gen_len"])
+        quality.update(rouge_l=rouge["rouge_l"], rouge_impl=rouge["rouge_impl"], gen_length=rouge["gen_len"])
     if ppl is not None:
         quality.update(ppl_token=ppl["ppl_token"], ppl_word=_finite_or_none(ppl["ppl_word"]),
                        eval_tokens=ppl["tokens"], eval_words=ppl["words"])
