@@ -62,7 +62,17 @@ CODE = {
     "tokenizer": ["harness/tokenizer.py"],
     "unigram": ["harness/perplexity.py", "harness/tokenizer.py"],
     "pretrain": ["harness/pretrain.py", "harness/zoo.py", "harness/tokenizer.py"],
-    "train": ["harness/train.py", "harness/recipes.py", "harness/run.py", "harness/zoo.py", "harness/hub_data.py"],
+    "train": [
+        "harness/train.py",
+        "harness/recipes.py",
+        "harness/run.py",
+        "harness/zoo.py",
+        "harness/methods.py",
+        "harness/perplexity.py",
+        "harness/corpus.py",
+        "harness/instruct.py",
+        "harness/hub_data.py",
+    ],
     "run": [
         "harness/run.py",
         "harness/perplexity.py",
@@ -161,7 +171,7 @@ def train_inputs(wildcards):
 def train_code(wildcards):
     """Hash of the code one training executes."""
     spec = TRAINS[wildcards.train_id]
-    return cached_code_hash(tuple(CODE["train"] + CODE["run"] + method_code(spec["architecture"]["method"])))
+    return cached_code_hash(tuple(CODE["train"] + method_code(spec["architecture"]["method"])))
 
 
 def run_inputs(wildcards):
