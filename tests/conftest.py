@@ -1,4 +1,4 @@
-"""Shared fixtures: repository paths and a factory of valid run records."""
+"""Shared fixtures: one torch thread, repository paths, a tiny tokenizer factory, valid run records."""
 
 from __future__ import annotations
 
@@ -6,9 +6,34 @@ import copy
 from pathlib import Path
 from typing import Any, Callable
 
+import json
+
 import pytest
+import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_torch_thread():
+    """Tiny models gain nothing from threads, and on a shared 2-core machine contention dominates."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tmp_path_factory) -> Callable[..., Any]:
+    """``tiny_tokenizer(texts, vocab_size=300)``: a byte-level BPE trained on ``texts``."""
+    from harness.tokenizer import train_tokenizer
+
+    def make(texts: list[str], vocab_size: int = 300):
+        corpus = tmp_path_factory.mktemp("corpus")
+        (corpus / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+        return train_tokenizer(corpus, tmp_path_factory.mktemp("tok") / "tok", vocab_size=vocab_size)
+
+    return make
 
 
 @pytest.fixture

@@ -24,26 +24,15 @@ from harness.evaluate import (
 )
 from harness.perplexity import perplexity, token_stream
 from harness.records import validate_record
-from harness.tokenizer import train_tokenizer
 
 TEXTS = [f"def f{i}(x):\n    return x * {i} + {i * i}  # value number {i}\n" for i in range(8)]
 ROWS = [{"id": f"r{i}", "prompt": f"Summarise f{i}:\n" * (1 + i % 3), "references": ["returns x", "x times two"]}
         for i in range(5)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    corpus = tmp_path_factory.mktemp("corpus")
-    (corpus / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    return train_tokenizer(corpus, tmp_path_factory.mktemp("tok") / "tok", vocab_size=300)
+def tok(tiny_tokenizer):
+    return tiny_tokenizer(TEXTS)
 
 
 # --- an independent ROUGE-L: rouge-score's tokenisation rules written out, our own LCS -----------

@@ -20,18 +20,9 @@ from harness.lm_eval_adapter import (
     build_mc_items,
     evaluate_lm,
 )
-from harness.tokenizer import train_tokenizer
 from mixsga import MixSGAConfig, convert_to_mixsga
 
 TEXTS = [(f"def f{i}(x):\n    return x * {i} + {i * i}  # value number {i}\n") * 2 for i in range(10)]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(autouse=True)
@@ -47,10 +38,8 @@ def no_network(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    corpus = tmp_path_factory.mktemp("corpus")
-    (corpus / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    return train_tokenizer(corpus, tmp_path_factory.mktemp("tok") / "tok", vocab_size=300)
+def tok(tiny_tokenizer):
+    return tiny_tokenizer(TEXTS)
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from mixsga import (
 )
 from mixsga.budget import kv_shape
 from mixsga.routing import argmax_route, expert_choice
-from test_mixsga_models import VOCAB, one_thread, tiny_model  # noqa: F401 (autouse fixture)
+from test_mixsga_models import VOCAB, tiny_model
 
 
 def test_ratios_are_normalised_and_budget_follows():

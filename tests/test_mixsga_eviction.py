@@ -14,7 +14,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from baselines.eviction import EvictionPolicy, forward_in_chunks
+from baselines.eviction import forward_in_chunks
 from baselines.testing import tiny_model
 from harness.methods import get_method
 from mixsga import MixSGACache, mixsga_kv_bytes_for_counts
@@ -22,14 +22,6 @@ from mixsga.eviction import MixSGAEvictionCache, keep_within_bytes
 
 POLICIES = ("h2o", "streamingllm", "snapkv", "tova")
 EXTRA = {"snapkv": {"window": 4, "kernel": 3}, "streamingllm": {"sink_tokens": 2}}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _ids(batch: int = 2, length: int = 20, seed: int = 0) -> torch.Tensor:

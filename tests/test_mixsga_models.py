@@ -34,15 +34,6 @@ VOCAB = 97
 ATOL = 2e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny matmuls run fastest, and steadiest on a shared machine, on one thread."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(family: str):
     if family == "llama":
         return LlamaConfig(

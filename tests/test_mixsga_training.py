@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from mixsga import MixSGACache, MixSGAConfig, convert_to_mixsga, load_mixsga, routing_stats
-from test_mixsga_models import VOCAB, one_thread, tiny_model  # noqa: F401 (autouse fixture)
+from test_mixsga_models import VOCAB, tiny_model
 
 RATIOS = (3, 1, 6)
 

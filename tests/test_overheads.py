@@ -84,7 +84,6 @@ def test_difference_is_kept_kv_weights_plus_routers(family):
 
 
 def test_decode_timing_runs_and_is_positive():
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     config = build_config("llama3", "tiny", Vocab(), num_hidden_layers=1, hidden_size=64, intermediate_size=128)
     built = {m: build_method(config, m, device="cpu") for m in ("gqa", "mixsga")}
@@ -101,7 +100,6 @@ def test_decode_timing_runs_and_is_positive():
 
 
 def test_overheads_result_is_json_ready():
-    torch.set_num_threads(1)
     out = overheads(zoo=None, families=("opt",), paper_models=("opt-125m",), prompt_tokens=4, new_tokens=3,
                     repeats=5)
     json.dumps(out, allow_nan=False)

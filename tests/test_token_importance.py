@@ -100,7 +100,6 @@ def test_mean_heads_at_touches_only_the_named_token():
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_one_layer_matches_independent_recomputation(family):
-    torch.set_num_threads(1)
     model = tiny_model(family, layers=1)
     ids = sequence(12)
     got = token_importance(model, ids, batch_size=4)
@@ -116,7 +115,6 @@ def test_one_layer_matches_independent_recomputation(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_two_layers_match_reference_and_identical_heads_change_nothing(family):
-    torch.set_num_threads(1)
     model = tiny_model(family, layers=2)
     ids = sequence(16, seed=3)
     got = token_importance(model, ids, batch_size=5, positions=[0, 7, 14])
@@ -138,7 +136,6 @@ def test_two_layers_match_reference_and_identical_heads_change_nothing(family):
 
 
 def test_deterministic_batch_independent_and_restores_the_model():
-    torch.set_num_threads(1)
     model = tiny_model("llama3", layers=2)
     impl = model.config._attn_implementation
     ids = sequence(20, seed=5)
@@ -197,7 +194,6 @@ def test_figure1_end_to_end_on_a_saved_checkpoint(tmp_path):
     from harness.token_importance import figure1
     from harness.tokenizer import train_tokenizer
 
-    torch.set_num_threads(1)
     (tmp_path / "src").mkdir()
     for name in ("colorsys", "bisect", "heapq", "shlex", "string", "copy"):
         shutil.copy(stdlib_dir() / f"{name}.py", tmp_path / "src" / f"{name}.py")

@@ -11,7 +11,6 @@ import torch.nn.functional as F
 
 from baselines.testing import tiny_model
 from harness.recipes import CPT_OFFLINE, CPT_PAPER, RECIPES, SFT_OFFLINE, SFT_PAPER_OPT, Recipe, get_recipe
-from harness.tokenizer import train_tokenizer
 from harness.train import (
     CHECKPOINT_FILE,
     IGNORE_INDEX,
@@ -29,20 +28,9 @@ ROWS = [{"prompt": f"Summarise f{i}:\n", "references": [f"returns x times {i}" +
         for i in range(12)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models gain nothing from threads, and on a shared machine thread contention dominates.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
-def tok(tmp_path_factory):
-    corpus = tmp_path_factory.mktemp("corpus")
-    (corpus / "train.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
-    return train_tokenizer(corpus, tmp_path_factory.mktemp("tok") / "tok", vocab_size=300)
+def tok(tiny_tokenizer):
+    return tiny_tokenizer(TEXTS)
 
 
 def _cpt_recipe(**kw) -> Recipe:
