@@ -20,6 +20,8 @@ from analysis.tables import experiment_runs  # noqa: E402
 
 #: Methods drawn as lines over the budget sweep; the others are single points.
 SWEEP_LINES = ("mixsga", "cla")
+#: How methods are named in legends (the papers' spelling).
+METHOD_NAMES = {"mixsga": "mixSGA", "gqa": "GQA", "mqa": "MQA", "cla": "CLA"}
 
 
 def _save(fig, out: str | Path) -> Path:
@@ -56,7 +58,7 @@ def figure3(table: pd.DataFrame | str | Path, out: str | Path, *,
             colour, marker = method_style(arch)
             ls = "-" if arch in SWEEP_LINES else "none"
             ax.errorbar(x, sub[quality], yerr=yerr, color=colour, marker=marker, ls=ls, capsize=3, ms=7,
-                        label=arch if arch in ("cla", "mqa") else {"mixsga": "mixSGA", "gqa": "GQA"}.get(arch, arch))
+                        label=METHOD_NAMES.get(arch, arch))
         ax.set_xlabel("realized KV budget (% of the base model's cache)")
         ax.set_ylabel(f"held-out perplexity per token ({quality})")
         ax.set_title(family)
