@@ -308,7 +308,7 @@ def execute_run(
     ``trained_dir``: the checkpoint of ``execute_train`` (required when the spec trains);
     ``predictions_dir``: where ROUGE-L runs save their generations (default: beside ``out``).
     """
-    from harness.evaluate import bounded_cache_perplexity, evaluate_instructions
+    from harness.evaluate import as_quality, bounded_cache_perplexity, evaluate_instructions
     from harness.methods import get_method
     from harness.perplexity import perplexity
     from harness.train import seed_everything
@@ -370,10 +370,7 @@ def execute_run(
         else:
             ppl = perplexity(model, tokenizer, texts, seq_len=eval_cfg["seq_len"], batch_size=eval_cfg["batch_size"],
                              device=device, max_tokens=eval_cfg["max_tokens"])
-        quality.update(ppl_token=float(ppl["ppl_token"]),
-                       ppl_word=float(ppl["ppl_word"]) if ppl["words"] else None,
-                       ppl_protocol="bounded_cache" if evicting else "full",
-                       eval_tokens=int(ppl["tokens"]), eval_words=int(ppl["words"]))
+        quality.update(as_quality(ppl=ppl), ppl_protocol="bounded_cache" if evicting else "full")
         if unigram_path:
             quality["ppl_unigram"] = json.loads(Path(unigram_path).read_text())["ppl_unigram"]
     if "rouge" in spec["evaluate"]:
@@ -390,8 +387,7 @@ def execute_run(
             by_set[name] = {"rouge_l": float(got["rouge_l"]), "gen_length": float(got["gen_len"]),
                             "rows": len(rows)}
             if len(by_set) == 1:
-                quality.update(rouge_l=float(got["rouge_l"]), gen_length=float(got["gen_len"]),
-                               rouge_impl=got["rouge_impl"], instruct_set=f"{name}:{ins['split']}",
+                quality.update(as_quality(rouge=got), instruct_set=f"{name}:{ins['split']}",
                                instruct_rows=len(rows))
         quality["rouge_by_set"] = by_set
     if "zeroshot" in spec["evaluate"]:
