@@ -177,6 +177,54 @@ def mixsga_budget(ratios: Iterable[float], group_sizes: Iterable[int] = (1, 2, 4
     return float(sum(r / g for r, g in zip(ratios, group_sizes)) / sum(ratios))
 
 
+def grouped_kv_heads(budget: float, heads: int, *, single_head: bool = False) -> int:
+    """K/V heads that GQA (MQA: ``single_head``) keeps to store ``budget`` of a model with ``heads``.
+
+    ValueError (ConfigError) naming the feasible budgets when the model cannot store that share.
+    """
+    if single_head:
+        if abs(budget - 1 / heads) > 1e-9:
+            raise ConfigError(f"MQA keeps 1 of the model's {heads} K/V heads: its budget is {1 / heads:.2%}, "
+                              f"not {budget:.2%} (leave out MQA's budgets to derive it from the model)")
+        return 1
+    wanted = budget * heads
+    feasible = [g for g in range(1, heads + 1) if heads % g == 0]
+    if abs(wanted - round(wanted)) > 1e-9 or round(wanted) not in feasible:
+        options = ", ".join(f"{g / heads:.2%}" for g in feasible)
+        raise ConfigError(f"GQA cannot store {budget:.2%} of the K/V on a model with {heads} K/V heads "
+                          f"(feasible budgets: {options})")
+    return int(round(wanted))
+
+
+def model_kv_heads(model: Mapping[str, Any]) -> int | None:
+    """K/V heads per layer of a models[] entry: its ``kv_heads``, or its zoo size's; None if unknown."""
+    if model.get("kv_heads") is not None:
+        return int(model["kv_heads"])
+    if pretrained_here(model):
+        from harness.shapes import kv_heads
+
+        return kv_heads(model["family"], model["size"])
+    return None
+
+
+def _check_feasible(where: str, model: Mapping[str, Any], method: str, budget: float,
+                    params: Mapping[str, Any]) -> None:
+    """Reject, before any job runs, a budget the model's K/V heads cannot store (when they are known)."""
+    heads = model_kv_heads(model)
+    if heads is None:
+        return
+    arch, arch_budget, arch_params = architecture_of(method, budget, params)
+    try:
+        if arch in ("gqa", "mqa"):
+            grouped_kv_heads(arch_budget, heads, single_head=arch == "mqa")
+        elif arch == "mixsga":
+            bad = [g for g in arch_params.get("group_sizes", (1, 2, 4)) if heads % int(g)]
+            if bad:
+                raise ConfigError(f"mixSGA group sizes {bad} do not divide the model's {heads} K/V heads")
+    except ConfigError as err:
+        raise ConfigError(f"{where}, model {model['name']!r}: {err}") from None
+
+
 def model_entry(cfg: Mapping[str, Any], name: str) -> dict:
     """The models[] entry called ``name``; ConfigError listing the known names otherwise."""
     for model in cfg["models"]:
@@ -222,7 +270,7 @@ def architecture_of(method: str, budget: float, params: Mapping[str, Any]) -> tu
     return inner, float(params.get("inner_budget", DEFAULT_INNER_BUDGET)), dict(params.get("inner") or {})
 
 
-def _run_budgets(exp_name: str, i: int, entry: Mapping[str, Any]) -> list[float]:
+def _run_budgets(exp_name: str, i: int, entry: Mapping[str, Any], model: Mapping[str, Any]) -> list[float]:
     method, params = entry["method"], entry.get("params") or {}
     where = f"config key 'experiments.{exp_name}.runs[{i}]'"
     if method == BASE_METHOD:
@@ -233,6 +281,12 @@ def _run_budgets(exp_name: str, i: int, entry: Mapping[str, Any]) -> list[float]
         return [float(b) for b in entry["budgets"]]
     if method == "mixsga" and "ratios" in params:
         return [mixsga_budget(params["ratios"], params.get("group_sizes", (1, 2, 4)))]
+    if method == "mqa":  # one K/V head: the budget is the model's, 1 / its K/V heads
+        heads = model_kv_heads(model)
+        if heads is None:
+            raise ConfigError(f"{where}: MQA's budget is 1 / the model's K/V heads, unknown for hub model "
+                              f"{model['name']!r}; give that model entry kv_heads, or give MQA budgets")
+        return [1 / heads]
     raise ConfigError(f"{where}: method {method!r} needs budgets (or mixSGA ratios to derive the budget from)")
 
 
@@ -251,7 +305,9 @@ def run_table(cfg: Mapping[str, Any]) -> list[dict]:
             architecture_of(entry["method"], 1.0, params)  # validates the method name
             for model_name in models:
                 model = model_entry(cfg, model_name)
-                for budget in _run_budgets(exp_name, i, entry):
+                for budget in _run_budgets(exp_name, i, entry, model):
+                    _check_feasible(f"config key 'experiments.{exp_name}.runs[{i}]'", model, entry["method"],
+                                    budget, params)
                     for seed in seeds:
                         run_id = make_run_id(model_name, entry["method"], budget, seed,
                                              training=exp["training"], params=params)

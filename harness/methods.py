@@ -58,6 +58,7 @@ from baselines.eviction import (
     rotate_keys,
 )
 from baselines.gqa import convert_to_gqa
+from harness.config import grouped_kv_heads
 from mixsga.budget import (
     full_kv_bytes_per_token,
     grouped_kv_bytes_per_token,
@@ -168,21 +169,7 @@ class GQA(Method):
         _no_extras(self.name, explicit)
         budget = _check_budget(budget)
         heads = kv_shape(config).num_kv_heads
-        if self.single_head:
-            if not _same(budget, 1 / heads):
-                raise ValueError(
-                    f"MQA keeps 1 of the model's {heads} K/V heads: its budget is {1 / heads:.2%}, not {budget:.2%}"
-                )
-            return {"num_key_value_heads": 1}
-        wanted = budget * heads
-        feasible = [g for g in range(1, heads + 1) if heads % g == 0]
-        if not _same(wanted, round(wanted)) or round(wanted) not in feasible:
-            options = ", ".join(f"{g / heads:.2%}" for g in feasible)
-            raise ValueError(
-                f"GQA cannot store {budget:.2%} of the K/V on a model with {heads} K/V heads "
-                f"(feasible budgets: {options})"
-            )
-        return {"num_key_value_heads": int(round(wanted))}
+        return {"num_key_value_heads": grouped_kv_heads(budget, heads, single_head=self.single_head)}
 
     def analytic_bytes_per_token(self, config, params, dtype=torch.float32):
         return float(grouped_kv_bytes_per_token(config, params["num_key_value_heads"], dtype))

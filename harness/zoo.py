@@ -29,6 +29,8 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Gemma2Config, LlamaConfig, OPTConfig, PretrainedConfig
 
+from harness.shapes import SIZES
+
 
 @dataclass(frozen=True)
 class FamilySpec:
@@ -53,14 +55,7 @@ FAMILIES: dict[str, FamilySpec] = {
         config_class=LlamaConfig,
         fixed={"hidden_act": "silu", "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0},
                "tie_word_embeddings": True, "attention_bias": False, "mlp_bias": False, "rms_norm_eps": 1e-5},
-        sizes={
-            "tiny": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
-                     "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 16,
-                     "max_position_embeddings": 2048},
-            "small": {"hidden_size": 768, "intermediate_size": 2688, "num_hidden_layers": 12,
-                      "num_attention_heads": 16, "num_key_value_heads": 4, "head_dim": 48,
-                      "max_position_embeddings": 4096},
-        },
+        sizes=SIZES["llama3"],
         checkpoints=("meta-llama/Llama-3.2-1B", "meta-llama/Llama-3.2-3B", "meta-llama/Llama-3.1-8B"),
         notes="GQA with 4 query heads per KV head, RoPE theta 500k, tied embeddings (Llama 3.2 1B/3B)",
     ),
@@ -69,16 +64,7 @@ FAMILIES: dict[str, FamilySpec] = {
         config_class=LlamaConfig,
         fixed={"hidden_act": "silu", "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0},
                "tie_word_embeddings": False, "attention_bias": False, "mlp_bias": False, "rms_norm_eps": 1e-5},
-        sizes={
-            # 32 query heads / 4 KV heads as in TinyLlama-1.1B; head_dim 16 keeps the query
-            # heads usable at this width (TinyLlama itself has head_dim 64 = 2048 / 32).
-            "tiny": {"hidden_size": 256, "intermediate_size": 704, "num_hidden_layers": 4,
-                     "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 16,
-                     "max_position_embeddings": 2048},
-            "small": {"hidden_size": 768, "intermediate_size": 2112, "num_hidden_layers": 12,
-                      "num_attention_heads": 32, "num_key_value_heads": 4, "head_dim": 24,
-                      "max_position_embeddings": 2048},
-        },
+        sizes=SIZES["tinyllama"],
         checkpoints=("TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T",),
         notes="Llama architecture, 8 query heads per KV head, untied embeddings",
     ),
@@ -90,12 +76,7 @@ FAMILIES: dict[str, FamilySpec] = {
         fixed={"activation_function": "relu", "do_layer_norm_before": True, "enable_bias": True,
                "layer_norm_elementwise_affine": True, "tie_word_embeddings": True,
                "dropout": 0.0, "attention_dropout": 0.0, "layerdrop": 0.0},
-        sizes={
-            "tiny": {"hidden_size": 256, "ffn_dim": 1024, "num_hidden_layers": 4, "num_attention_heads": 8,
-                     "word_embed_proj_dim": 256, "max_position_embeddings": 1024},
-            "small": {"hidden_size": 768, "ffn_dim": 3072, "num_hidden_layers": 12, "num_attention_heads": 12,
-                      "word_embed_proj_dim": 768, "max_position_embeddings": 2048},
-        },
+        sizes=SIZES["opt"],
         checkpoints=("facebook/opt-125m", "facebook/opt-350m"),
         notes="MHA with biases and learned positions (max_position_embeddings bounds the context)",
     ),
@@ -105,16 +86,7 @@ FAMILIES: dict[str, FamilySpec] = {
         fixed={"hidden_activation": "gelu_pytorch_tanh", "attn_logit_softcapping": 50.0,
                "final_logit_softcapping": 30.0, "tie_word_embeddings": True, "attention_bias": False,
                "rms_norm_eps": 1e-6, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
-        sizes={
-            # head_dim 48 != 256 / 8; the sliding window (64) is shorter than the training
-            # sequence (256) so the local layers really are local.
-            "tiny": {"hidden_size": 256, "intermediate_size": 768, "num_hidden_layers": 4,
-                     "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 48,
-                     "query_pre_attn_scalar": 48, "sliding_window": 64, "max_position_embeddings": 2048},
-            "small": {"hidden_size": 768, "intermediate_size": 3072, "num_hidden_layers": 12,
-                      "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 128,
-                      "query_pre_attn_scalar": 128, "sliding_window": 512, "max_position_embeddings": 4096},
-        },
+        sizes=SIZES["gemma2"],
         checkpoints=("google/gemma-2-2b",),
         attn_implementation="eager",
         notes="soft-capping, alternating sliding-window / global layers, head_dim != hidden/heads",

@@ -25,6 +25,7 @@ from harness.config import (
 
 DEFAULT = REPO_ROOT / "config" / "config.yaml"
 PAPER = REPO_ROOT / "config" / "paper.yaml"
+GPU = REPO_ROOT / "config" / "gpu.yaml"
 TEST = REPO_ROOT / ".test" / "config" / "config.yaml"
 
 
@@ -106,6 +107,7 @@ def test_shipped_configs_validate():
     assert {m["family"] for m in offline["models"]} == {"llama3", "tinyllama", "opt", "gemma2"}
     assert load_config([DEFAULT, TEST])["profile"] == "test"
     assert load_config([DEFAULT, PAPER])["profile"] == "paper"
+    assert load_config([DEFAULT, GPU])["profile"] == "gpu"
 
 
 def test_later_config_files_replace_lists_and_merge_mappings():
@@ -209,6 +211,35 @@ def test_explicit_params_name_the_run_and_set_the_budget():
     ]
     assert rows[1]["budget"] == pytest.approx(5 / 7)
     assert mixsga_budget([1, 2], [1, 2]) == pytest.approx(2 / 3) and mixsga_budget([0, 0, 1]) == 0.25
+
+
+def test_mqa_budget_is_derived_from_each_models_kv_heads():
+    cfg = validate_config({"models": [{"name": "llama3", "family": "llama3", "size": "tiny"},
+                                      {"name": "opt", "family": "opt", "size": "tiny"},
+                                      {"name": "big", "family": "opt", "hub": "facebook/opt-125m", "kv_heads": 12}],
+                           "experiments": {"m": {"models": ["llama3", "opt"], "runs": [{"method": "mqa"}]}}})
+    assert {r["run_id"]: r["budget"] for r in run_table(cfg)} == {
+        "llama3__none__mqa__kv25__s0": 0.25, "opt__none__mqa__kv12.5__s0": 0.125}
+    cfg["experiments"]["m"]["models"] = ["big"]
+    assert [r["run_id"] for r in run_table(cfg)] == ["big__none__mqa__kv8.33__s0"]
+    del cfg["models"][2]["kv_heads"]
+    with pytest.raises(ConfigError, match="give that model entry kv_heads"):
+        run_table(cfg)
+
+
+@pytest.mark.parametrize(
+    ("run", "why"),
+    [
+        ({"method": "mqa", "budgets": [0.25]}, r"model 'opt': MQA keeps 1 of the model's 8 K/V heads: its budget is 12.50%"),
+        ({"method": "gqa", "budgets": [0.3]}, r"model 'opt': GQA cannot store 30.00% .*feasible budgets: 12.50%, 25.00%"),
+        ({"method": "h2o+gqa", "budgets": [0.2], "params": {"inner_budget": 0.3}}, "GQA cannot store 30.00%"),
+        ({"method": "mixsga", "params": {"ratios": [1, 1], "group_sizes": [1, 3]}}, r"group sizes \[3\] do not divide"),
+    ],
+)
+def test_infeasible_budgets_are_rejected_before_any_job(run, why):
+    with pytest.raises(ConfigError, match=r"experiments\.m\.runs\[0\]'.*" + why):
+        validate_config({"models": [{"name": "opt", "family": "opt", "size": "tiny"}],
+                         "experiments": {"m": {"runs": [run]}}})
 
 
 def test_run_ids_and_budget_tags():
