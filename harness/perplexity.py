@@ -38,9 +38,13 @@ def token_stream(tokenizer, texts: Sequence[str], *, max_tokens: int | None = No
     ids: list[int] = []
     words = 0
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    chunk = 32  # encode documents in batches (fast) but stop early once max_tokens is reached
-    for c in range(0, len(texts), chunk):
+    # Encode documents in batches (fast); under max_tokens start with one and double, so that a
+    # short stream does not pay for encoding 32 whole modules.
+    chunk = 1 if max_tokens is not None else 32
+    c = 0
+    while c < len(texts):
         batch = list(texts[c : c + chunk])
+        c, chunk = c + len(batch), min(2 * chunk, 32)
         encoded = tokenizer(batch, add_special_tokens=False, verbose=False)["input_ids"]
         for text, body in zip(batch, encoded):
             doc = [bos, *body, eos]
