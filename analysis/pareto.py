@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.collate import read_table, to_markdown
-from analysis.style import method_style
+from analysis.style import facet_axes, method_style
 from analysis.tables import experiment_runs
 
 #: Quality columns and whether lower is better.
@@ -111,12 +111,11 @@ def plot_pareto(fronts: pd.DataFrame, axis: str, out: str | Path) -> Path:
     families = sorted(data["family"].dropna().unique())
     devices = sorted(data["device"].dropna().unique()) if axis == "latency" else [None]
     devices = devices or [None]
-    fig, axes = plt.subplots(len(devices), len(families), figsize=(4.6 * len(families), 4.0 * len(devices)),
-                             squeeze=False, layout="constrained")
+    fig, axes, left = facet_axes(plt, devices, families)
     scale = 1 / 1024 if axis == "kv" else 1.0
-    for r, device in enumerate(devices):
-        for c, family in enumerate(families):
-            ax = axes[r][c]
+    for device in devices:
+        for family in families:
+            ax = axes[(device, family)]
             part = data[data["family"] == family]
             if device is not None:
                 part = part[part["device"] == device]
@@ -134,11 +133,11 @@ def plot_pareto(fronts: pd.DataFrame, axis: str, out: str | Path) -> Path:
             title = family if device is None else f"{family}\n{device}"
             ax.set_title(title, fontsize=10)
             ax.set_xlabel(COSTS[axis][1])
-            if c == 0:
+            if ax in left:
                 ax.set_ylabel(f"{quality} ({'lower' if lower else 'higher'} is better)")
             ax.grid(alpha=0.3)
-    handles, labels = {}, {}
-    for ax in axes.flat:
+    handles = {}
+    for ax in axes.values():
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
     fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8, frameon=False)

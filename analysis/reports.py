@@ -11,7 +11,7 @@ import pandas as pd
 
 from analysis.collate import read_table, to_markdown
 from analysis.stats import format_ci, summarise
-from analysis.style import method_style
+from analysis.style import facet_axes, method_style
 
 
 def _p50(summary: Any) -> float:
@@ -131,28 +131,30 @@ def plot_perf(summary: pd.DataFrame, out: str | Path) -> Path:
     if data.empty:
         raise ValueError("no decode timing to plot")
     devices, families = sorted(data["device"].unique()), sorted(data["family"].dropna().unique())
-    fig, axes = plt.subplots(len(devices), len(families), figsize=(4.6 * len(families), 3.9 * len(devices)),
-                             squeeze=False, layout="constrained")
-    for r, device in enumerate(devices):
-        for c, family in enumerate(families):
-            ax = axes[r][c]
+    fig, axes, left = facet_axes(plt, devices, families, height=3.9)
+    for device in devices:
+        for family in families:
+            ax = axes[(device, family)]
             part = data[(data["device"] == device) & (data["family"] == family)]
             for method, pts in part.groupby("method"):
-                ax.errorbar(pts["kv_bytes_per_token"] / 1024, pts["decode_tps_mean"],
-                            yerr=pts["decode_tps_mean_ci"].fillna(0.0), color=method_style(method)[0],
-                            marker=method_style(method)[1], ls="none",
+                half = pts["decode_tps_mean_ci"].fillna(0.0)
+                # Throughput cannot go below zero; with two seeds the t-interval often would.
+                below = [min(h, m) for h, m in zip(half, pts["decode_tps_mean"])]
+                ax.errorbar(pts["kv_bytes_per_token"] / 1024, pts["decode_tps_mean"], yerr=[below, half],
+                            color=method_style(method)[0], marker=method_style(method)[1], ls="none",
                             capsize=2, label=method)
             ax.set_title(f"{family}\n{device}", fontsize=9)
             ax.set_xlabel("realized KV cache (KiB per token)")
-            if c == 0:
+            if ax in left:
                 ax.set_ylabel("decode throughput (tokens/s)")
+            ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
     handles = {}
-    for ax in axes.flat:
+    for ax in axes.values():
         for h, lab in zip(*ax.get_legend_handles_labels()):
             handles.setdefault(lab, h)
     fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8, frameon=False)
-    fig.suptitle("Decode throughput vs realized KV size\n(batch 1; mean ± 95 % CI over seeds; one row per device)")
+    fig.suptitle("Decode throughput vs realized KV size\n(batch 1; mean ± 95 % CI over seeds, cut at 0; one row per device)")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=130)

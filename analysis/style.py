@@ -13,3 +13,22 @@ def method_style(method: str) -> tuple[str, str]:
     if evict in _EVICTION:
         return _EVICTION[evict], (_ARCH[inner][1] if inner in _ARCH else "D")
     return _ARCH.get(str(method), ("tab:gray", "X"))
+
+
+def facet_axes(plt, rows: list, families: list, *, width: float = 4.6, height: float = 4.0, wrap: int = 2):
+    """``(fig, {(row, family): ax}, left_axes)``: one panel per row key x family.
+
+    With a single row the families wrap ``wrap`` to a line: four families read better as 2 x 2
+    than as four narrow panels. ``left_axes`` are the panels that carry the y label.
+    """
+    ncols = min(wrap, len(families)) if len(rows) == 1 else len(families)
+    per_row = -(-len(families) // ncols)
+    fig, grid = plt.subplots(len(rows) * per_row, ncols, figsize=(width * ncols, height * len(rows) * per_row),
+                             squeeze=False, layout="constrained")
+    axes = {}
+    for r, row in enumerate(rows):
+        for i, family in enumerate(families):
+            axes[(row, family)] = grid[r * per_row + i // ncols][i % ncols]
+    for ax in grid.flat[len(rows) * len(families):]:
+        ax.set_visible(False)
+    return fig, axes, [grid[k][0] for k in range(len(grid))]
