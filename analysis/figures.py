@@ -15,21 +15,13 @@ import pandas as pd  # noqa: E402
 
 from analysis.collate import read_table  # noqa: E402
 from analysis.stats import summarise  # noqa: E402
-from analysis.style import method_style  # noqa: E402
+from analysis.style import method_style, save_figure  # noqa: E402
 from analysis.tables import experiment_runs  # noqa: E402
 
 #: Methods drawn as lines over the budget sweep; the others are single points.
 SWEEP_LINES = ("mixsga", "cla")
 #: How methods are named in legends (the papers' spelling).
 METHOD_NAMES = {"mixsga": "mixSGA", "gqa": "GQA", "mqa": "MQA", "cla": "CLA"}
-
-
-def _save(fig, out: str | Path) -> Path:
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=140)
-    plt.close(fig)
-    return out
 
 
 def figure3(table: pd.DataFrame | str | Path, out: str | Path, *,
@@ -66,7 +58,7 @@ def figure3(table: pd.DataFrame | str | Path, out: str | Path, *,
         ax.legend(fontsize=8)
     seeds = int(summ["seeds"].max())
     fig.suptitle(f"Figure 3: perplexity vs KV budget\n(lower is better; mean of up to {seeds} seed(s), 95 % CI)")
-    return _save(fig, out)
+    return save_figure(fig, out, dpi=140)
 
 
 def _load_json(path: str | Path, what: str) -> dict[str, Any]:
@@ -107,4 +99,4 @@ def figure1(source: dict | str | Path, out: str | Path) -> Path:
     who = f"{data.get('family') or data.get('model', '?')}, {data.get('text_set', '?')} {data.get('split', '')}"
     fig.suptitle(f"Figure 1: change of sequence perplexity when one token's K/V is averaged over heads ({who}, "
                  f"{len(pos) + 1} tokens)", fontsize=10)
-    return _save(fig, out)
+    return save_figure(fig, out, dpi=140)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.collate import read_table, to_markdown
-from analysis.style import facet_axes, method_style
+from analysis.style import facet_axes, method_style, save_figure, shared_legend
 from analysis.tables import experiment_runs
 
 #: Quality columns and whether lower is better.
@@ -136,18 +136,10 @@ def plot_pareto(fronts: pd.DataFrame, axis: str, out: str | Path) -> Path:
             if ax in left:
                 ax.set_ylabel(f"{quality} ({'lower' if lower else 'higher'} is better)")
             ax.grid(alpha=0.3)
-    handles = {}
-    for ax in axes.values():
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8, frameon=False)
+    shared_legend(fig, axes.values())
     what = "realized KV bytes" if axis == "kv" else "decode latency"
     fig.suptitle(f"Pareto fronts: {quality} vs {what}\n(mean over seeds per configuration; black line: front)")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=130)
 
 
 def write_pareto(table: pd.DataFrame | str | Path, *, csv: str | Path, md: str | Path | None = None,

@@ -13,6 +13,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from analysis.collate import perplexity_summary  # noqa: E402
+from analysis.style import save_figure  # noqa: E402
 
 
 def plot_perplexity(table: pd.DataFrame | str | Path, out: str | Path) -> Path:
@@ -65,8 +66,4 @@ def plot_perplexity(table: pd.DataFrame | str | Path, out: str | Path) -> Path:
     ax.set_title(f"Held-out perplexity of the base models\n(eval: {eval_sets}; {seeds} seed(s); lower is better)")
     ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.grid(axis="y", which="major", alpha=0.3)
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=150)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=150)

@@ -11,7 +11,7 @@ import pandas as pd
 
 from analysis.collate import read_table, to_markdown
 from analysis.stats import format_ci, summarise
-from analysis.style import facet_axes, method_style
+from analysis.style import facet_axes, method_style, save_figure, shared_legend
 
 
 def _p50(summary: Any) -> float:
@@ -149,17 +149,9 @@ def plot_perf(summary: pd.DataFrame, out: str | Path) -> Path:
                 ax.set_ylabel("decode throughput (tokens/s)")
             ax.set_ylim(bottom=0)
             ax.grid(alpha=0.3)
-    handles = {}
-    for ax in axes.values():
-        for h, lab in zip(*ax.get_legend_handles_labels()):
-            handles.setdefault(lab, h)
-    fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8, frameon=False)
+    shared_legend(fig, axes.values())
     fig.suptitle("Decode throughput vs realized KV size\n(batch 1; mean ± 95 % CI over seeds, cut at 0; one row per device)")
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=130)
-    plt.close(fig)
-    return out
+    return save_figure(fig, out, dpi=130)
 
 
 def write_table9(source: dict | str | Path, *, csv: str | Path, md: str | Path) -> pd.DataFrame:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 _ARCH = {"base": ("black", "*"), "gqa": ("tab:green", "^"), "mqa": ("tab:purple", "v"), "cla": ("tab:blue", "s"),
          "mixsga": ("tab:red", "o")}
 _EVICTION = {"h2o": "tab:orange", "streamingllm": "tab:brown", "snapkv": "tab:pink", "tova": "tab:olive"}
@@ -32,3 +34,23 @@ def facet_axes(plt, rows: list, families: list, *, width: float = 4.6, height: f
     for ax in grid.flat[len(rows) * len(families):]:
         ax.set_visible(False)
     return fig, axes, [grid[k][0] for k in range(len(grid))]
+
+
+def shared_legend(fig, axes) -> None:
+    """One legend for the whole figure, right of the panels: each label once, from whichever panel has it."""
+    handles: dict = {}
+    for ax in axes:
+        for handle, label in zip(*ax.get_legend_handles_labels()):
+            handles.setdefault(label, handle)
+    fig.legend(list(handles.values()), list(handles), loc="outside right upper", fontsize=8, frameon=False)
+
+
+def save_figure(fig, out: str | Path, dpi: int) -> Path:
+    """Write ``fig`` to ``out`` (parent folders created) and release it."""
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out, dpi=dpi)
+    plt.close(fig)
+    return out
