@@ -270,9 +270,8 @@ def architecture_of(method: str, budget: float, params: Mapping[str, Any]) -> tu
     return inner, float(params.get("inner_budget", DEFAULT_INNER_BUDGET)), dict(params.get("inner") or {})
 
 
-def _run_budgets(exp_name: str, i: int, entry: Mapping[str, Any], model: Mapping[str, Any]) -> list[float]:
+def _run_budgets(where: str, entry: Mapping[str, Any], model: Mapping[str, Any]) -> list[float]:
     method, params = entry["method"], entry.get("params") or {}
-    where = f"config key 'experiments.{exp_name}.runs[{i}]'"
     if method == BASE_METHOD:
         if entry.get("budgets") not in (None, [1.0], [1]):
             raise ConfigError(f"{where}: method 'base' always runs at budget 1.0, got budgets {entry['budgets']}")
@@ -303,11 +302,11 @@ def run_table(cfg: Mapping[str, Any]) -> list[dict]:
         for i, entry in enumerate(exp["runs"]):
             params = dict(entry.get("params") or {})
             architecture_of(entry["method"], 1.0, params)  # validates the method name
+            where = f"config key 'experiments.{exp_name}.runs[{i}]'"
             for model_name in models:
                 model = model_entry(cfg, model_name)
-                for budget in _run_budgets(exp_name, i, entry, model):
-                    _check_feasible(f"config key 'experiments.{exp_name}.runs[{i}]'", model, entry["method"],
-                                    budget, params)
+                for budget in _run_budgets(where, entry, model):
+                    _check_feasible(where, model, entry["method"], budget, params)
                     for seed in seeds:
                         run_id = make_run_id(model_name, entry["method"], budget, seed,
                                              training=exp["training"], params=params)
