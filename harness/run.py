@@ -405,12 +405,12 @@ def execute_run(
     runtime = getattr(model, "mixsga_runtime", None)
     if runtime is not None:
         runtime.reset_stats()
-    for n in measure_cfg["context_lengths"]:
+    prompts = {n: _prompt_ids(tokenizer, texts, n).to(device) for n in measure_cfg["context_lengths"]}
+    for n, prompt in prompts.items():
         log(f"{spec['run_id']}: latency at context {n}")
-        timings.append(measure_latency(model, method, params, _prompt_ids(tokenizer, texts, n).to(device),
-                                       measure_cfg, device))
+        timings.append(measure_latency(model, method, params, prompt, measure_cfg, device))
     routing = _routing(model)
-    prompt = _prompt_ids(tokenizer, texts, measure_cfg["context_lengths"][0]).to(device)
+    prompt = prompts[measure_cfg["context_lengths"][0]]
     new_tokens = int(measure_cfg["new_tokens"])
     measured = measure_cache_bytes(model, method, params, prompt, new_tokens)
     base_measured = measure_cache_bytes(base, get_method(BASE_METHOD), {}, prompt, new_tokens)
