@@ -1,7 +1,7 @@
 """analysis/: records -> tidy table -> per-experiment tables, Pareto fronts and the paper's figures.
 
-Reads only run records (``harness.records``) and the JSON of ``harness.token_importance`` /
-``harness.overheads``. Command lines (``python -m analysis <command> --help`` for details)::
+Reads only run records (``harness.orchestration.records``) and the JSON of ``harness.evaluation.token_importance`` /
+``harness.measurement.overheads``. Command lines (``python -m analysis <command> --help`` for details)::
 
     python -m analysis collate results/records --all-csv results/tables/all.csv \\
         [--perplexity-csv results/tables/perplexity.csv --perplexity-md results/tables/perplexity.md]

@@ -39,11 +39,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", help="optional: the figure's data table (CSV)")
     p.add_argument("--md", help="optional: the same as Markdown")
 
-    p = sub.add_parser("figure1", help="Figure 1 from the harness.token_importance JSON")
+    p = sub.add_parser("figure1", help="Figure 1 from the harness.evaluation.token_importance JSON")
     p.add_argument("--json", required=True)
     p.add_argument("--out", required=True, help="PNG path")
 
-    p = sub.add_parser("table9", help="Tables 9/10 from the harness.overheads JSON")
+    p = sub.add_parser("table9", help="Tables 9/10 from the harness.measurement.overheads JSON")
     p.add_argument("--json", required=True)
     p.add_argument("--csv", required=True)
     p.add_argument("--md", required=True)

@@ -1,6 +1,6 @@
 """Records -> one tidy pandas table (a row per run), tolerant of fields a record does not carry.
 
-Only the JSON records are read (validated by ``harness.records.read_record``); nothing is
+Only the JSON records are read (validated by ``harness.orchestration.records.read_record``); nothing is
 recomputed. ``flatten`` looks every value up by path, so a field that is missing or null in a
 record (an older schema, a run that did not measure it) becomes NaN / empty, never an error.
 """
@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from harness.records import read_record
+from harness.orchestration.records import read_record
 
 #: Grouping keys of the perplexity summary: one row per model x method x nominal budget.
 SUMMARY_KEYS = ["model", "family", "method", "budget_nominal"]
@@ -237,7 +237,7 @@ def records_table(records: Iterable[Mapping[str, Any]]) -> pd.DataFrame:
 
 
 def load_records(paths: Iterable[str | Path]) -> pd.DataFrame:
-    """Validate (``harness.records.read_record``) and flatten the records at ``paths``.
+    """Validate (``harness.orchestration.records.read_record``) and flatten the records at ``paths``.
 
     ValueError if no path is given, a file is not a valid record, or two files share a run id.
     """

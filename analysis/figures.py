@@ -72,7 +72,7 @@ def _load_json(path: str | Path, what: str) -> dict[str, Any]:
 
 
 def figure1(source: dict | str | Path, out: str | Path) -> Path:
-    """Figure 1 from ``harness.token_importance`` JSON: (a) Δ sequence perplexity per token position, (b) histogram."""
+    """Figure 1 from ``harness.evaluation.token_importance`` JSON: (a) Δ sequence perplexity per token position, (b) histogram."""
     data = source if isinstance(source, dict) else _load_json(source, "token-importance")
     missing = [k for k in ("positions", "delta_pct", "base_ppl") if k not in data]
     if missing:

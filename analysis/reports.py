@@ -1,4 +1,4 @@
-"""Tables 9 / 10 from the ``harness.overheads`` JSON, and the performance table (split by device)."""
+"""Tables 9 / 10 from the ``harness.measurement.overheads`` JSON, and the performance table (split by device)."""
 
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
-from harness.measure import PeakMemory, Timer, summarise
+from harness.measurement.measure import PeakMemory, Timer, summarise
 from harness.methods import Eviction, Method, Stacked, get_method
 from mixsga.budget import full_kv_bytes_per_token, kv_shape
 

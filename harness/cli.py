@@ -42,31 +42,31 @@ def _import_transformers_lean() -> None:
 
 
 def cmd_corpus(args: argparse.Namespace) -> None:
-    from harness.corpus import build_corpus
+    from harness.data.corpus import build_corpus
 
     fp = build_corpus(args.out, val_fraction=args.val_fraction, test_fraction=args.test_fraction)
     print(json.dumps(fp, indent=2, sort_keys=True))
 
 
 def cmd_instruct(args: argparse.Namespace) -> None:
-    from harness.instruct import build_instruct
+    from harness.data.instruct import build_instruct
 
     print(json.dumps(build_instruct(args.out, args.corpus), indent=2, sort_keys=True, default=str))
 
 
 def cmd_tokenizer(args: argparse.Namespace) -> None:
     _set_threads(args.threads)
-    from harness.tokenizer import train_tokenizer
+    from harness.data.tokenizer import train_tokenizer
 
     tok = train_tokenizer(args.corpus, args.out, vocab_size=args.vocab_size)
     print(f"tokenizer with {len(tok)} tokens saved to {args.out}")
 
 
 def cmd_unigram(args: argparse.Namespace) -> None:
-    from harness.corpus import read_split
-    from harness.perplexity import unigram_perplexity
-    from harness.records import write_json_atomic
-    from harness.tokenizer import load_tokenizer
+    from harness.data.corpus import read_split
+    from harness.evaluation.perplexity import unigram_perplexity
+    from harness.orchestration.records import write_json_atomic
+    from harness.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)
     train, held_out = read_split(args.corpus, "train"), read_split(args.corpus, args.split)
@@ -80,8 +80,8 @@ def cmd_unigram(args: argparse.Namespace) -> None:
 
 def cmd_pretrain(args: argparse.Namespace) -> None:
     _set_threads(args.threads)
-    from harness.pretrain import pretrain
-    from harness.provenance import resolve_device
+    from harness.training.pretrain import pretrain
+    from harness.orchestration.provenance import resolve_device
 
     summary = pretrain(
         args.family,
@@ -104,13 +104,13 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 def cmd_check_config(args: argparse.Namespace) -> None:
     import yaml
 
-    from harness.config import load_config
+    from harness.orchestration.config import load_config
 
     print(yaml.safe_dump(load_config(args.configfile), sort_keys=False), end="")
 
 
 def cmd_grid(args: argparse.Namespace) -> None:
-    from harness.config import load_config, run_table, run_table_lines, write_run_table
+    from harness.orchestration.config import load_config, run_table, run_table_lines, write_run_table
 
     rows = run_table(load_config(args.configfile))
     if args.out:
@@ -120,7 +120,7 @@ def cmd_grid(args: argparse.Namespace) -> None:
 
 def _spec_from(args: argparse.Namespace, table: str) -> dict:
     """The spec of --spec (JSON, as the workflow passes it) or of --run-id / --train-id in --configfile."""
-    from harness.config import load_config, run_spec, train_table
+    from harness.orchestration.config import load_config, run_spec, train_table
 
     ident = getattr(args, "run_id" if table == "run" else "train_id")
     if (args.spec is None) == (ident is None):
@@ -138,7 +138,7 @@ def _spec_from(args: argparse.Namespace, table: str) -> dict:
 
 def cmd_train(args: argparse.Namespace) -> None:
     _import_transformers_lean()
-    from harness.run import execute_train
+    from harness.orchestration.run import execute_train
 
     spec = _spec_from(args, "train")
     got = execute_train(spec, args.out, model_path=args.model, corpus_dir=args.corpus, instruct_dir=args.instruct,
@@ -149,7 +149,7 @@ def cmd_train(args: argparse.Namespace) -> None:
 
 def cmd_run(args: argparse.Namespace) -> None:
     _import_transformers_lean()
-    from harness.run import execute_run
+    from harness.orchestration.run import execute_run
 
     spec = _spec_from(args, "run")
     record = execute_run(

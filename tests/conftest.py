@@ -26,7 +26,7 @@ def one_torch_thread():
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tmp_path_factory) -> Callable[..., Any]:
     """``tiny_tokenizer(texts, vocab_size=300)``: a byte-level BPE trained on ``texts``."""
-    from harness.tokenizer import train_tokenizer
+    from harness.data.tokenizer import train_tokenizer
 
     def make(texts: list[str], vocab_size: int = 300):
         corpus = tmp_path_factory.mktemp("corpus")
@@ -54,9 +54,9 @@ def _record(
 ) -> dict[str, Any]:
     import yaml
 
-    from harness.config import make_run_id, run_spec, validate_config
-    from harness.provenance import utc_now
-    from harness.records import new_record
+    from harness.orchestration.config import make_run_id, run_spec, validate_config
+    from harness.orchestration.provenance import utc_now
+    from harness.orchestration.records import new_record
 
     run = {"method": method} if method == "base" else {"method": method, "budgets": [budget]}
     raw = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())

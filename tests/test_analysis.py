@@ -15,8 +15,8 @@ from analysis.collate import flatten, load_records, ratio_label, records_table, 
 from analysis.pareto import pareto_mask
 from analysis.stats import format_ci, mean_ci, summarise
 from analysis.tables import experiment_table
-from harness.provenance import utc_now
-from harness.records import new_record, write_record
+from harness.orchestration.provenance import utc_now
+from harness.orchestration.records import new_record, write_record
 
 FAMILIES = ("llama3", "tinyllama")
 
@@ -25,7 +25,7 @@ def make_run(*, family: str = "llama3", method: str = "base", budget: float = 1.
              experiments=("main",), params=None, training: str = "cpt", ppl: float | None = 50.0,
              rouge: float | None = None, zeroshot=None, decode_fractions=None, realized: float | None = None,
              tps: float | None = 100.0, device=("cpu", "test cpu"), run_id: str | None = None) -> dict:
-    """A schema-valid record built with harness.records.new_record (values are synthetic)."""
+    """A schema-valid record built with harness.orchestration.records.new_record (values are synthetic)."""
     run_id = run_id or f"{family}__{method}__kv{round(100 * budget)}__s{seed}"
     spec = {"run_id": run_id, "model": {"name": family, "family": family}, "method": method, "seed": seed,
             "experiments": list(experiments), "training": {"kind": training}}

@@ -11,8 +11,8 @@ import pytest
 
 from conftest import REPO_ROOT
 from harness.cli import main
-from harness.config import run_spec, train_table, validate_config
-from harness.records import read_record
+from harness.orchestration.config import run_spec, train_table, validate_config
+from harness.orchestration.records import read_record
 
 
 def run_module(*args: str) -> subprocess.CompletedProcess:
@@ -73,10 +73,10 @@ def tiny_setup(tmp_path_factory):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from harness.corpus import build_corpus
-    from harness.instruct import build_instruct
-    from harness.tokenizer import train_tokenizer
-    from harness.zoo import build_config
+    from harness.data.corpus import build_corpus
+    from harness.data.instruct import build_instruct
+    from harness.data.tokenizer import train_tokenizer
+    from harness.models.zoo import build_config
 
     root = tmp_path_factory.mktemp("tiny")
     source = root / "src"
@@ -158,7 +158,7 @@ def test_run_writes_a_valid_record_and_resumes(tiny_setup, capsys):
 
 def test_realized_budget_is_relative_to_what_the_base_model_stores(tiny_setup):
     """Gemma 2's sliding-window layers keep fewer tokens than the ledger's full-cache figure."""
-    from harness.run import execute_run
+    from harness.orchestration.run import execute_run
 
     spec = run_spec(tiny_setup["cfg"], "gemma2__none__base__kv100__s0")
     spec["measure"] = dict(spec["measure"], context_lengths=[100])  # beyond the tiny model's 64-token window
@@ -171,7 +171,7 @@ def test_realized_budget_is_relative_to_what_the_base_model_stores(tiny_setup):
 
 
 def test_eviction_is_scored_through_its_bounded_cache(tiny_setup):
-    from harness.run import execute_run
+    from harness.orchestration.run import execute_run
 
     spec = run_spec(tiny_setup["cfg"], "llama3__none__h2o__kv50__s0")
     record = execute_run(spec, tiny_setup["root"] / "h2o.json", model_path=tiny_setup["model"],
@@ -182,7 +182,7 @@ def test_eviction_is_scored_through_its_bounded_cache(tiny_setup):
 
 
 def _train(setup, train_id):
-    from harness.run import execute_train
+    from harness.orchestration.run import execute_train
 
     spec = train_table(setup["cfg"])[train_id]
     return execute_train(spec, setup["root"] / "trained" / train_id, model_path=setup["model"],
@@ -190,7 +190,7 @@ def _train(setup, train_id):
 
 
 def test_trained_runs_share_checkpoints_and_tokens(tiny_setup, capsys):
-    from harness.run import execute_run
+    from harness.orchestration.run import execute_run
 
     mix = _train(tiny_setup, "llama3__cpt__mixsga__kv50__s0")
     base = _train(tiny_setup, "llama3__cpt__base__kv100__s0")
@@ -219,7 +219,7 @@ def test_trained_runs_share_checkpoints_and_tokens(tiny_setup, capsys):
 
 
 def test_sft_run_scores_rouge_and_saves_predictions(tiny_setup):
-    from harness.run import execute_run
+    from harness.orchestration.run import execute_run
 
     run_id = "llama3__sft__mixsga-r1.1.2__kv50__s0"
     _train(tiny_setup, run_id)

@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT
-from harness.config import (
+from harness.orchestration.config import (
     ConfigError,
     budget_tag,
     code_hash,
@@ -139,7 +139,7 @@ def test_model_pretrain_entry_overrides_the_default():
 
 
 def test_offline_default_uses_the_tuned_recipes():
-    from harness.pretrain import OFFLINE_RECIPES
+    from harness.training.pretrain import OFFLINE_RECIPES
 
     cfg = load_config([DEFAULT])
     for model in cfg["models"]:
@@ -149,7 +149,7 @@ def test_offline_default_uses_the_tuned_recipes():
 
 
 def test_family_enum_matches_the_zoo():
-    from harness.zoo import FAMILIES
+    from harness.models.zoo import FAMILIES
 
     enum = load_schema()["properties"]["models"]["items"]["properties"]["family"]["enum"]
     assert sorted(enum) == sorted(FAMILIES)

@@ -5,7 +5,7 @@ import shutil
 
 import pytest
 
-from harness.corpus import (
+from harness.data.corpus import (
     build_corpus,
     list_source_files,
     module_name,

@@ -11,10 +11,10 @@ import torch
 from nltk.stem import porter
 from transformers import DynamicCache
 
-import harness.evaluate as ev
+import harness.evaluation.evaluate as ev
 from baselines.eviction import EvictionPolicy, eviction_cache_factory
 from baselines.testing import tiny_model
-from harness.evaluate import (
+from harness.evaluation.evaluate import (
     as_quality,
     bounded_cache_perplexity,
     evaluate_instructions,
@@ -22,8 +22,8 @@ from harness.evaluate import (
     rouge_l,
     score_predictions_file,
 )
-from harness.perplexity import perplexity, token_stream
-from harness.records import validate_record
+from harness.evaluation.perplexity import perplexity, token_stream
+from harness.orchestration.records import validate_record
 
 TEXTS = [f"def f{i}(x):\n    return x * {i} + {i * i}  # value number {i}\n" for i in range(8)]
 ROWS = [{"id": f"r{i}", "prompt": f"Summarise f{i}:\n" * (1 + i % 3), "references": ["returns x", "x times two"]}

@@ -7,8 +7,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from harness.hub_data import INSTRUCTION_SETS, load_instruction_set, load_text_set, wikitext_articles
-from harness.instruct import format_prompt
+from harness.data.hub_data import INSTRUCTION_SETS, load_instruction_set, load_text_set, wikitext_articles
+from harness.data.instruct import format_prompt
 
 
 def write_jsonl(path, rows):

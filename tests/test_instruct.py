@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from harness.corpus import build_corpus, read_rows
-from harness.instruct import (
+from harness.data.corpus import build_corpus, read_rows
+from harness.data.instruct import (
     INSTRUCTION,
     build_instruct,
     extract_pairs,

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from baselines.testing import tiny_model
-from harness.lm_eval_adapter import (
+from harness.evaluation.lm_eval_adapter import (
     LOCAL_MC_TASK,
     LOCAL_PPL_TASK,
     PAPER_TASKS,

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from harness.overheads import (
+from harness.measurement.overheads import (
     TABLE9_MODELS,
     build_method,
     kv_bytes,
@@ -18,7 +18,7 @@ from harness.overheads import (
     parameter_difference,
     time_decode,
 )
-from harness.zoo import build_config
+from harness.models.zoo import build_config
 
 # Table 9 of the paper (50 % KV budget, fp32).
 TABLE9_KV = {"opt-125m": (36_864, 36_867), "llama3.2-1b": (32_768, 32_772), "gemma2-2b": (106_496, 106_502)}

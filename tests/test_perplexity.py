@@ -9,10 +9,10 @@ import torch
 from transformers import AutoModelForCausalLM
 from transformers.modeling_outputs import CausalLMOutput
 
-from harness.corpus import build_corpus, read_split, stdlib_dir
-from harness.perplexity import perplexity, token_stream, unigram_counts, unigram_perplexity
-from harness.tokenizer import train_tokenizer
-from harness.zoo import build_config
+from harness.data.corpus import build_corpus, read_split, stdlib_dir
+from harness.evaluation.perplexity import perplexity, token_stream, unigram_counts, unigram_perplexity
+from harness.data.tokenizer import train_tokenizer
+from harness.models.zoo import build_config
 
 
 @pytest.fixture(scope="module")

@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from harness.corpus import build_corpus, read_split, stdlib_dir
-from harness.perplexity import perplexity
-from harness.pretrain import OFFLINE_RECIPES, batch_at, lr_lambda, pretrain, read_pretrain_result
-from harness.tokenizer import train_tokenizer
-from harness.zoo import FAMILIES, load_base_model
+from harness.data.corpus import build_corpus, read_split, stdlib_dir
+from harness.evaluation.perplexity import perplexity
+from harness.training.pretrain import OFFLINE_RECIPES, batch_at, lr_lambda, pretrain, read_pretrain_result
+from harness.data.tokenizer import train_tokenizer
+from harness.models.zoo import FAMILIES, load_base_model
 
 SMALL = {"num_hidden_layers": 2}
 FAST = {"batch_size": 2, "seq_len": 32, "eval_tokens": 256, "progress": False}

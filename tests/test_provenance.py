@@ -7,7 +7,7 @@ import re
 import pytest
 import torch
 
-from harness.provenance import (
+from harness.orchestration.provenance import (
     collect_provenance,
     device_info,
     git_state,
@@ -15,7 +15,7 @@ from harness.provenance import (
     resolve_device,
     utc_now,
 )
-from harness.records import validate_record
+from harness.orchestration.records import validate_record
 
 
 def test_git_state_in_the_repository(repo_root):

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from harness import records
-from harness.records import existing_record, read_record, validate_record, write_json_atomic, write_record
+from harness.orchestration import records
+from harness.orchestration.records import existing_record, read_record, validate_record, write_json_atomic, write_record
 
 
 def test_factory_record_is_valid_and_has_every_section(make_record):

@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM
 
-from harness.token_importance import mean_heads_at, pick_sequence, summarise_deltas, token_importance
-from harness.zoo import build_config
+from harness.evaluation.token_importance import mean_heads_at, pick_sequence, summarise_deltas, token_importance
+from harness.models.zoo import build_config
 
 FAMILIES = ("llama3", "opt", "gemma2")
 
@@ -190,9 +190,9 @@ def test_figure1_end_to_end_on_a_saved_checkpoint(tmp_path):
     import json
     import shutil
 
-    from harness.corpus import build_corpus, stdlib_dir
-    from harness.token_importance import figure1
-    from harness.tokenizer import train_tokenizer
+    from harness.data.corpus import build_corpus, stdlib_dir
+    from harness.evaluation.token_importance import figure1
+    from harness.data.tokenizer import train_tokenizer
 
     (tmp_path / "src").mkdir()
     for name in ("colorsys", "bisect", "heapq", "shlex", "string", "copy"):

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from harness.corpus import build_corpus, stdlib_dir
-from harness.tokenizer import BOS, EOS, PAD, load_tokenizer, train_tokenizer
+from harness.data.corpus import build_corpus, stdlib_dir
+from harness.data.tokenizer import BOS, EOS, PAD, load_tokenizer, train_tokenizer
 
 
 @pytest.fixture(scope="module")

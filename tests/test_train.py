@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from baselines.testing import tiny_model
-from harness.recipes import CPT_OFFLINE, CPT_PAPER, RECIPES, SFT_OFFLINE, SFT_PAPER_OPT, Recipe, get_recipe
-from harness.train import (
+from harness.training.recipes import CPT_OFFLINE, CPT_PAPER, RECIPES, SFT_OFFLINE, SFT_PAPER_OPT, Recipe, get_recipe
+from harness.training.train import (
     CHECKPOINT_FILE,
     IGNORE_INDEX,
     RESULT_FILE,

@@ -7,9 +7,9 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
-from harness.corpus import build_corpus, stdlib_dir
-from harness.tokenizer import train_tokenizer
-from harness.zoo import FAMILIES, build_config, count_parameters, family_of, load_base_model
+from harness.data.corpus import build_corpus, stdlib_dir
+from harness.data.tokenizer import train_tokenizer
+from harness.models.zoo import FAMILIES, build_config, count_parameters, family_of, load_base_model
 
 TRAIN_SEQ = 256  # the offline pretraining sequence length
 

@@ -26,7 +26,7 @@ rule token_importance:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} python -m harness.token_importance --model {params.model} "
+        "OMP_NUM_THREADS={threads} python -m harness.evaluation.token_importance --model {params.model} "
         "--text-set {params.text_set} {params.text_path} --seq-tokens {params.seq_tokens} "
         "--batch-size {params.batch_size} --device {params.device} --dtype {params.dtype} "
         "--out {output} > {log} 2>&1"
@@ -73,7 +73,7 @@ rule overheads:
     conda:
         ENV
     shell:
-        "OMP_NUM_THREADS={threads} python -m harness.overheads --zoo {params.zoo} --families {params.families} "
+        "OMP_NUM_THREADS={threads} python -m harness.measurement.overheads --zoo {params.zoo} --families {params.families} "
         "{params.paper_models} --time-paper-models '{params.time_paper}' --prompt-tokens {params.prompt_tokens} "
         "--new-tokens {params.new_tokens} --repeats {params.repeats} --device {params.device} "
         "--dtype {params.dtype} --out {output} > {log} 2>&1"

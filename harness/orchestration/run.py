@@ -20,9 +20,9 @@ from typing import Any, Mapping
 
 import torch
 
-from harness.config import BASE_METHOD, architecture_of
-from harness.provenance import collect_provenance, resolve_device, utc_now
-from harness.records import existing_record, new_record, read_record, write_json_atomic, write_record
+from harness.orchestration.config import BASE_METHOD, architecture_of
+from harness.orchestration.provenance import collect_provenance, resolve_device, utc_now
+from harness.orchestration.records import existing_record, new_record, read_record, write_json_atomic, write_record
 
 MODEL_FILE = "model.pt"
 SUMMARY_FILE = "train.json"
@@ -46,11 +46,11 @@ def load_eval_texts(eval_cfg: Mapping[str, Any], corpus_dir: str | Path | None) 
     if eval_cfg["text_set"] == "corpus":
         if corpus_dir is None:
             raise ValueError("eval.text_set 'corpus' needs --corpus (the directory built by 'harness corpus')")
-        from harness.corpus import read_split
+        from harness.data.corpus import read_split
 
         texts = read_split(corpus_dir, eval_cfg["split"])
     else:
-        from harness.hub_data import load_text_set
+        from harness.data.hub_data import load_text_set
 
         texts = load_text_set(eval_cfg["text_set"], path=eval_cfg["text_path"], split=eval_cfg["split"])
     if not texts:
@@ -64,11 +64,11 @@ def load_instruction_rows(name: str, split: str, *, instruct_dir: str | Path | N
     if name == "offline":
         if instruct_dir is None:
             raise ValueError("the offline instruction set needs --instruct (the directory built by 'harness instruct')")
-        from harness.instruct import read_instruct
+        from harness.data.instruct import read_instruct
 
         rows = read_instruct(instruct_dir, split)
     else:
-        from harness.hub_data import load_instruction_set
+        from harness.data.hub_data import load_instruction_set
 
         rows = load_instruction_set(name, path=path, split=split)
     if not rows:
@@ -98,17 +98,17 @@ def _routing(model) -> dict | None:
 
 def training_data(spec: Mapping[str, Any], tokenizer, recipe, *, corpus_dir, instruct_dir):
     """The TrainData of a training spec: CPT blocks of the corpus / a hub text set, or SFT pairs."""
-    from harness.train import cpt_data, sft_data
+    from harness.training.train import cpt_data, sft_data
 
     if spec["kind"] == "cpt":
         if spec["data"] == "corpus":
             if corpus_dir is None:
                 raise ValueError("CPT on the corpus needs --corpus")
-            from harness.corpus import read_split
+            from harness.data.corpus import read_split
 
             texts = read_split(corpus_dir, "train")
         else:
-            from harness.hub_data import load_text_set
+            from harness.data.hub_data import load_text_set
 
             texts = load_text_set(spec["data"], path=spec["data_path"], split="train")
         # the stream only needs one pass of the recipe's tokens (plus a block); fewer means epochs
@@ -120,7 +120,7 @@ def training_data(spec: Mapping[str, Any], tokenizer, recipe, *, corpus_dir, ins
 
 
 def training_summary(result: Mapping[str, Any], train_id: str) -> dict:
-    """The record's ``identity.training_summary`` from a ``harness.train.train`` result."""
+    """The record's ``identity.training_summary`` from a ``harness.training.train.train`` result."""
     aux = result.get("aux_loss_history") or []
     routing = result.get("routing_history") or []
     agreement = routing[-1].get("agreement") if routing else None
@@ -149,15 +149,15 @@ def execute_train(
     instruct_dir: str | Path | None = None,
     threads: int = 1,
 ) -> dict:
-    """Train one checkpoint (harness.config.train_table entry) into ``out/`` (model.pt + train.json).
+    """Train one checkpoint (harness.orchestration.config.train_table entry) into ``out/`` (model.pt + train.json).
 
     The trainer's resumable checkpoint lives beside ``out`` (``.{name}.ckpt``), so a killed job
     continues where it stopped; it is removed once ``out`` is complete.
     """
     from harness.methods import get_method
-    from harness.recipes import get_recipe
-    from harness.train import seed_everything, train
-    from harness.zoo import load_base_model
+    from harness.training.recipes import get_recipe
+    from harness.training.train import seed_everything, train
+    from harness.models.zoo import load_base_model
 
     out = Path(out)
     if (out / MODEL_FILE).is_file() and (out / SUMMARY_FILE).is_file():
@@ -200,7 +200,7 @@ def execute_train(
 
 
 def _prompt_ids(tokenizer, texts: list[str], n: int) -> torch.Tensor:
-    from harness.perplexity import token_stream
+    from harness.evaluation.perplexity import token_stream
 
     ids, _ = token_stream(tokenizer, texts, max_tokens=n)
     if len(ids) < n:
@@ -230,7 +230,7 @@ def measure_cache_bytes(model, method, params, prompt: torch.Tensor, new_tokens:
 def measure_latency(model, method, params, prompt: torch.Tensor, measure_cfg: Mapping[str, Any],
                     device: str) -> dict:
     """Prefill ms and decode tokens/s (warm-up, repeats) and peak memory per phase at one context length."""
-    from harness.measure import time_generation
+    from harness.measurement.measure import time_generation
 
     def generate(n: int):
         return _generate(model, prompt, n, method.new_cache(model, params))
@@ -252,7 +252,7 @@ def measure_latency(model, method, params, prompt: torch.Tensor, measure_cfg: Ma
 def evaluate_zeroshot(model, tokenizer, texts: list[str], zs_cfg: Mapping[str, Any], tasks_dir: Path,
                       seed: int) -> dict[str, float | None]:
     """``{task: accuracy}`` (and ``{task}_norm``) through lm-eval; ``local`` = held-out multiple choice."""
-    from harness.lm_eval_adapter import LOCAL_MC_TASK, build_local_tasks, evaluate_lm
+    from harness.evaluation.lm_eval_adapter import LOCAL_MC_TASK, build_local_tasks, evaluate_lm
 
     tasks: list[Any] = []
     for name in zs_cfg["tasks"]:
@@ -303,16 +303,16 @@ def execute_run(
     code: str | None = None,
     threads: int = 1,
 ) -> dict:
-    """Run one spec (harness.config.run_spec) end to end and write its record atomically to ``out``.
+    """Run one spec (harness.orchestration.config.run_spec) end to end and write its record atomically to ``out``.
 
     ``trained_dir``: the checkpoint of ``execute_train`` (required when the spec trains);
     ``predictions_dir``: where ROUGE-L runs save their generations (default: beside ``out``).
     """
-    from harness.evaluate import as_quality, bounded_cache_perplexity, evaluate_instructions
+    from harness.evaluation.evaluate import as_quality, bounded_cache_perplexity, evaluate_instructions
     from harness.methods import get_method
-    from harness.perplexity import perplexity
-    from harness.train import seed_everything
-    from harness.zoo import load_base_model
+    from harness.evaluation.perplexity import perplexity
+    from harness.training.train import seed_everything
+    from harness.models.zoo import load_base_model
     from mixsga.budget import full_kv_bytes_per_token
 
     out = Path(out)
@@ -417,7 +417,7 @@ def execute_run(
 
     fingerprint: dict[str, Any] = {"eval_texts_sha256": texts_fingerprint(texts), "eval_documents": len(texts)}
     if corpus_dir is not None:
-        from harness.corpus import read_fingerprint
+        from harness.data.corpus import read_fingerprint
 
         fingerprint["corpus"] = read_fingerprint(corpus_dir)
     provenance = collect_provenance(seed=seed, device=device, dataset_fingerprint=fingerprint, started_at=started_at)

@@ -77,7 +77,7 @@ def score_windows(
     """Score the stream of ``texts`` in windows with ``window_logits(inputs [B, n]) -> logits [B, n, V]``.
 
     The one implementation of the protocol above; :func:`perplexity` (full forward) and
-    :func:`harness.evaluate.bounded_cache_perplexity` (token by token through a cache) differ
+    :func:`harness.evaluation.evaluate.bounded_cache_perplexity` (token by token through a cache) differ
     only in how a window's logits are computed.
     """
     if seq_len < 1:

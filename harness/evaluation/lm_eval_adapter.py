@@ -5,7 +5,7 @@
   ``lm_eval.simple_evaluate`` zero-shot. Scoring is lm-eval's: a full forward per request, so
   it measures architecture-level methods (mixSGA routes every token at prefill, as in the
   paper). Token-eviction methods would be scored *without* eviction here; score those with
-  :func:`harness.evaluate.bounded_cache_perplexity` instead.
+  :func:`harness.evaluation.evaluate.bounded_cache_perplexity` instead.
 * :data:`PAPER_TASKS` are the paper's continued-pretraining tasks (HellaSwag, PIQA,
   Winogrande, ARC-Easy / Challenge, WikiText-2), which need their hub datasets (cached
   beforehand when running offline).

@@ -40,7 +40,7 @@ def _or_null(schema: dict) -> dict:
     return {"oneOf": [{"type": "null"}, schema]}
 
 
-#: mean / p50 / p90 / std over the timed repeats (harness.measure.summarise), plus their count.
+#: mean / p50 / p90 / std over the timed repeats (harness.measurement.measure.summarise), plus their count.
 _SUMMARY = _section({**{k: {"type": "number", "minimum": 0} for k in ("mean", "p50", "p90", "std", "min")},
                      "n": {"type": "integer", "minimum": 1}}, required=["mean", "p50", "p90", "std"])
 _PEAK = _section({"prefill": _POS_OR_NULL, "decode": _POS_OR_NULL})
@@ -200,7 +200,7 @@ def new_record(
 ) -> dict:
     """Assemble and validate a record.
 
-    ``spec`` is the run's resolved config (harness.config.run_spec); ``params`` the method's
+    ``spec`` is the run's resolved config (harness.orchestration.config.run_spec); ``params`` the method's
     resolved parameters; ``training_summary`` the CPT / SFT summary (None when untrained).
     """
     record = {

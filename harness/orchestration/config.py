@@ -16,7 +16,7 @@ from typing import Any, Iterable, Mapping
 import yaml
 from jsonschema import Draft202012Validator, validators
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_PATH = REPO_ROOT / "workflow" / "schemas" / "config.schema.yaml"
 #: The method that leaves the model unchanged; it always runs at budget 1.0.
 BASE_METHOD = "base"
@@ -201,7 +201,7 @@ def model_kv_heads(model: Mapping[str, Any]) -> int | None:
     if model.get("kv_heads") is not None:
         return int(model["kv_heads"])
     if pretrained_here(model):
-        from harness.shapes import kv_heads
+        from harness.models.shapes import kv_heads
 
         return kv_heads(model["family"], model["size"])
     return None

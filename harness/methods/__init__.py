@@ -58,7 +58,7 @@ from baselines.eviction import (
     rotate_keys,
 )
 from baselines.gqa import convert_to_gqa
-from harness.config import grouped_kv_heads
+from harness.orchestration.config import grouped_kv_heads
 from mixsga.budget import (
     full_kv_bytes_per_token,
     grouped_kv_bytes_per_token,

@@ -236,11 +236,11 @@ def figure1(
 ) -> dict:
     """The JSON-ready Figure 1 result for the model at ``model_path`` on one held-out sequence.
 
-    ``text_set`` / ``text_path`` / ``split`` go to ``harness.hub_data.load_text_set``
+    ``text_set`` / ``text_path`` / ``split`` go to ``harness.data.hub_data.load_text_set``
     (offline: ``"stdlib"`` with the corpus directory; paper profile: ``"wikitext2"``).
     """
-    from harness.hub_data import load_text_set
-    from harness.zoo import family_of, load_base_model
+    from harness.data.hub_data import load_text_set
+    from harness.models.zoo import family_of, load_base_model
 
     model, tokenizer = load_base_model(model_path, dtype=dtype, device=device)
     texts = load_text_set(text_set, text_path, split)
@@ -271,9 +271,9 @@ def figure1(
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from harness.records import write_json_atomic
+    from harness.orchestration.records import write_json_atomic
 
-    parser = argparse.ArgumentParser(prog="python -m harness.token_importance", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m harness.evaluation.token_importance", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True,
                         help="checkpoint directory (e.g. work/models/llama3/base) or hub name")

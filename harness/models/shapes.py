@@ -1,7 +1,7 @@
 """Size presets of the zoo's families, as plain data (no torch import).
 
 The workflow reads them while it expands the config (before any job) to derive MQA's budget
-and reject budgets a model cannot store; ``harness.zoo`` builds the model configs from them.
+and reject budgets a model cannot store; ``harness.models.zoo`` builds the model configs from them.
 """
 
 from __future__ import annotations

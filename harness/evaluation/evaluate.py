@@ -11,7 +11,7 @@ prediction is the decoded response up to (not including) the stop. ``gen_tokens`
 generated tokens before ``<eos>``, or up to the token that completed the stop string.
 
 Bounded-cache perplexity scores the same windows and targets as
-:func:`harness.perplexity.perplexity`, but feeds each window one token at a time through a
+:func:`harness.evaluation.perplexity.perplexity`, but feeds each window one token at a time through a
 cache object made by the caller's ``cache_factory`` (one fresh cache per window batch), so an
 eviction policy acts exactly as during decoding. With an unbounded cache it equals the
 full-forward perplexity.
@@ -31,7 +31,7 @@ import torch
 from tqdm import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
-from harness.perplexity import score_windows
+from harness.evaluation.perplexity import score_windows
 
 ROUGE_IMPL = "rouge-score rougeL, Porter stemmer, max over references, mean x100 (MiniLLM)"
 _SCORER = None
@@ -281,7 +281,7 @@ def bounded_cache_perplexity(
     """Per-token and per-word perplexity scoring token by token through ``cache_factory()`` caches.
 
     Windows, targets (``<bos>`` targets skipped) and word counts are those of
-    :func:`harness.perplexity.perplexity`; equal-length windows are scored side by side in a
+    :func:`harness.evaluation.perplexity.perplexity`; equal-length windows are scored side by side in a
     batch (no padding). Positions are passed explicitly, so a cache that reports only its kept
     tokens as its length cannot shift them.
     """
@@ -304,7 +304,7 @@ def bounded_cache_perplexity(
 
 def as_quality(*, rouge: Mapping[str, Any] | None = None, ppl: Mapping[str, Any] | None = None,
                eval_set: str | None = None) -> dict[str, Any]:
-    """The record ``quality`` fields (``harness.records``) filled from :func:`rouge_l` / perplexity results."""
+    """The record ``quality`` fields (``harness.orchestration.records``) filled from :func:`rouge_l` / perplexity results."""
     quality: dict[str, Any] = {}
     if rouge is not None:
         quality.update(rouge_l=rouge["rouge_l"], rouge_impl=rouge["rouge_impl"], gen_length=rouge["gen_len"])

@@ -45,8 +45,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from harness.perplexity import token_stream
-from harness.recipes import Recipe
+from harness.evaluation.perplexity import token_stream
+from harness.training.recipes import Recipe
 
 IGNORE_INDEX = -100
 CHECKPOINT_FILE = "checkpoint.pt"

@@ -1,7 +1,7 @@
 """The paper's datasets behind one interface, from the model hub or from local files.
 
 Instruction sets map to the offline instruct rows ``{"id", "prompt", "references", "source"}``
-(prompt in the Alpaca / Dolly / MiniLLM template of :func:`harness.instruct.format_prompt`);
+(prompt in the Alpaca / Dolly / MiniLLM template of :func:`harness.data.instruct.format_prompt`);
 text sets map to a list of documents. ``path=`` reads local files written in each dataset's
 own schema, so the paper profile can run from a pre-downloaded copy and the tests need no
 network:
@@ -15,12 +15,12 @@ name                      hub source                                 local schem
 ``vicuna``                ``MiniLLM/Vicuna`` ``valid.jsonl``         list), optional prompt (``<n>`` = newline); file or
 ``sni``                   ``MiniLLM/sinst`` ``11_/valid.jsonl``      a directory holding the hub layout
 ``unnatural``             ``MiniLLM/uinst`` ``11_/valid.jsonl``      (first 10,000 rows, as MiniLLM evaluates)
-``stdlib`` (instructions)  (built here)                               :func:`harness.instruct.build_instruct` output
+``stdlib`` (instructions)  (built here)                               :func:`harness.data.instruct.build_instruct` output
 ``minipile``              ``JeanKaddour/minipile``                   JSONL/JSON/Parquet with ``text``; or a directory with
                                                                      ``{split}.jsonl`` / ``{split}-*.parquet`` files
 ``wikitext2``             ``wikitext`` / ``wikitext-2-raw-v1``       ``wiki.{train,valid,test}.raw`` (file or directory),
                                                                      or JSONL/Parquet of HF line rows (``text``)
-``stdlib`` (text)         (built here)                               :func:`harness.corpus.build_corpus` output
+``stdlib`` (text)         (built here)                               :func:`harness.data.corpus.build_corpus` output
 ========================  =========================================  ===============================================
 
 Dolly has only a train split on the hub; as in the paper (14,000 train / 500 validation /
@@ -37,7 +37,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from harness.instruct import format_prompt
+from harness.data.instruct import format_prompt
 
 SPLITS = ("train", "validation", "test")
 
@@ -175,7 +175,7 @@ def load_instruction_set(
     ``eval_size`` / ``seed`` set Dolly's held-out split (paper: 500 / 500, rest train).
     """
     if name == "stdlib":
-        from harness.instruct import read_instruct
+        from harness.data.instruct import read_instruct
 
         if path is None:
             raise ValueError("the 'stdlib' instruction set is built locally; pass path= (build_instruct output)")
@@ -230,7 +230,7 @@ def _wikitext_from_rows(rows: list[dict], where: str) -> list[str]:
 def load_text_set(name: str, path: str | os.PathLike | None = None, split: str = "test") -> list[str]:
     """Documents of a plain-text set (MiniPile, WikiText-2 articles, or the stdlib corpus)."""
     if name == "stdlib":
-        from harness.corpus import read_split
+        from harness.data.corpus import read_split
 
         if path is None:
             raise ValueError("the 'stdlib' text set is built locally; pass path= (build_corpus output)")

@@ -17,7 +17,7 @@ import os
 import re
 import textwrap
 
-from harness.corpus import SPLITS, read_fingerprint, read_rows, write_splits
+from harness.data.corpus import SPLITS, read_fingerprint, read_rows, write_splits
 
 INSTRUCTION = "Summarise what this Python function does in one sentence."
 SOURCE = "stdlib_docstring"

@@ -27,10 +27,10 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoModelForCausalLM
 
-from harness.corpus import atomic_directory, read_fingerprint, read_split
-from harness.perplexity import perplexity, token_stream, unigram_perplexity
-from harness.tokenizer import load_tokenizer
-from harness.zoo import build_config, count_parameters
+from harness.data.corpus import atomic_directory, read_fingerprint, read_split
+from harness.evaluation.perplexity import perplexity, token_stream, unigram_perplexity
+from harness.data.tokenizer import load_tokenizer
+from harness.models.zoo import build_config, count_parameters
 
 RESULT_FILE = "pretrain.json"
 STATE_FILE = "state.pt"

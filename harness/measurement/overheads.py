@@ -14,11 +14,11 @@ shared K/V projections and adds one router (D x E weights + E biases) per layer.
   GQA's grouped K/V; mixSGA's grouped K/V plus its per-layer expert index, both as our
   cache stores it (one uint8) and as the paper counts it (packed, 2 bits for 3 experts).
 * **Decode throughput** (tokens/s, batch 1, greedy, a fixed number of new tokens) is
-  measured with ``harness.measure.time_generation`` (decode = generate(N) minus
+  measured with ``harness.measurement.measure.time_generation`` (decode = generate(N) minus
   generate(1) of the same repeat): one warm-up per method, then GQA and mixSGA timed
   alternately, repeat by repeat, in one process, so load drift hits both alike.
   Models: the offline zoo checkpoints (``{zoo}/{family}/base``) when present, else
-  random-weight ``tiny`` configs of ``harness.zoo``; optionally the paper-sized
+  random-weight ``tiny`` configs of ``harness.models.zoo``; optionally the paper-sized
   configs with random weights (a GPU job). Weights do not change the cost of a
   decode step, except that mixSGA's decode cost depends on where its (here
   untrained) router sends tokens; the realised decode expert fractions are recorded.
@@ -35,9 +35,9 @@ from typing import Any, Sequence
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, OPTConfig, PretrainedConfig
 
-from harness.measure import summarise, time_generation
+from harness.measurement.measure import summarise, time_generation
 from harness.methods import get_method
-from harness.zoo import FAMILIES, build_config, count_parameters
+from harness.models.zoo import FAMILIES, build_config, count_parameters
 from mixsga.budget import full_kv_bytes_per_token, kv_shape, mixsga_kv_bytes_per_token
 
 METHODS = ("gqa", "mixsga")
@@ -259,7 +259,7 @@ class _VocabOnly:
 
 def timing_models(zoo: str | os.PathLike | None, families: Sequence[str]) -> list[tuple[str, str, Any]]:
     """``(label, source, base_model)`` to time: zoo checkpoints when present, else random ``tiny`` configs."""
-    from harness.zoo import load_base_model
+    from harness.models.zoo import load_base_model
 
     out = []
     for family in families:
@@ -272,13 +272,13 @@ def timing_models(zoo: str | os.PathLike | None, families: Sequence[str]) -> lis
         else:
             torch.manual_seed(0)
             config = build_config(family, "tiny", _VocabOnly())
-            out.append((f"tiny:{family}", "random weights (harness.zoo tiny config)",
+            out.append((f"tiny:{family}", "random weights (harness.models.zoo tiny config)",
                         AutoModelForCausalLM.from_config(config).eval()))
     return out
 
 
 def _device_label(device: str | torch.device) -> str:
-    from harness.provenance import device_info
+    from harness.orchestration.provenance import device_info
 
     info = device_info(str(device))
     return f"{info['type']}: {info['name']}"
@@ -388,7 +388,7 @@ def overheads(
                       "the meta device",
             "kv_bytes_per_token": "registry analytic bytes at dtype; mixSGA with a uint8 expert index per layer "
                                   "(our cache); kv_bytes_per_token_paper_index: packed 2-bit index (the paper)",
-            "decode_tokens_per_s": "harness.measure.time_generation per repeat: (new_tokens - 1) / (generate(N) - "
+            "decode_tokens_per_s": "harness.measurement.measure.time_generation per repeat: (new_tokens - 1) / (generate(N) - "
                                    "generate(1)) s; batch 1, greedy, random prompt; one warm-up per method, then GQA "
                                    "and mixSGA alternated for each repeat, order flipped every repeat; ratios of "
                                    "medians",
@@ -400,7 +400,7 @@ def overheads(
 
 
 def _environment(device: str, seconds: float) -> dict:
-    from harness.provenance import device_info, package_versions
+    from harness.orchestration.provenance import device_info, package_versions
 
     try:
         load = [round(x, 2) for x in os.getloadavg()]
@@ -413,9 +413,9 @@ def _environment(device: str, seconds: float) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from harness.records import write_json_atomic
+    from harness.orchestration.records import write_json_atomic
 
-    parser = argparse.ArgumentParser(prog="python -m harness.overheads", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m harness.measurement.overheads", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--zoo", default="work/models", help="offline zoo directory ({family}/base); '' for none")
     parser.add_argument("--families", default="llama3,tinyllama,opt,gemma2", help="zoo / tiny families to time")

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Gemma2Config, LlamaConfig, OPTConfig, PretrainedConfig
 
-from harness.shapes import SIZES
+from harness.models.shapes import SIZES
 
 
 @dataclass(frozen=True)
@@ -166,7 +166,7 @@ def load_base_model(
     Raises FileNotFoundError for a missing checkpoint, ValueError for a model type outside
     the zoo or a checkpoint that cannot be read (corrupt / incomplete weights).
     """
-    from harness.tokenizer import load_tokenizer  # local import keeps zoo importable without tokenizers
+    from harness.data.tokenizer import load_tokenizer  # local import keeps zoo importable without tokenizers
 
     name = str(path_or_hub_name)
     path = Path(name)

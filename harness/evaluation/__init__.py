@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, ROUGE-L, zero-shot (lm-eval), token importance."""

@@ -1,0 +1,1 @@
+"""Measurement: latency, throughput, peak memory, Tables 9 / 10 overheads."""

@@ -1,0 +1,1 @@
+"""Models: the zoo of tiny families pretrained here and their size presets."""

@@ -1,0 +1,1 @@
+"""Orchestration: config expansion, one run end to end, records, provenance."""

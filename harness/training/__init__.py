@@ -1,0 +1,1 @@
+"""Training: pretraining and CPT / SFT uptraining, their recipes."""
