@@ -13,7 +13,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Mapping, TypeVar
 
 import psutil
 import torch
@@ -139,3 +139,26 @@ def time_generation(
         "peak_memory": {"prefill": prefill_mem.as_dict(), "decode": decode_mem.as_dict()},
         "output": output,
     }
+
+
+T = TypeVar("T")
+
+
+def interleaved(trials: Mapping[str, Callable[[], T]], *, repeats: int, warmup: int = 1) -> dict[str, list[T]]:
+    """Run each trial ``warmup`` times, then ``repeats`` rounds of all trials in alternating order.
+
+    Each trial measures itself and returns its sample (seconds, a dict, ...); the order
+    flips every round so that drift of the machine (thermal, other load) falls on every
+    trial alike. This is the one interleaving protocol of runs, overheads and benchmarks.
+    """
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats!r}")
+    for trial in trials.values():
+        for _ in range(warmup):
+            trial()
+    samples: dict[str, list[T]] = {name: [] for name in trials}
+    order = list(trials)
+    for rep in range(repeats):
+        for name in (order if rep % 2 == 0 else order[::-1]):
+            samples[name].append(trials[name]())
+    return samples
