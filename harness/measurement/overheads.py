@@ -35,7 +35,8 @@ from typing import Any, Sequence
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, OPTConfig, PretrainedConfig
 
-from harness.measurement.measure import summarise, time_generation
+from harness.measurement.generation import generate_exactly
+from harness.measurement.measure import interleaved, summarise, time_generation
 from harness.methods import get_method
 from harness.models.zoo import FAMILIES, build_config, count_parameters
 from mixsga.budget import full_kv_bytes_per_token, kv_shape, mixsga_kv_bytes_per_token
@@ -187,19 +188,11 @@ def kv_bytes(config: PretrainedConfig, method: str, params: dict, dtype: torch.d
 
 
 def _generator(model, method: str, params: dict, prompt: torch.Tensor):
+    """``generate(n)``: exactly ``n`` greedy tokens from ``prompt`` through a fresh cache of ``method``."""
     entry = get_method(method)
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    mask = torch.ones_like(prompt)
 
     def generate(n: int):
-        cache = entry.new_cache(model, params)
-        extra = {} if cache is None else {"past_key_values": cache}
-        with torch.inference_mode():
-            out = model.generate(prompt, attention_mask=mask, do_sample=False, max_new_tokens=n, min_new_tokens=n,
-                                 pad_token_id=pad, **extra)
-        if out.shape[1] != prompt.shape[1] + n:
-            raise RuntimeError(f"{method}: generated {out.shape[1] - prompt.shape[1]} tokens, wanted {n}")
-        return out
+        return generate_exactly(model, prompt, n, cache=entry.new_cache(model, params))
 
     return generate
 
@@ -215,31 +208,26 @@ def time_decode(
 ) -> dict[str, dict]:
     """Decode tokens/s and prefill ms of each ``{method: (model, params)}``, timed alternately.
 
-    Each repeat is one ``time_generation`` run per method (prefill = generate(1),
-    decode = generate(new_tokens) minus that); the order flips every repeat.
+    Each sample is one ``time_generation`` run of one method (prefill = generate(1),
+    decode = generate(new_tokens) minus that), interleaved across methods by
+    ``harness.measurement.measure.interleaved``. Routing fractions count the warm-up and
+    timed generations alike: every one decodes the same prompt greedily, so they route alike.
     """
     if repeats < 5:
         raise ValueError(f"repeats must be >= 5 for a median worth reporting, got {repeats!r}")
     if new_tokens < 2:
         raise ValueError(f"new_tokens must be >= 2, got {new_tokens!r}")
     gens = {m: _generator(model, m, params, prompt) for m, (model, params) in models.items()}
-    for gen in gens.values():
-        for _ in range(warmup):
-            gen(new_tokens)
     for model, _ in models.values():
         if getattr(model, "mixsga_runtime", None) is not None:
             model.mixsga_runtime.reset_stats()
-    decode: dict[str, list[float]] = {m: [] for m in gens}
-    prefill: dict[str, list[float]] = {m: [] for m in gens}
-    order = list(gens)
-    for rep in range(repeats):
-        for m in (order if rep % 2 == 0 else order[::-1]):
-            got = time_generation(gens[m], new_tokens=new_tokens, device=device, repeats=1, warmup=0)
-            decode[m].append(got["decode_tokens_per_s"]["mean"])
-            prefill[m].append(got["prefill_ms"]["mean"])
+    trials = {m: (lambda gen=gen: time_generation(gen, new_tokens=new_tokens, device=device, repeats=1, warmup=0))
+              for m, gen in gens.items()}
+    samples = interleaved(trials, repeats=repeats, warmup=warmup)
     out = {}
     for m, (model, _) in models.items():
-        out[m] = {"decode_tokens_per_s": summarise(decode[m]), "prefill_ms": summarise(prefill[m])}
+        out[m] = {"decode_tokens_per_s": summarise([s["decode_tokens_per_s"]["mean"] for s in samples[m]]),
+                  "prefill_ms": summarise([s["prefill_ms"]["mean"] for s in samples[m]])}
         if getattr(model, "mixsga_runtime", None) is not None:
             out[m]["decode_routing_fractions"] = model.mixsga_runtime.routing_stats()["decode_fractions"]
     return out

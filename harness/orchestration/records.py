@@ -257,20 +257,22 @@ def validate_record(record: Mapping[str, Any]) -> None:
         raise ValueError("invalid record:\n  " + "\n  ".join(problems))
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write JSON atomically: temp file in the same directory, fsync, os.replace, fsync the directory.
+def write_atomic(path: str | Path, data: str | bytes) -> Path:
+    """Write ``data`` (text as UTF-8) atomically: temp file in the same directory, fsync, os.replace, fsync the directory.
 
-    A reader (or a resumed workflow) sees either the old file or the complete new one.
+    A reader (or a resumed workflow) sees either the old file or the complete new one. The
+    one atomic writer of the harness and the analysis: records, predictions, task files, tables.
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
+    payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(payload)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are shared artefacts
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -282,6 +284,11 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+def write_json_atomic(path: str | Path, obj: Any) -> Path:
+    """Write ``obj`` as sorted, indented JSON (no NaN) atomically (see write_atomic)."""
+    return write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
 def write_record(path: str | Path, record: Mapping[str, Any]) -> Path:

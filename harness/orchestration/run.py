@@ -1,4 +1,4 @@
-"""The per-run pipeline: train (once per checkpoint) -> load, convert -> evaluate -> measure -> record.
+"""The per-run pipeline: train (once per checkpoint); then build -> evaluate -> measure -> record.
 
 ``execute_train`` makes one trained checkpoint (``harness train``; Snakemake shares it
 between runs that differ only in eviction keep); ``execute_run`` makes one record
@@ -15,11 +15,13 @@ import json
 import shutil
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 
+from harness.data.sets import load_eval_texts, load_instruction_rows
 from harness.orchestration.config import BASE_METHOD, architecture_of
 from harness.orchestration.provenance import collect_provenance, resolve_device, utc_now
 from harness.orchestration.records import existing_record, new_record, read_record, write_json_atomic, write_record
@@ -41,41 +43,6 @@ def texts_fingerprint(texts: list[str]) -> str:
     return digest.hexdigest()
 
 
-def load_eval_texts(eval_cfg: Mapping[str, Any], corpus_dir: str | Path | None) -> list[str]:
-    """The held-out documents to score: the offline corpus split, or a hub text set."""
-    if eval_cfg["text_set"] == "corpus":
-        if corpus_dir is None:
-            raise ValueError("eval.text_set 'corpus' needs --corpus (the directory built by 'harness corpus')")
-        from harness.data.corpus import read_split
-
-        texts = read_split(corpus_dir, eval_cfg["split"])
-    else:
-        from harness.data.hub_data import load_text_set
-
-        texts = load_text_set(eval_cfg["text_set"], path=eval_cfg["text_path"], split=eval_cfg["split"])
-    if not texts:
-        raise ValueError(f"no documents in eval set {eval_cfg['text_set']!r} split {eval_cfg['split']!r}")
-    return texts
-
-
-def load_instruction_rows(name: str, split: str, *, instruct_dir: str | Path | None, path: str | None,
-                          max_rows: int | None) -> list[dict]:
-    """Rows ``{"id", "prompt", "references"}`` of the offline set (``name='offline'``) or a hub set."""
-    if name == "offline":
-        if instruct_dir is None:
-            raise ValueError("the offline instruction set needs --instruct (the directory built by 'harness instruct')")
-        from harness.data.instruct import read_instruct
-
-        rows = read_instruct(instruct_dir, split)
-    else:
-        from harness.data.hub_data import load_instruction_set
-
-        rows = load_instruction_set(name, path=path, split=split)
-    if not rows:
-        raise ValueError(f"instruction set {name!r} split {split!r} has no rows")
-    return rows[:max_rows] if max_rows else rows
-
-
 def _source(spec: Mapping[str, Any], model_path: str | Path | None) -> str:
     source = model_path if model_path is not None else spec["model"].get("hub")
     if source is None:
@@ -86,11 +53,6 @@ def _source(spec: Mapping[str, Any], model_path: str | Path | None) -> str:
 def resolve_params(method, config, budget: float, explicit: Mapping[str, Any]) -> dict:
     """The registry's params for ``budget`` with the config's explicit params."""
     return method.params_for_budget(config, float(budget), **dict(explicit))
-
-
-def _routing(model) -> dict | None:
-    runtime = getattr(model, "mixsga_runtime", None)
-    return None if runtime is None else runtime.routing_stats()
 
 
 # ---------------------------------------------------------------- training
@@ -196,80 +158,7 @@ def execute_train(
     return summary
 
 
-# ---------------------------------------------------------------- evaluation and measurement
-
-
-def _prompt_ids(tokenizer, texts: list[str], n: int) -> torch.Tensor:
-    from harness.evaluation.perplexity import token_stream
-
-    ids, _ = token_stream(tokenizer, texts, max_tokens=n)
-    if len(ids) < n:
-        raise ValueError(f"the eval texts give {len(ids)} tokens, fewer than the context length {n}")
-    return torch.tensor([ids[:n]], dtype=torch.long)
-
-
-def _generate(model, prompt: torch.Tensor, n: int, cache=None):
-    """Greedy generation of exactly ``n`` tokens; returns the output with its cache."""
-    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
-    extra = {} if cache is None else {"past_key_values": cache}
-    with torch.inference_mode():
-        out = model.generate(prompt, attention_mask=torch.ones_like(prompt), do_sample=False, max_new_tokens=n,
-                             min_new_tokens=n, pad_token_id=pad, return_dict_in_generate=True, **extra)
-    if out.sequences.shape[1] != prompt.shape[1] + n:
-        raise RuntimeError(f"generated {out.sequences.shape[1] - prompt.shape[1]} tokens, wanted {n}")
-    return out
-
-
-def measure_cache_bytes(model, method, params, prompt: torch.Tensor, new_tokens: int) -> int:
-    """Live K/V bytes after a prompt and ``new_tokens`` generated tokens."""
-    cache = method.new_cache(model, params)
-    out = _generate(model, prompt, new_tokens, cache)
-    return int(method.live_bytes(cache if cache is not None else out.past_key_values))
-
-
-def measure_latency(model, method, params, prompt: torch.Tensor, measure_cfg: Mapping[str, Any],
-                    device: str) -> dict:
-    """Prefill ms and decode tokens/s (warm-up, repeats) and peak memory per phase at one context length."""
-    from harness.measurement.measure import time_generation
-
-    def generate(n: int):
-        return _generate(model, prompt, n, method.new_cache(model, params))
-
-    got = time_generation(generate, new_tokens=int(measure_cfg["new_tokens"]), device=device,
-                          repeats=int(measure_cfg["repeats"]), warmup=int(measure_cfg["warmup"]))
-    mem = got["peak_memory"]
-    return {
-        "context_len": int(prompt.shape[1]),
-        "new_tokens": int(measure_cfg["new_tokens"]),
-        "prefill_ms": got["prefill_ms"],
-        "decode_tokens_per_s": got["decode_tokens_per_s"],
-        "peak_memory_bytes": {phase: mem[phase]["process"] for phase in ("prefill", "decode")},
-        "peak_torch_allocated_bytes": {phase: mem[phase]["torch_max_allocated"] for phase in ("prefill", "decode")},
-        "memory_source": mem["prefill"]["process_source"],
-    }
-
-
-def evaluate_zeroshot(model, tokenizer, texts: list[str], zs_cfg: Mapping[str, Any], tasks_dir: Path,
-                      seed: int) -> dict[str, float | None]:
-    """``{task: accuracy}`` (and ``{task}_norm``) through lm-eval; ``local`` = held-out multiple choice."""
-    from harness.evaluation.lm_eval_adapter import LOCAL_MC_TASK, build_local_tasks, evaluate_lm
-
-    tasks: list[Any] = []
-    for name in zs_cfg["tasks"]:
-        if name == "local":
-            configs = build_local_tasks(texts, tasks_dir, seed=0, max_mc_items=zs_cfg["limit"], max_ppl_docs=1)
-            tasks += [c for c in configs if c["task"] == LOCAL_MC_TASK]
-        else:
-            tasks.append(name)
-    got = evaluate_lm(model, tokenizer, tasks, batch_size=zs_cfg["batch_size"], limit=zs_cfg["limit"], seed=seed,
-                      allow_hub=any(t != "local" for t in zs_cfg["tasks"]))
-    scores: dict[str, float | None] = {}
-    for task, metrics in got["results"].items():
-        if "acc" in metrics:
-            scores[task] = metrics["acc"]
-        if "acc_norm" in metrics:
-            scores[f"{task}_norm"] = metrics["acc_norm"]
-    return scores
+# ---------------------------------------------------------------- the run: build -> evaluate -> measure -> record
 
 
 def _refresh_experiments(out: Path, spec: Mapping[str, Any]) -> dict | None:
@@ -286,6 +175,139 @@ def _refresh_experiments(out: Path, spec: Mapping[str, Any]) -> dict | None:
         return None
     record["identity"]["config"] = wanted
     record["identity"]["experiments"] = list(wanted["experiments"])
+    write_record(out, record)
+    return record
+
+
+def resumable_record(out: Path, spec: Mapping[str, Any], code: str | None) -> dict | None:
+    """The record already at ``out`` for this spec and code (relabelled if only its experiments differ), else None."""
+    previous = existing_record(out, spec) or _refresh_experiments(out, spec)
+    if previous is not None and code is not None and previous["provenance"].get("code") != code:
+        return None  # made by other code: the workflow reruns it (Snakemake removes it first anyway)
+    return previous
+
+
+@dataclass
+class Built:
+    """The build step's result: the base model, the method's model under test, and what the steps after ask of it."""
+
+    base: Any  # the unconverted base model: the denominator of the realized budget
+    model: Any  # the converted (and, where the spec trains, trained) model under test
+    tokenizer: Any
+    method: Any  # the registry entry
+    params: dict
+    dtype: torch.dtype
+    training_summary: dict | None
+    evicting: bool  # perplexity through a bounded cache; zero-shot skipped
+    cache_factory: Callable[[], Any] | None  # the method's own cache, or None for the model's default
+
+
+def build(spec: Mapping[str, Any], *, device: str, model_path: str | Path | None = None,
+          trained_dir: str | Path | None = None) -> Built:
+    """Load the base, convert a deep copy of it through the method, load the trained checkpoint if any."""
+    from harness.methods import get_method
+    from harness.models.zoo import load_base_model
+
+    dtype = getattr(torch, spec["dtype"])
+    base, tokenizer = load_base_model(_source(spec, model_path), dtype=dtype, device=device)
+    base.eval()
+    method = get_method(spec["method"])
+    params = resolve_params(method, base.config, spec["budget"], spec["params"])
+    model = method.apply(copy.deepcopy(base), params)
+    summary = None
+    if trained_dir is not None:
+        trained_dir = Path(trained_dir)
+        stored = json.loads((trained_dir / SUMMARY_FILE).read_text())
+        wanted = json.loads(json.dumps(dict(spec["training"])))
+        differ = sorted(k for k in wanted if stored["spec"].get(k) != wanted[k])
+        if differ:
+            raise ValueError(f"{trained_dir} was trained differently from run {spec['run_id']!r} "
+                             f"(fields {differ}); retrain it")
+        state = torch.load(trained_dir / MODEL_FILE, map_location=device, weights_only=True)
+        model.load_state_dict(state)
+        model.to(dtype)
+        summary = stored["summary"]
+    model.eval()
+    evicting = architecture_of(spec["method"], spec["budget"], spec["params"])[0] != spec["method"]
+    own_cache = method.new_cache(model, params) is not None
+    cache_factory = (lambda: method.new_cache(model, params)) if own_cache else None
+    return Built(base=base, model=model, tokenizer=tokenizer, method=method, params=params, dtype=dtype,
+                 training_summary=summary, evicting=evicting, cache_factory=cache_factory)
+
+
+def measure(built: Built, spec: Mapping[str, Any], texts: list[str], device: str) -> tuple[dict, dict]:
+    """``(budget, performance)``: K/V bytes (analytic and live, against the base), latency and memory, routing.
+
+    Routing statistics count only the measured generations (reset after evaluation); the live
+    bytes are taken at the first context length.
+    """
+    from harness.measurement.footprint import (measure_cache_bytes, measure_latency, prompt_ids,
+                                               reset_routing_stats, routing_stats)
+    from harness.methods import get_method
+    from mixsga.budget import full_kv_bytes_per_token
+
+    model, method, params = built.model, built.method, built.params
+    measure_cfg = spec["measure"]
+    reset_routing_stats(model)
+    prompts = {n: prompt_ids(built.tokenizer, texts, n).to(device) for n in measure_cfg["context_lengths"]}
+    timings = []
+    for n, prompt in prompts.items():
+        log(f"{spec['run_id']}: latency at context {n}")
+        timings.append(measure_latency(model, method, params, prompt, measure_cfg, device))
+    routing = routing_stats(model)
+    prompt = prompts[measure_cfg["context_lengths"][0]]
+    new_tokens = int(measure_cfg["new_tokens"])
+    measured = measure_cache_bytes(model, method, params, prompt, new_tokens)
+    base_measured = measure_cache_bytes(built.base, get_method(BASE_METHOD), {}, prompt, new_tokens)
+    budget = {
+        "nominal": float(spec["budget"]),
+        "realized": measured / base_measured,
+        "analytic_bytes_per_token": float(method.analytic_bytes_per_token(built.base.config, params, built.dtype)),
+        "base_bytes_per_token": float(full_kv_bytes_per_token(built.base.config, built.dtype)),
+        "measured_bytes": float(measured),
+        "base_measured_bytes": float(base_measured),
+        # the last generated token is returned, never stored
+        "measured_tokens": int(prompt.shape[1] + new_tokens - 1),
+        "dtype": spec["dtype"],
+        "params": params,
+        "prefill_expert_fractions": routing["prefill_fractions"] if routing else None,
+        "decode_expert_fractions": routing["decode_fractions"] if routing else None,
+    }
+    first = timings[0]
+    performance = {
+        "device": torch.device(device).type,
+        "context_len": first["context_len"],
+        "prefill_ms": first["prefill_ms"],
+        "decode_tokens_per_s": first["decode_tokens_per_s"],
+        "peak_memory_bytes": first["peak_memory_bytes"],
+        "by_context": timings,
+    }
+    return budget, performance
+
+
+def write_run_record(out: Path, spec: Mapping[str, Any], built: Built, *, quality: dict, budget: dict,
+                     performance: dict, texts: list[str], corpus_dir: str | Path | None, device: str,
+                     code: str | None, started_at: str, wall_time_s: float) -> dict:
+    """Provenance (data fingerprint, environment, code hash), then the validated record, written atomically."""
+    fingerprint: dict[str, Any] = {"eval_texts_sha256": texts_fingerprint(texts), "eval_documents": len(texts)}
+    if corpus_dir is not None:
+        from harness.data.corpus import read_fingerprint
+
+        fingerprint["corpus"] = read_fingerprint(corpus_dir)
+    provenance = collect_provenance(seed=int(spec["seed"]), device=device, dataset_fingerprint=fingerprint,
+                                    started_at=started_at)
+    provenance["code"] = code
+    record = new_record(
+        spec=spec,
+        provenance=provenance,
+        params=built.params,
+        training_summary=built.training_summary,
+        budget=budget,
+        quality=quality,
+        performance=performance,
+        flags={"simulated": bool(built.method.simulated), "query_aware": built.method.query_aware},
+        wall_time_s=wall_time_s,
+    )
     write_record(out, record)
     return record
 
@@ -308,154 +330,42 @@ def execute_run(
     ``trained_dir``: the checkpoint of ``execute_train`` (required when the spec trains);
     ``predictions_dir``: where ROUGE-L runs save their generations (default: beside ``out``).
     """
-    from harness.evaluation.evaluate import as_quality, bounded_cache_perplexity, evaluate_instructions
-    from harness.methods import get_method
-    from harness.evaluation.perplexity import perplexity
+    from harness.evaluation.evaluators import EvalContext, evaluate, get_evaluators
     from harness.training.train import seed_everything
-    from harness.models.zoo import load_base_model
-    from mixsga.budget import full_kv_bytes_per_token
 
     out = Path(out)
-    previous = existing_record(out, spec) or _refresh_experiments(out, spec)
-    if previous is not None and code is not None and previous["provenance"].get("code") != code:
-        previous = None  # made by other code: the workflow reruns it (Snakemake removes it first anyway)
+    previous = resumable_record(out, spec, code)
     if previous is not None:
         log(f"{spec['run_id']}: valid record for this spec exists at {out}; skipping")
         return previous
+    # bad input fails before any model is loaded
+    get_evaluators(spec["evaluate"])
+    if spec["training"]["kind"] != "none" and trained_dir is None:
+        raise ValueError(f"run {spec['run_id']!r} is {spec['training']['kind']}-trained: "
+                         "pass its checkpoint as trained_dir")
 
     started_at, t0 = utc_now(), time.perf_counter()
     torch.set_num_threads(max(1, int(threads)))
     seed = int(spec["seed"])
     seed_everything(seed)
     device = resolve_device(spec["device"])
-    dtype = getattr(torch, spec["dtype"])
-    training = spec["training"]
-    if training["kind"] != "none" and trained_dir is None:
-        raise ValueError(f"run {spec['run_id']!r} is {training['kind']}-trained: pass its checkpoint as trained_dir")
+    built = build(spec, device=device, model_path=model_path, trained_dir=trained_dir)
 
-    base, tokenizer = load_base_model(_source(spec, model_path), dtype=dtype, device=device)
-    base.eval()
-    method = get_method(spec["method"])
-    params = resolve_params(method, base.config, spec["budget"], spec["params"])
-    analytic = method.analytic_bytes_per_token(base.config, params, dtype)
-    base_bytes = full_kv_bytes_per_token(base.config, dtype)
-    model = method.apply(copy.deepcopy(base), params)
-    summary = None
-    if trained_dir is not None:
-        trained_dir = Path(trained_dir)
-        stored = json.loads((trained_dir / SUMMARY_FILE).read_text())
-        wanted = json.loads(json.dumps(dict(training)))
-        differ = sorted(k for k in wanted if stored["spec"].get(k) != wanted[k])
-        if differ:
-            raise ValueError(f"{trained_dir} was trained differently from run {spec['run_id']!r} "
-                             f"(fields {differ}); retrain it")
-        state = torch.load(trained_dir / MODEL_FILE, map_location=device, weights_only=True)
-        model.load_state_dict(state)
-        model.to(dtype)
-        summary = stored["summary"]
-    model.eval()
-    evicting = architecture_of(spec["method"], spec["budget"], spec["params"])[0] != spec["method"]
-    own_cache = method.new_cache(model, params) is not None
-    cache_factory = (lambda: method.new_cache(model, params)) if own_cache else None
+    texts = load_eval_texts(spec["eval"], corpus_dir)
+    work = out.parent.parent
+    ctx = EvalContext(
+        run_id=spec["run_id"], eval_cfg=spec["eval"], tokenizer=built.tokenizer, texts=texts, device=device,
+        seed=seed, evicting=built.evicting, cache_factory=built.cache_factory,
+        predictions_dir=Path(predictions_dir) if predictions_dir else work / "predictions",
+        scratch_dir=work / "zeroshot_tasks" / spec["run_id"],
+        instruct_dir=instruct_dir, unigram_path=unigram_path, log=log)
+    quality = evaluate(built.model, ctx, spec["evaluate"])
 
-    eval_cfg = spec["eval"]
-    texts = load_eval_texts(eval_cfg, corpus_dir)
-    quality: dict[str, Any] = {"eval_set": f"{eval_cfg['text_set']}:{eval_cfg['split']}"}
-    if "ppl" in spec["evaluate"]:
-        log(f"{spec['run_id']}: perplexity ({'bounded cache' if evicting else 'full'})")
-        if evicting:
-            ppl = bounded_cache_perplexity(model, tokenizer, texts, seq_len=eval_cfg["seq_len"],
-                                           cache_factory=cache_factory, batch_size=eval_cfg["batch_size"],
-                                           device=device, max_tokens=eval_cfg["max_tokens"])
-        else:
-            ppl = perplexity(model, tokenizer, texts, seq_len=eval_cfg["seq_len"], batch_size=eval_cfg["batch_size"],
-                             device=device, max_tokens=eval_cfg["max_tokens"])
-        quality.update(as_quality(ppl=ppl), ppl_protocol="bounded_cache" if evicting else "full")
-        if unigram_path:
-            quality["ppl_unigram"] = json.loads(Path(unigram_path).read_text())["ppl_unigram"]
-    if "rouge" in spec["evaluate"]:
-        ins = eval_cfg["instruct"]
-        pred_dir = Path(predictions_dir) if predictions_dir else out.parent.parent / "predictions"
-        by_set = {}
-        for name in ins["sets"]:
-            rows = load_instruction_rows(name, ins["split"], instruct_dir=instruct_dir, path=ins["path"],
-                                         max_rows=ins["max_rows"])
-            log(f"{spec['run_id']}: ROUGE-L on {name} ({len(rows)} rows)")
-            got = evaluate_instructions(model, tokenizer, rows, pred_dir / f"{spec['run_id']}.{name}.jsonl",
-                                        max_new_tokens=ins["max_new_tokens"], batch_size=ins["batch_size"],
-                                        device=device, cache_factory=cache_factory)
-            by_set[name] = {"rouge_l": float(got["rouge_l"]), "gen_length": float(got["gen_len"]),
-                            "rows": len(rows)}
-            if len(by_set) == 1:
-                quality.update(as_quality(rouge=got), instruct_set=f"{name}:{ins['split']}",
-                               instruct_rows=len(rows))
-        quality["rouge_by_set"] = by_set
-    if "zeroshot" in spec["evaluate"]:
-        if evicting:
-            # one forward per choice, no cache between tokens: eviction would never act
-            log(f"{spec['run_id']}: zero-shot skipped (eviction acts only through a bounded cache)")
-        else:
-            log(f"{spec['run_id']}: zero-shot {spec['eval']['zeroshot']['tasks']}")
-            tasks_dir = out.parent.parent / "zeroshot_tasks" / spec["run_id"]
-            quality["zeroshot"] = evaluate_zeroshot(model, tokenizer, texts, eval_cfg["zeroshot"], tasks_dir, seed)
-            shutil.rmtree(tasks_dir, ignore_errors=True)
-
-    measure_cfg = spec["measure"]
-    timings = []
-    runtime = getattr(model, "mixsga_runtime", None)
-    if runtime is not None:
-        runtime.reset_stats()
-    prompts = {n: _prompt_ids(tokenizer, texts, n).to(device) for n in measure_cfg["context_lengths"]}
-    for n, prompt in prompts.items():
-        log(f"{spec['run_id']}: latency at context {n}")
-        timings.append(measure_latency(model, method, params, prompt, measure_cfg, device))
-    routing = _routing(model)
-    prompt = prompts[measure_cfg["context_lengths"][0]]
-    new_tokens = int(measure_cfg["new_tokens"])
-    measured = measure_cache_bytes(model, method, params, prompt, new_tokens)
-    base_measured = measure_cache_bytes(base, get_method(BASE_METHOD), {}, prompt, new_tokens)
-
-    fingerprint: dict[str, Any] = {"eval_texts_sha256": texts_fingerprint(texts), "eval_documents": len(texts)}
-    if corpus_dir is not None:
-        from harness.data.corpus import read_fingerprint
-
-        fingerprint["corpus"] = read_fingerprint(corpus_dir)
-    provenance = collect_provenance(seed=seed, device=device, dataset_fingerprint=fingerprint, started_at=started_at)
-    provenance["code"] = code
-    first = timings[0]
-    record = new_record(
-        spec=spec,
-        provenance=provenance,
-        params=params,
-        training_summary=summary,
-        budget={
-            "nominal": float(spec["budget"]),
-            "realized": measured / base_measured,
-            "analytic_bytes_per_token": float(analytic),
-            "base_bytes_per_token": float(base_bytes),
-            "measured_bytes": float(measured),
-            "base_measured_bytes": float(base_measured),
-            # the last generated token is returned, never stored
-            "measured_tokens": int(prompt.shape[1] + new_tokens - 1),
-            "dtype": spec["dtype"],
-            "params": params,
-            "prefill_expert_fractions": routing["prefill_fractions"] if routing else None,
-            "decode_expert_fractions": routing["decode_fractions"] if routing else None,
-        },
-        quality=quality,
-        performance={
-            "device": torch.device(device).type,
-            "context_len": first["context_len"],
-            "prefill_ms": first["prefill_ms"],
-            "decode_tokens_per_s": first["decode_tokens_per_s"],
-            "peak_memory_bytes": first["peak_memory_bytes"],
-            "by_context": timings,
-        },
-        flags={"simulated": bool(method.simulated), "query_aware": method.query_aware},
-        wall_time_s=time.perf_counter() - t0,
-    )
-    write_record(out, record)
+    budget, performance = measure(built, spec, texts, device)
+    record = write_run_record(out, spec, built, quality=quality, budget=budget, performance=performance,
+                              texts=texts, corpus_dir=corpus_dir, device=device, code=code, started_at=started_at,
+                              wall_time_s=time.perf_counter() - t0)
     q = record["quality"]
     log(f"{spec['run_id']}: ppl {q['ppl_token']}, realized budget {record['budget']['realized']:.3f}, "
-        f"decode {first['decode_tokens_per_s']['mean']:.1f} tok/s -> {out}")
+        f"decode {performance['decode_tokens_per_s']['mean']:.1f} tok/s -> {out}")
     return record
