@@ -242,3 +242,13 @@ def test_trained_run_needs_its_checkpoint(tiny_setup, capsys):
     assert main(args) == 2
     assert "pass its checkpoint as trained_dir" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_unknown_evaluator_is_refused_before_the_model_loads(tiny_setup):
+    from harness.orchestration.run import execute_run
+
+    spec = dict(tiny_setup["spec"], evaluate=["ppl", "bleu"])
+    out = tiny_setup["root"] / "bleu.json"
+    with pytest.raises(ValueError, match=r"unknown evaluator\(s\) \['bleu'\]"):
+        execute_run(spec, out, model_path=tiny_setup["root"] / "no-such-model", corpus_dir=tiny_setup["corpus"])
+    assert not out.exists()

@@ -184,3 +184,60 @@ def test_results_fill_a_valid_record(tok, make_record, tmp_path):
     record["quality"].update(as_quality(rouge=rouge, ppl=ppl, eval_set="instruct:test"))
     validate_record(record)
     assert record["quality"]["rouge_l"] == rouge["rouge_l"] and record["quality"]["eval_tokens"] == ppl["tokens"]
+
+
+# --- the run's evaluator registry --------------------------------------------------------------
+
+
+def _context(tok, tmp_path, **changes):
+    from harness.evaluation.evaluators import EvalContext
+
+    fields = dict(run_id="r", eval_cfg={"text_set": "corpus", "split": "test", "seq_len": 24, "batch_size": 3,
+                                        "max_tokens": None, "zeroshot": {"tasks": ["local"]}},
+                  tokenizer=tok, texts=TEXTS, device="cpu", seed=0, evicting=False, cache_factory=None,
+                  predictions_dir=tmp_path / "predictions", scratch_dir=tmp_path / "scratch", log=lambda m: None)
+    fields.update(changes)
+    return EvalContext(**fields)
+
+
+def test_evaluators_are_keyed_by_the_config_evaluation_names():
+    from harness.evaluation.evaluators import EVALUATORS
+    from harness.orchestration.config import EVALUATIONS
+
+    assert tuple(EVALUATORS) == EVALUATIONS
+
+
+def test_unknown_evaluator_is_refused_naming_the_known_ones():
+    from harness.evaluation.evaluators import get_evaluators
+
+    with pytest.raises(ValueError, match=r"unknown evaluator\(s\) \['bleu'\]; known: \['ppl', 'rouge', 'zeroshot'\]"):
+        get_evaluators(["ppl", "bleu"])
+    assert list(get_evaluators(["zeroshot", "ppl"])) == ["ppl", "zeroshot"]  # registry order, not the caller's
+
+
+def test_ppl_evaluator_returns_the_perplexity_quality_fields(tok, tmp_path):
+    from harness.evaluation.evaluators import evaluate
+
+    model = tiny_model("llama", vocab_size=len(tok))
+    quality = evaluate(model, _context(tok, tmp_path), ["ppl"])
+    full = perplexity(model, tok, TEXTS, seq_len=24, batch_size=3)
+    assert quality == {"eval_set": "corpus:test", **as_quality(ppl=full), "ppl_protocol": "full"}
+    bounded = evaluate(model, _context(tok, tmp_path, evicting=True,
+                                       cache_factory=lambda: DynamicCache(config=model.config)), ["ppl"])
+    assert bounded["ppl_protocol"] == "bounded_cache"
+    assert bounded["ppl_token"] == pytest.approx(full["ppl_token"], rel=1e-5)
+
+
+def test_zeroshot_evaluator_adds_nothing_when_the_method_evicts(tok, tmp_path):
+    from harness.evaluation.evaluators import evaluate_zeroshot
+
+    assert evaluate_zeroshot(tiny_model("llama", vocab_size=len(tok)), _context(tok, tmp_path, evicting=True)) == {}
+
+
+def test_evaluators_may_not_overwrite_each_others_fields(tok, tmp_path, monkeypatch):
+    import harness.evaluation.evaluators as evaluators
+
+    monkeypatch.setitem(evaluators.EVALUATORS, "rouge", lambda model, ctx: {"ppl_protocol": "mine"})
+    model = tiny_model("llama", vocab_size=len(tok))
+    with pytest.raises(RuntimeError, match=r"evaluator 'rouge' returned quality fields \['ppl_protocol'\]"):
+        evaluators.evaluate(model, _context(tok, tmp_path), ["ppl", "rouge"])

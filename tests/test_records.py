@@ -143,3 +143,14 @@ def test_existing_record_requires_same_spec(tmp_path, make_record):
     assert existing_record(path, other) is None
     path.write_text("{}")
     assert existing_record(path, spec) is None
+
+
+def test_atomic_writer_writes_text_and_bytes_readable_by_others(tmp_path):
+    from harness.orchestration.records import write_atomic
+
+    text = write_atomic(tmp_path / "sub" / "t.md", "ünïcode\n")
+    assert text.read_bytes() == "ünïcode\n".encode("utf-8")
+    raw = write_atomic(tmp_path / "b.bin", b"\x00\x01")
+    assert raw.read_bytes() == b"\x00\x01"
+    assert oct(raw.stat().st_mode & 0o777) == "0o644"
+    assert sorted(os.listdir(tmp_path)) == ["b.bin", "sub"]
