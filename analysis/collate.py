@@ -14,7 +14,7 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from harness.orchestration.records import read_record
+from harness.orchestration.records import read_record, write_atomic
 
 #: Grouping keys of the perplexity summary: one row per model x method x nominal budget.
 SUMMARY_KEYS = ["model", "family", "method", "budget_nominal"]
@@ -309,20 +309,16 @@ def collate(
 ) -> pd.DataFrame:
     """Write the tidy table (and, if asked, the perplexity summary as CSV and Markdown); return the tidy table."""
     table = load_records(record_paths(record_paths_))
-    Path(all_csv).parent.mkdir(parents=True, exist_ok=True)
-    table.to_csv(all_csv, index=False)
+    write_atomic(all_csv, table.to_csv(index=False))
     if perplexity_csv is not None or perplexity_md is not None:
         summary = perplexity_summary(table)
         if perplexity_csv is not None:
-            Path(perplexity_csv).parent.mkdir(parents=True, exist_ok=True)
-            summary.to_csv(perplexity_csv, index=False)
+            write_atomic(perplexity_csv, summary.to_csv(index=False))
         if perplexity_md is not None:
-            Path(perplexity_md).parent.mkdir(parents=True, exist_ok=True)
             note = (
                 "\nppl_token: perplexity per token on the eval split (mean over seeds, std beside it); "
                 "ppl_word: per whitespace word; ppl_unigram: the tokenizer's unigram floor; "
                 "ratio_to_unigram: ppl_token / ppl_unigram (a trained model is far below 1).\n"
             )
-            Path(perplexity_md).write_text("# Held-out perplexity per model\n\n" + to_markdown(summary) + note,
-                                           encoding="utf-8")
+            write_atomic(perplexity_md, "# Held-out perplexity per model\n\n" + to_markdown(summary) + note)
     return table

@@ -16,6 +16,7 @@ import pandas as pd
 from analysis.collate import read_table, to_markdown
 from analysis.style import facet_axes, method_style, save_figure, shared_legend
 from analysis.tables import experiment_runs
+from harness.orchestration.records import write_atomic
 
 #: Quality columns and whether lower is better.
 QUALITY = {"ppl_token": True, "ppl_word": True, "rouge_l": False, "zs_avg": False}
@@ -148,8 +149,7 @@ def write_pareto(table: pd.DataFrame | str | Path, *, csv: str | Path, md: str |
     """Write the fronts (front rows only) as CSV / Markdown and the two faceted figures; return all rows."""
     fronts = pareto_fronts(table, quality, experiment)
     front = fronts[fronts["on_front"]].drop(columns=["on_front"])
-    Path(csv).parent.mkdir(parents=True, exist_ok=True)
-    front.to_csv(csv, index=False)
+    write_atomic(csv, front.to_csv(index=False))
     if md is not None:
         cols = ["axis", "family", "device", "method", "ratio", "keep", "budget_nominal", "budget_realized",
                 "cost", "quality", "seeds"]
@@ -158,8 +158,7 @@ def write_pareto(table: pd.DataFrame | str | Path, *, csv: str | Path, md: str |
         text = (f"# Pareto fronts ({quality} vs cost)\n\nNon-dominated configurations (mean over seeds) per "
                 "family; cost: realized KV bytes per token (axis kv) or decode ms per token on one device "
                 "(axis latency).\n\n" + to_markdown(shown.drop_duplicates()))
-        Path(md).parent.mkdir(parents=True, exist_ok=True)
-        Path(md).write_text(text, encoding="utf-8")
+        write_atomic(md, text)
     if kv_figure is not None:
         plot_pareto(fronts, "kv", kv_figure)
     if latency_figure is not None:

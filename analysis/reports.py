@@ -12,6 +12,7 @@ import pandas as pd
 from analysis.collate import read_table, to_markdown
 from analysis.stats import format_ci, summarise
 from analysis.style import facet_axes, method_style, save_figure, shared_legend
+from harness.orchestration.records import write_atomic
 
 
 def _p50(summary: Any) -> float:
@@ -110,11 +111,8 @@ def write_perf(table: pd.DataFrame | str | Path, *, csv: str | Path, md: str | P
                figure: str | Path | None = None) -> pd.DataFrame:
     """Write the perf table (CSV, one Markdown with a section per device) and optionally a figure per device panel."""
     summary, texts = perf_table(table)
-    for path in (csv, md):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    summary.to_csv(csv, index=False)
-    Path(md).write_text("# Performance per method x budget x family\n\n" + "\n".join(texts.values()),
-                        encoding="utf-8")
+    write_atomic(csv, summary.to_csv(index=False))
+    write_atomic(md, "# Performance per method x budget x family\n\n" + "\n".join(texts.values()))
     if figure is not None:
         plot_perf(summary, figure)
     return summary
@@ -157,8 +155,6 @@ def plot_perf(summary: pd.DataFrame, out: str | Path) -> Path:
 def write_table9(source: dict | str | Path, *, csv: str | Path, md: str | Path) -> pd.DataFrame:
     """Write Tables 9 / 10 as CSV and Markdown; return the CSV table."""
     out, text = table9(source)
-    for path in (csv, md):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    out.to_csv(csv, index=False)
-    Path(md).write_text(text, encoding="utf-8")
+    write_atomic(csv, out.to_csv(index=False))
+    write_atomic(md, text)
     return out

@@ -46,11 +46,15 @@ def shared_legend(fig, axes) -> None:
 
 
 def save_figure(fig, out: str | Path, dpi: int) -> Path:
-    """Write ``fig`` to ``out`` (parent folders created) and release it."""
+    """Write ``fig`` to ``out`` atomically (parent folders created; format from the suffix) and release it."""
+    import io
+
     import matplotlib.pyplot as plt
 
+    from harness.orchestration.records import write_atomic
+
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out, dpi=dpi)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, dpi=dpi, format=out.suffix.lstrip(".") or None)
     plt.close(fig)
-    return out
+    return write_atomic(out, buffer.getvalue())

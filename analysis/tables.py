@@ -19,6 +19,7 @@ import pandas as pd
 from analysis import paper
 from analysis.collate import read_table, to_markdown
 from analysis.stats import format_ci, summarise
+from harness.orchestration.records import write_atomic
 
 
 @dataclass(frozen=True)
@@ -280,8 +281,6 @@ def write_experiment_table(table: pd.DataFrame | str | Path, experiment: str, cs
                            md: str | Path) -> pd.DataFrame:
     """Write one experiment's table as CSV and Markdown; return the CSV table."""
     summary, text = experiment_table(table, experiment)
-    for path in (csv, md):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-    summary.to_csv(csv, index=False)
-    Path(md).write_text(text, encoding="utf-8")
+    write_atomic(csv, summary.to_csv(index=False))
+    write_atomic(md, text)
     return summary

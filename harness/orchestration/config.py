@@ -427,11 +427,10 @@ def run_table_lines(rows: list[dict]) -> list[str]:
 
 
 def write_run_table(rows: list[dict], path: str | Path) -> Path:
-    """Write the sweep table (one row per run, see run_table_lines) and return its path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("\n".join(run_table_lines(rows)) + "\n", encoding="utf-8")
-    return path
+    """Write the sweep table (one row per run, see run_table_lines) atomically and return its path."""
+    from harness.orchestration.records import write_atomic
+
+    return write_atomic(path, "\n".join(run_table_lines(rows)) + "\n")
 
 
 def code_hash(paths: Iterable[str | Path], root: Path = REPO_ROOT) -> str:
