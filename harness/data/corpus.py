@@ -12,16 +12,14 @@ the split parameters; every downstream result records it.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
 import platform
-import shutil
 import sysconfig
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
+
+from harness.orchestration.records import atomic_directory  # also imported from here by harness.training.pretrain
 
 SPLITS = ("train", "validation", "test")
 # Directory names that hold tests, fixtures or third-party code, wherever they appear.
@@ -30,30 +28,6 @@ EXCLUDED_DIRS = frozenset({"test", "tests", "idle_test", "site-packages", "dist-
 GENERATED_MARKER = "gencodec.py"
 FINGERPRINT_FILE = "fingerprint.json"
 FORMAT_VERSION = 1
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces ``out_dir`` only on success.
-
-    A killed or failing job leaves ``out_dir`` untouched (or absent) instead of half-written.
-    """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; outputs are shared artefacts
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, trash / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
 
 
 def stdlib_dir() -> Path:

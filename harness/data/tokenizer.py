@@ -14,7 +14,8 @@ from pathlib import Path
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from harness.data.corpus import atomic_directory, read_split
+from harness.data.corpus import read_split
+from harness.orchestration.records import atomic_directory
 
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS]  # ids 0, 1, 2

@@ -1,4 +1,4 @@
-"""One JSON record per run: schema, constructor, validation, atomic writer, reader.
+"""One JSON record per run: schema, constructor, validation, reader; the atomic writers (files, directories).
 
 A record has the sections identity, provenance, budget, quality, performance, flags
 and wall_time_s (results/README.md lists every field). Numbers not measured are
@@ -7,10 +7,13 @@ and wall_time_s (results/README.md lists every field). Numbers not measured are
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -284,6 +287,30 @@ def write_atomic(path: str | Path, data: str | bytes) -> Path:
     finally:
         os.close(dir_fd)
     return path
+
+
+@contextlib.contextmanager
+def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces ``out_dir`` only on success.
+
+    A killed or failing job leaves ``out_dir`` untouched (or absent) instead of half-written.
+    """
+    out = Path(out_dir)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    os.chmod(tmp, 0o755)  # mkdtemp makes it private; outputs are shared artefacts
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if out.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, trash / out.name)
+        os.replace(tmp, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.replace(tmp, out)
 
 
 def write_json_atomic(path: str | Path, obj: Any) -> Path:

@@ -24,7 +24,8 @@ import torch
 from harness.data.sets import load_eval_texts, load_instruction_rows
 from harness.orchestration.config import BASE_METHOD, architecture_of
 from harness.orchestration.provenance import collect_provenance, resolve_device, utc_now
-from harness.orchestration.records import existing_record, new_record, read_record, write_json_atomic, write_record
+from harness.orchestration.records import (atomic_directory, existing_record, new_record, read_record, write_json_atomic,
+                                          write_record)
 
 MODEL_FILE = "model.pt"
 SUMMARY_FILE = "train.json"
@@ -145,13 +146,9 @@ def execute_train(
         raise RuntimeError(f"{spec['train_id']}: training stopped after {result['steps']} steps")
     summary = {"spec": json.loads(json.dumps(dict(spec))), "params": params,
                "summary": training_summary(result, spec["train_id"]), "result": result}
-    tmp = out.parent / f".{out.name}.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / MODEL_FILE)
-    write_json_atomic(tmp / SUMMARY_FILE, summary)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    with atomic_directory(out) as tmp:
+        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / MODEL_FILE)
+        write_json_atomic(tmp / SUMMARY_FILE, summary)
     shutil.rmtree(ckpt, ignore_errors=True)
     s = summary["summary"]
     log(f"{spec['train_id']}: {s['steps']} steps, {s['tokens']} tokens, final loss {s['final_loss_avg']:.4f}")
