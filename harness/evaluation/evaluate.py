@@ -31,6 +31,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from harness.evaluation.perplexity import score_windows
+from harness.orchestration.records import write_jsonl_atomic
 
 ROUGE_IMPL = "rouge-score rougeL, Porter stemmer, max over references, mean x100 (MiniLLM)"
 _SCORER = None
@@ -233,13 +234,6 @@ def score_predictions_file(path: str | os.PathLike) -> dict[str, Any]:
     """ROUGE-L and mean generation length of a predictions file written by :func:`evaluate_instructions`."""
     rows = read_jsonl(path)
     return rouge_l([r["prediction"] for r in rows], [r["references"] for r in rows], [r["gen_tokens"] for r in rows])
-
-
-def write_jsonl_atomic(path: str | os.PathLike, rows: Sequence[Mapping[str, Any]]) -> Path:
-    """Write rows as JSON lines atomically (harness.orchestration.records.write_atomic): readers never see half a file."""
-    from harness.orchestration.records import write_atomic
-
-    return write_atomic(path, "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows))
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:

@@ -22,12 +22,13 @@ packaged ``json`` builder and :func:`evaluate_lm` sets ``HF_HUB_OFFLINE`` /
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
+
+from harness.orchestration.records import write_jsonl_atomic
 
 PAPER_TASKS = ("hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "wikitext")
 ROLLING_TASKS = frozenset({"wikitext"})  # built-in tasks scored by rolling log-likelihood
@@ -91,12 +92,6 @@ def build_mc_items(
     return items
 
 
-def _write_jsonl(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    from harness.orchestration.records import write_atomic
-
-    write_atomic(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-
-
 def build_local_tasks(
     texts: Sequence[str],
     out_dir: str | os.PathLike,
@@ -117,8 +112,8 @@ def build_local_tasks(
     if max_ppl_docs is not None:
         docs = docs[:max_ppl_docs]
     mc_path, ppl_path = out / f"{LOCAL_MC_TASK}.jsonl", out / f"{LOCAL_PPL_TASK}.jsonl"
-    _write_jsonl(mc_path, items)
-    _write_jsonl(ppl_path, docs)
+    write_jsonl_atomic(mc_path, items)
+    write_jsonl_atomic(ppl_path, docs)
     mc = {
         "task": LOCAL_MC_TASK,
         "dataset_path": "json",

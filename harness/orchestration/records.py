@@ -318,6 +318,11 @@ def write_json_atomic(path: str | Path, obj: Any) -> Path:
     return write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
 
 
+def write_jsonl_atomic(path: str | Path, rows: Any) -> Path:
+    """Write ``rows`` as JSON lines (UTF-8, no NaN) atomically (see write_atomic)."""
+    return write_atomic(path, "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows))
+
+
 def write_record(path: str | Path, record: Mapping[str, Any]) -> Path:
     """Validate ``record``, then write it atomically (see write_json_atomic)."""
     validate_record(record)
