@@ -18,6 +18,7 @@ from baselines.eviction import (
     forward_in_chunks,
 )
 from baselines.gqa import convert_to_gqa, load_converted
+from baselines.hf import save_converted  # registers the gqa_opt / cla_<family> checkpoint types
 
 __all__ = [
     "CLAPlan",
@@ -30,4 +31,5 @@ __all__ = [
     "forward_in_chunks",
     "load_converted",
     "plan_cla",
+    "save_converted",
 ]

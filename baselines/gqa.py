@@ -117,6 +117,10 @@ def convert_to_gqa(model: PreTrainedModel, num_key_value_heads: int) -> PreTrain
         if isinstance(attn, KVAttention):
             attn.num_key_value_heads = new
     config.num_key_value_heads = new
+    if family == "opt" and new != heads:
+        from baselines.hf import mark_converted  # baselines.hf imports this module
+
+        mark_converted(model, "gqa")  # save_pretrained now writes a "gqa_opt" checkpoint
     return model
 
 
@@ -130,8 +134,13 @@ def load_converted(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     saved weights are loaded strictly (tied embeddings excepted).
     """
     from baselines.cla import convert_to_cla  # cla imports gqa
+    from baselines.hf import converted_method
 
     config = AutoConfig.from_pretrained(path)
+    if converted_method(config) is not None:  # a "gqa_opt" / "cla_<family>" checkpoint: its class rebuilds it
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        return model.to(device).eval()
+    # Plain checkpoints, and older converted ones whose config names the base model type.
     family = model_family(config)
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)

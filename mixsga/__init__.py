@@ -42,6 +42,7 @@ from mixsga.budget import (
 from mixsga.cache import MixSGACache, MixSGALayer
 from mixsga.config import MixSGAConfig
 from mixsga.convert import convert_to_mixsga, load_mixsga, routing_stats
+from mixsga.hf import save_converted  # registers the mixsga_<family> checkpoint types
 
 __all__ = [
     "MixSGACache",
@@ -55,4 +56,5 @@ __all__ = [
     "mixsga_kv_bytes_for_counts",
     "mixsga_kv_bytes_per_token",
     "routing_stats",
+    "save_converted",
 ]
