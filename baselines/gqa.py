@@ -147,7 +147,9 @@ def load_converted(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     sources = getattr(config, "cla_kv_sources", None)
     native = family != "opt" or kv_heads == heads
     if native and not sources:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        # sdpa, transformers' default, silently skips Gemma 2's attention-logit soft-capping.
+        eager = {"attn_implementation": "eager"} if getattr(config, "attn_logit_softcapping", None) else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **eager)
         return model.to(device)
     skeleton_cfg = AutoConfig.from_pretrained(path)
     if family == "opt":
