@@ -153,17 +153,19 @@ def _run(script: str, tmp_path: Path, *args: str) -> dict:
     return json.loads((tmp_path / "out.json").read_text())
 
 
-PLAIN = """
+FRESH = """
 import json, sys
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM
+from transformers import AutoModelForCausalLM
 
 expected = torch.load(sys.argv[2], weights_only=True)
 plain_kwargs = json.loads(sys.argv[3])
-report = {}
+plain, remote = {}, {}
+# 1. Plain transformers, nothing of ours imported: the default (a y/N prompt, refused without a
+#    terminal) and lm-eval's default trust_remote_code=False.
 for path, exp in expected.items():
-    row = {}
-    for trust in (None, False):  # the default (a y/N prompt, refused without a terminal) and lm-eval's default
+    row = plain[exp["case"]] = {}
+    for trust in (None, False):
         kwargs = dict(plain_kwargs.get(exp["case"], {}))
         if trust is not None:
             kwargs["trust_remote_code"] = trust
@@ -175,34 +177,9 @@ for path, exp in expected.items():
             with torch.no_grad():
                 diff = (model(input_ids=exp["ids"]).logits - exp["logits"]).abs().max().item()
             row[str(trust)] = {"class": type(model).__name__, "max_diff": diff}
-    report[exp["case"]] = row
-report["_imported"] = sorted(m for m in ("mixsga", "baselines", "harness") if m in sys.modules)
-json.dump(report, open(sys.argv[1], "w"))
-"""
-
-
-def test_plain_transformers_refuses_converted_checkpoints_loudly(saved, tmp_path):
-    report = _run(PLAIN, tmp_path, str(saved["_root"] / "expected.pt"), json.dumps(PLAIN_KWARGS))
-    assert report.pop("_imported") == []
-    for case, row in report.items():
-        for trust, outcome in row.items():
-            if case in NATIVE:  # a plain transformers checkpoint: loads correctly anywhere
-                assert outcome.get("max_diff") == 0.0, (case, outcome)
-            else:
-                assert outcome.get("error", "").startswith("ValueError"), (case, trust, outcome)
-                assert REFUSAL in outcome["error"] and "trust_remote_code=True" in outcome["error"]
-    assert set(report) == set(CASES)
-
-
-REMOTE = """
-import json, sys
-import torch
-from transformers import AutoModelForCausalLM
-
-expected = torch.load(sys.argv[2], weights_only=True)
-report = {}
-plain_kwargs = json.loads(sys.argv[3])
-# mixSGA first: importing baselines imports mixsga, so this order has a first load of each purely by the shim.
+imported = sorted(m for m in ("mixsga", "baselines", "harness") if m in sys.modules)
+# 2. trust_remote_code=True. mixSGA first: importing baselines imports mixsga, so in this order
+#    the first load of each package goes purely through the shim saved beside the weights.
 for path, exp in sorted(expected.items(), key=lambda kv: (not kv[1]["case"].startswith("mixsga"), kv[1]["case"])):
     package = "mixsga" if exp["case"].startswith("mixsga") else "baselines"
     fresh = package not in sys.modules
@@ -211,14 +188,34 @@ for path, exp in sorted(expected.items(), key=lambda kv: (not kv[1]["case"].star
     with torch.no_grad():
         diff = (model(input_ids=exp["ids"]).logits - exp["logits"]).abs().max().item()
         generated = model.generate(exp["ids"][:, :6], max_new_tokens=5, do_sample=False)
-    report[exp["case"]] = {"class": type(model).__name__, "max_diff": diff, "fresh": fresh,
+    remote[exp["case"]] = {"class": type(model).__name__, "max_diff": diff, "fresh": fresh,
                            "same_generation": bool(torch.equal(generated, exp["generated"]))}
-json.dump(report, open(sys.argv[1], "w"))
+json.dump({"plain": plain, "imported_by_plain": imported, "remote": remote}, open(sys.argv[1], "w"))
 """
 
 
-def test_trust_remote_code_route_gives_the_same_model(saved, tmp_path):
-    report = _run(REMOTE, tmp_path, str(saved["_root"] / "expected.pt"), json.dumps(PLAIN_KWARGS))
+@pytest.fixture(scope="module")
+def fresh_process(saved, tmp_path_factory):
+    """One fresh interpreter (one torch import) for both the plain and the remote-code route."""
+    return _run(FRESH, tmp_path_factory.mktemp("fresh"), str(saved["_root"] / "expected.pt"),
+                json.dumps(PLAIN_KWARGS))
+
+
+def test_plain_transformers_refuses_converted_checkpoints_loudly(fresh_process):
+    assert fresh_process["imported_by_plain"] == []
+    report = fresh_process["plain"]
+    assert set(report) == set(CASES)
+    for case, row in report.items():
+        for trust, outcome in row.items():
+            if case in NATIVE:  # a plain transformers checkpoint: loads correctly anywhere
+                assert outcome.get("max_diff") == 0.0, (case, outcome)
+            else:
+                assert outcome.get("error", "").startswith("ValueError"), (case, trust, outcome)
+                assert REFUSAL in outcome["error"] and "trust_remote_code=True" in outcome["error"]
+
+
+def test_trust_remote_code_route_gives_the_same_model(saved, fresh_process):
+    report = fresh_process["remote"]
     assert set(report) == set(CASES)
     for case, row in report.items():
         model, _ = saved[case]
