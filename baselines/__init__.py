@@ -6,6 +6,10 @@
 * :class:`EvictionPolicy`, :class:`EvictionCache`, :func:`eviction_cache_factory`
   (``baselines.eviction``): H2O, StreamingLLM, SnapKV, TOVA as real evicting caches.
 
+Importing ``baselines`` registers the checkpoint types ``gqa_opt`` and ``cla_<family>``
+(:mod:`baselines.hf`): ``AutoModelForCausalLM.from_pretrained`` reloads converted models as what
+they are; :func:`save_converted` saves one (with its tokenizer).
+
 The method registry that puts all of them and mixSGA on one budget axis is ``harness.methods``.
 """
 

@@ -18,7 +18,8 @@ attention-function and mask registries, the ``Cache`` API):
   model computed a loss;
 * ``config._attn_implementation = "mixsga"`` and ``config.mixsga`` (the config
   dict plus the base attention implementation) so that ``save_pretrained`` records
-  it and ``load_mixsga`` can rebuild the model.
+  it and ``load_mixsga`` can rebuild the model; the model is then marked as a
+  ``mixsga_<family>`` checkpoint type (``mixsga.hf``).
 
 Routing statistics and the last auxiliary loss live on ``model.mixsga_runtime``
 (see ``MixSGARuntime``); ``routing_stats(model)`` is the short way to read them.
