@@ -154,7 +154,7 @@ def _run(script: str, tmp_path: Path, *args: str) -> dict:
 
 
 FRESH = """
-import json, sys
+import json, os, sys
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -190,6 +190,11 @@ for path, exp in sorted(expected.items(), key=lambda kv: (not kv[1]["case"].star
         generated = model.generate(exp["ids"][:, :6], max_new_tokens=5, do_sample=False)
     remote[exp["case"]] = {"class": type(model).__name__, "max_diff": diff, "fresh": fresh,
                            "same_generation": bool(torch.equal(generated, exp["generated"]))}
+    if fresh:  # saving again after the remote-code route still writes the shim, not a copy of our module
+        again = os.path.join(sys.argv[4], exp["case"])
+        model.save_pretrained(again)
+        remote[exp["case"]]["resaved"] = {"files": sorted(os.listdir(again)),
+                                          "auto_map": json.load(open(os.path.join(again, "config.json")))["auto_map"]}
 json.dump({"plain": plain, "imported_by_plain": imported, "remote": remote}, open(sys.argv[1], "w"))
 """
 
@@ -197,8 +202,8 @@ json.dump({"plain": plain, "imported_by_plain": imported, "remote": remote}, ope
 @pytest.fixture(scope="module")
 def fresh_process(saved, tmp_path_factory):
     """One fresh interpreter (one torch import) for both the plain and the remote-code route."""
-    return _run(FRESH, tmp_path_factory.mktemp("fresh"), str(saved["_root"] / "expected.pt"),
-                json.dumps(PLAIN_KWARGS))
+    tmp = tmp_path_factory.mktemp("fresh")
+    return _run(FRESH, tmp, str(saved["_root"] / "expected.pt"), json.dumps(PLAIN_KWARGS), str(tmp / "resaved"))
 
 
 def test_plain_transformers_refuses_converted_checkpoints_loudly(fresh_process):
@@ -222,6 +227,10 @@ def test_trust_remote_code_route_gives_the_same_model(saved, fresh_process):
         assert row["class"] == type(model).__name__, (case, row)
         assert row["max_diff"] == 0.0 and row["same_generation"], (case, row)
     assert report["mixsga-gemma2"]["fresh"] and report["cla-gemma2"]["fresh"]  # the first of each package
+    for case in ("mixsga-gemma2", "cla-gemma2"):
+        resaved = report[case]["resaved"]
+        assert resaved["files"] == ["config.json", SHIM_FILE, "generation_config.json", "model.safetensors"]
+        assert resaved["auto_map"] == json.loads((saved[case][1] / "config.json").read_text())["auto_map"]
 
 
 def test_loading_is_strict_about_converted_weights(saved, tmp_path):
