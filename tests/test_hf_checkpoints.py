@@ -279,3 +279,16 @@ def test_unrecordable_conversions_are_refused(tok, tmp_path):
         save_converted(lost, tmp_path / "x")
     assert not (tmp_path / "x").exists()
     check_savable(build("llama3", "gqa", 2, tok))  # native GQA records itself
+
+
+@pytest.mark.parametrize("case", ["mixsga-gemma2", "cla-opt"])
+def test_zoo_loader_returns_the_converted_model(saved, case, tok):
+    """``load_base_model`` (the harness's loader, Gemma 2 on eager) opens a converted directory as what it is."""
+    from harness.models.zoo import load_base_model
+
+    model, path = saved[case]
+    loaded, loaded_tok = load_base_model(path)
+    assert type(loaded) is type(model) and len(loaded_tok) == len(tok)
+    ids = _ids(len(tok))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(input_ids=ids).logits, model(input_ids=ids).logits, atol=0, rtol=0)
