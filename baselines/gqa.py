@@ -128,6 +128,8 @@ def load_converted(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                    device: str | torch.device = "cpu") -> PreTrainedModel:
     """Load a ``save_pretrained`` checkpoint of a GQA- and/or CLA-converted model.
 
+    A ``gqa_opt`` / ``cla_<family>`` directory (:mod:`baselines.hf`) loads through
+    ``AutoModelForCausalLM``, whose converted class rebuilds the structure. Older directories:
     Llama / Gemma 2 GQA checkpoints are plain transformers checkpoints; OPT GQA
     and any CLA checkpoint need their converted structure rebuilt first (from
     ``config.num_key_value_heads`` and ``config.cla_kv_sources``), then the
