@@ -6,6 +6,10 @@
 * :class:`EvictionPolicy`, :class:`EvictionCache`, :func:`eviction_cache_factory`
   (``baselines.eviction``): H2O, StreamingLLM, SnapKV, TOVA as real evicting caches.
 
+Importing ``baselines`` registers the checkpoint types ``gqa_opt`` and ``cla_<family>``
+(:mod:`baselines.hf`): ``AutoModelForCausalLM.from_pretrained`` reloads converted models as what
+they are; :func:`save_converted` saves one (with its tokenizer).
+
 The method registry that puts all of them and mixSGA on one budget axis is ``harness.methods``.
 """
 
@@ -18,6 +22,7 @@ from baselines.eviction import (
     forward_in_chunks,
 )
 from baselines.gqa import convert_to_gqa, load_converted
+from baselines.hf import save_converted  # registers the gqa_opt / cla_<family> checkpoint types
 
 __all__ = [
     "CLAPlan",
@@ -30,4 +35,5 @@ __all__ = [
     "forward_in_chunks",
     "load_converted",
     "plan_cla",
+    "save_converted",
 ]

@@ -200,6 +200,9 @@ def convert_to_cla(model: PreTrainedModel, kv_sources: Sequence[int] | CLAPlan,
         new.train(attn.training)
         layer.self_attn = new
     config.cla_kv_sources = list(sources)
+    from baselines.hf import mark_converted  # baselines.hf imports this module
+
+    mark_converted(model, "cla")  # save_pretrained now writes a "cla_<family>" checkpoint
     return model
 
 

@@ -117,6 +117,10 @@ def convert_to_gqa(model: PreTrainedModel, num_key_value_heads: int) -> PreTrain
         if isinstance(attn, KVAttention):
             attn.num_key_value_heads = new
     config.num_key_value_heads = new
+    if family == "opt" and new != heads:
+        from baselines.hf import mark_converted  # baselines.hf imports this module
+
+        mark_converted(model, "gqa")  # save_pretrained now writes a "gqa_opt" checkpoint
     return model
 
 
@@ -124,21 +128,30 @@ def load_converted(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
                    device: str | torch.device = "cpu") -> PreTrainedModel:
     """Load a ``save_pretrained`` checkpoint of a GQA- and/or CLA-converted model.
 
+    A ``gqa_opt`` / ``cla_<family>`` directory (:mod:`baselines.hf`) loads through
+    ``AutoModelForCausalLM``, whose converted class rebuilds the structure. Older directories:
     Llama / Gemma 2 GQA checkpoints are plain transformers checkpoints; OPT GQA
     and any CLA checkpoint need their converted structure rebuilt first (from
     ``config.num_key_value_heads`` and ``config.cla_kv_sources``), then the
     saved weights are loaded strictly (tied embeddings excepted).
     """
     from baselines.cla import convert_to_cla  # cla imports gqa
+    from baselines.hf import converted_method
 
     config = AutoConfig.from_pretrained(path)
+    if converted_method(config) is not None:  # a "gqa_opt" / "cla_<family>" checkpoint: its class rebuilds it
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        return model.to(device).eval()
+    # Plain checkpoints, and older converted ones whose config names the base model type.
     family = model_family(config)
     heads = int(config.num_attention_heads)
     kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
     sources = getattr(config, "cla_kv_sources", None)
     native = family != "opt" or kv_heads == heads
     if native and not sources:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32)
+        # sdpa, transformers' default, silently skips Gemma 2's attention-logit soft-capping.
+        eager = {"attn_implementation": "eager"} if getattr(config, "attn_logit_softcapping", None) else {}
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **eager)
         return model.to(device)
     skeleton_cfg = AutoConfig.from_pretrained(path)
     if family == "opt":

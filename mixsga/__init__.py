@@ -13,6 +13,11 @@ Public API::
   router="learned"|"random", seed=0)``; ``.validate_for(model_config)``, ``.budget``, ``.to_dict()``.
 * ``convert_to_mixsga(model, cfg)``; ``load_mixsga(path, **from_pretrained_kwargs)`` reloads a
   converted model saved with ``model.save_pretrained(path)``.
+* Checkpoints (``mixsga.hf``): a converted model saves as model type ``mixsga_llama`` /
+  ``mixsga_opt`` / ``mixsga_gemma2``; importing ``mixsga`` registers them, so
+  ``AutoModelForCausalLM.from_pretrained(path)`` returns the converted model (and
+  ``trust_remote_code=True`` does without the import; plain transformers refuses).
+  ``save_converted(model, out_dir, tokenizer=None)`` checks the conversion is recorded, then saves.
 * ``MixSGACache(config)``: ``kv_bytes()``, ``expert_counts()``, ``expert_fractions()``,
   ``expert_index(layer, sample)``, ``num_tokens(sample)``, ``keep_tokens(keep, layer_idx=None, sample=0)``
   and ``set_observer(fn)`` (token-order attention probabilities at prefill and decode) for token
@@ -29,7 +34,8 @@ Public API::
 Module map: ``config`` (MixSGAConfig), ``routing`` (router, expert-choice, argmax, aux loss,
 statistics), ``experts`` (head pooling), ``cache`` (MixSGACache and decode attention),
 ``attention`` (the registered ``"mixsga"`` attention and mask functions), ``convert``
-(conversion, hooks, loading), ``budget`` (the ledger), ``eviction`` (token eviction on top).
+(conversion, hooks, loading), ``budget`` (the ledger), ``eviction`` (token eviction on top),
+``hf`` (checkpoint types, Auto-class registration, remote-code shim, ``save_converted``).
 """
 
 from mixsga.budget import (
@@ -42,6 +48,7 @@ from mixsga.budget import (
 from mixsga.cache import MixSGACache, MixSGALayer
 from mixsga.config import MixSGAConfig
 from mixsga.convert import convert_to_mixsga, load_mixsga, routing_stats
+from mixsga.hf import save_converted  # registers the mixsga_<family> checkpoint types
 
 __all__ = [
     "MixSGACache",
@@ -55,4 +62,5 @@ __all__ = [
     "mixsga_kv_bytes_for_counts",
     "mixsga_kv_bytes_per_token",
     "routing_stats",
+    "save_converted",
 ]

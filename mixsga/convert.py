@@ -18,7 +18,8 @@ attention-function and mask registries, the ``Cache`` API):
   model computed a loss;
 * ``config._attn_implementation = "mixsga"`` and ``config.mixsga`` (the config
   dict plus the base attention implementation) so that ``save_pretrained`` records
-  it and ``load_mixsga`` can rebuild the model.
+  it and ``load_mixsga`` can rebuild the model; the model is then marked as a
+  ``mixsga_<family>`` checkpoint type (``mixsga.hf``).
 
 Routing statistics and the last auxiliary loss live on ``model.mixsga_runtime``
 (see ``MixSGARuntime``); ``routing_stats(model)`` is the short way to read them.
@@ -328,6 +329,9 @@ def convert_to_mixsga(model: nn.Module, config: MixSGAConfig | dict | tuple) -> 
     model.register_forward_hook(_model_hook, with_kwargs=True)
     mcfg.mixsga = {**cfg.to_dict(), "base_attn_implementation": base}
     model.set_attn_implementation(ATTN_NAME)
+    from mixsga.hf import mark_converted  # mixsga.hf imports this module
+
+    mark_converted(model, "mixsga")  # save_pretrained now writes a "mixsga_<family>" checkpoint
     return model
 
 
@@ -371,10 +375,15 @@ def load_mixsga(path: str, **from_pretrained_kwargs) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    from mixsga.hf import converted_method
+
     config = AutoConfig.from_pretrained(path)
     spec = getattr(config, "mixsga", None)
     if not isinstance(spec, dict):
         raise ValueError(f"{path!r} holds no mixSGA model (its config has no `mixsga` entry)")
+    if converted_method(config) == "mixsga":  # a "mixsga_<family>" checkpoint: its class rebuilds it
+        return AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs)
+    # An older checkpoint whose config names the base model type: convert, then load the routers.
     base = spec.get("base_attn_implementation", "sdpa")
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the routers are "unexpected" keys for the base class
