@@ -54,7 +54,7 @@ NAMED_EXPERIMENTS = [
 MAIN = "main"
 
 # Each job's code hash is a param, so editing code reruns exactly the jobs that run it. The hashes
-# follow the imports of the module a rule runs (harness/orchestration/codehash.py): parsed once, here.
+# follow the imports of the module each job runs, parsed once, here (harness/orchestration/codehash.py).
 CODE_HASHES = CodeHashes(Path(workflow.basedir))
 
 
