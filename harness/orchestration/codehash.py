@@ -40,6 +40,14 @@ METHODS_PACKAGE = "harness.methods"
 REGISTRY_FUNCTIONS = ("get_spec", "get_method")
 
 
+def _statements(body: Iterable[ast.AST]) -> Iterable[ast.AST]:
+    """Every statement in ``body``, nested ones too (imports are statements: expressions are skipped)."""
+    for node in body:
+        yield node
+        for field in ("body", "orelse", "finalbody", "handlers", "cases"):
+            yield from _statements(getattr(node, field, None) or ())
+
+
 class ImportGraph:
     """The static import graph of the Python packages under ``root`` (parsed once, cached)."""
 
@@ -106,21 +114,19 @@ class ImportGraph:
         """
         tree = self.tree(module)
         if function is None:
-            return frozenset(self._targets(module, ast.walk(tree)))
+            return frozenset(self._targets(module, _statements(tree.body)))
         defs = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
         if function not in defs:
             raise ValueError(f"{module} defines no top-level function {function!r}")
-        top = [n for stmt in tree.body if stmt.__class__ not in (ast.FunctionDef, ast.AsyncFunctionDef)
-               for n in ast.walk(stmt)]
-        seen, todo, nodes = set(), [function], list(top)
+        nodes = list(_statements([n for n in tree.body if n.__class__ not in (ast.FunctionDef, ast.AsyncFunctionDef)]))
+        seen, todo = set(), [function]
         while todo:
             name = todo.pop()
             if name in seen:
                 continue
             seen.add(name)
-            body = list(ast.walk(defs[name]))
-            nodes += body
-            todo += [n.id for n in body if isinstance(n, ast.Name) and n.id in defs]
+            nodes += _statements([defs[name]])
+            todo += [n.id for n in ast.walk(defs[name]) if isinstance(n, ast.Name) and n.id in defs]
         return frozenset(self._targets(module, nodes))
 
     def defines(self, module: str, name: str) -> bool:
