@@ -193,7 +193,7 @@ class CodeHashes:
         scoped = dict(scope)
         files: set[str] = set()
         seen: set[str] = set()
-        todo = [m for m in roots]
+        todo = list(roots)
         for module in roots:
             if self.graph.path(module) is None:
                 raise ValueError(f"{module!r} is not a module of the repository at {self.root}")
