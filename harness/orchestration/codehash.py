@@ -139,15 +139,22 @@ class ImportGraph:
                     return True
         return False
 
-    def command_function(self, module: str, command: str) -> str | None:
-        """The function ``module`` registers for subcommand ``command``: ``add("train", cmd_train, ...)``."""
-        defs = {n.name for n in self.tree(module).body if isinstance(n, ast.FunctionDef)}
-        for node in ast.walk(self.tree(module)):
+    def top_level_imports(self, module: str) -> set[str]:
+        """Repository modules imported by ``module``'s top-level statements (not in functions or blocks)."""
+        return self._targets(module, self.tree(module).body)
+
+    @functools.cache
+    def commands(self, module: str) -> dict[str, str]:
+        """Subcommand -> the function ``module`` registers for it: ``add("train", cmd_train, ...)``."""
+        tree = self.tree(module)
+        defs = {n.name for n in tree.body if isinstance(n, ast.FunctionDef)}
+        found: dict[str, str] = {}
+        for node in ast.walk(tree):
             if (isinstance(node, ast.Call) and len(node.args) >= 2 and isinstance(node.args[0], ast.Constant)
-                    and node.args[0].value == command and isinstance(node.args[1], ast.Name)
+                    and isinstance(node.args[0].value, str) and isinstance(node.args[1], ast.Name)
                     and node.args[1].id in defs):
-                return node.args[1].id
-        return None
+                found.setdefault(node.args[0].value, node.args[1].id)
+        return found
 
     def parents(self, module: str) -> list[str]:
         """The packages along a module's path (``a``, ``a.b`` for ``a.b.c``)."""
@@ -224,8 +231,9 @@ class CodeHashes:
             raise ValueError(f"python -m {module}: no module {entry!r} in the repository at {self.root}")
         scope: tuple[tuple[str, str], ...] = ()
         if sub:
-            for candidate in sorted(self.graph.imports(entry) | {entry}):
-                function = self.graph.command_function(candidate, sub)
+            # the entry itself, or a module its top level imports (harness/__main__.py: harness.cli)
+            for candidate in [entry, *sorted(self.graph.top_level_imports(entry))]:
+                function = self.graph.commands(candidate).get(sub)
                 if function is not None:
                     scope = ((candidate, function),)
                     break
