@@ -9,7 +9,7 @@ rule collate_all:
     output:
         f"{RESULTS}/tables/all.csv",
     params:
-        code=cached_code_hash(tuple(CODE["analysis"])),
+        code=command_code("analysis collate"),
     log:
         f"{RESULTS}/logs/collate_all.log",
     conda:
@@ -24,7 +24,7 @@ rule collate_experiment:
     output:
         f"{RESULTS}/tables/records/{{experiment}}.csv",
     params:
-        code=cached_code_hash(tuple(CODE["analysis"])),
+        code=command_code("analysis collate"),
     log:
         f"{RESULTS}/logs/collate_{{experiment}}.log",
     conda:
@@ -45,7 +45,7 @@ rule experiment:
         ),
         md=f"{RESULTS}/tables/{{experiment}}.md",
     params:
-        code=cached_code_hash(tuple(CODE["analysis"])),
+        code=command_code("analysis table"),
     log:
         f"{RESULTS}/logs/experiment_{{experiment}}.log",
     conda:
@@ -66,7 +66,7 @@ rule experiment_figure:
             subcategory="{experiment}",
         ),
     params:
-        code=cached_code_hash(tuple(CODE["analysis"])),
+        code=command_code("analysis figure3"),
     log:
         f"{RESULTS}/logs/experiment_figure_{{experiment}}.log",
     conda:
@@ -86,7 +86,7 @@ rule pareto_tables:
         png_latency=report(PARETO_OUTPUTS[3], caption="../report/pareto.rst", category="Pareto"),
     params:
         experiment=MAIN,
-        code=cached_code_hash(tuple(CODE["analysis"])),
+        code=command_code("analysis pareto"),
     log:
         f"{RESULTS}/logs/pareto.log",
     conda:
@@ -104,7 +104,7 @@ rule perf_tables:
         md=PERF_OUTPUTS[1],
         png=report(PERF_OUTPUTS[2], caption="../report/perf.rst", category="Performance"),
     params:
-        code=cached_code_hash(tuple(CODE["analysis"])),
+        code=command_code("analysis perf"),
     log:
         f"{RESULTS}/logs/perf.log",
     conda:

@@ -1,5 +1,4 @@
 # Shared set-up: config validation, paths, the run grid (expanded once), input and param helpers.
-import functools
 import json
 import os
 import sys
@@ -12,9 +11,8 @@ sys.path.insert(0, str(Path(workflow.basedir)))
 # works without activating the venv. (With --sdm conda, activation puts the env's python first.)
 os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]))
 
+from harness.orchestration.codehash import CodeHashes
 from harness.orchestration.config import (
-    architecture_of,
-    code_hash,
     model_entry,
     pretrain_settings,
     pretrained_here,
@@ -55,52 +53,9 @@ NAMED_EXPERIMENTS = [
 # The grid behind `pareto` and `perf`.
 MAIN = "main"
 
-# Source files each stage runs; their hash is a param, so editing the code reruns the stage.
-CODE = {
-    "corpus": ["harness/data/corpus.py"],
-    "instruct": ["harness/data/instruct.py", "harness/data/corpus.py"],
-    "tokenizer": ["harness/data/tokenizer.py"],
-    "unigram": ["harness/evaluation/perplexity.py", "harness/data/tokenizer.py"],
-    "pretrain": ["harness/training/pretrain.py", "harness/models/zoo.py", "harness/models/shapes.py", "harness/data/tokenizer.py"],
-    "train": [
-        "harness/training/train.py",
-        "harness/training/recipes.py",
-        "harness/orchestration/run.py",
-        "harness/models/zoo.py",
-        "harness/models/shapes.py",
-        "harness/methods/__init__.py",
-        "harness/evaluation/perplexity.py",
-        "harness/data/corpus.py",
-        "harness/data/instruct.py",
-        "harness/data/hub_data.py",
-    ],
-    "run": [
-        "harness/orchestration/run.py",
-        "harness/evaluation/perplexity.py",
-        "harness/evaluation/evaluate.py",
-        "harness/measurement/measure.py",
-        "harness/models/zoo.py",
-        "harness/models/shapes.py",
-        "harness/orchestration/records.py",
-        "harness/orchestration/provenance.py",
-        "harness/data/hub_data.py",
-        "harness/methods/__init__.py",
-        "mixsga/budget.py",
-    ],
-    "zeroshot": ["harness/evaluation/lm_eval_adapter.py"],
-    "token_importance": ["harness/evaluation/token_importance.py"],
-    "overheads": ["harness/measurement/overheads.py", "harness/measurement/measure.py", "harness/methods/__init__.py", "mixsga", "baselines"],
-    "analysis": ["analysis"],
-}
-# The code of each method: changing it reruns that method's runs (and only those).
-METHOD_CODE = {
-    "base": [],
-    "gqa": ["baselines/gqa.py", "baselines/attention.py"],
-    "mqa": ["baselines/gqa.py", "baselines/attention.py"],
-    "cla": ["baselines/cla.py", "baselines/gqa.py", "baselines/attention.py"],
-    "mixsga": ["mixsga"],
-    "eviction": ["baselines/eviction.py", "baselines/attention.py"],
-}
+# Each job's code hash is a param, so editing code reruns exactly the jobs that run it. The hashes
+# follow the imports of the module each job runs, parsed once, here (harness/orchestration/codehash.py).
+CODE_HASHES = CodeHashes(Path(workflow.basedir))
 
 
 wildcard_constraints:
@@ -111,21 +66,9 @@ wildcard_constraints:
     split=r"validation|test",
 
 
-@functools.lru_cache(maxsize=None)
-def cached_code_hash(files):
-    """code_hash of a tuple of paths, computed once per workflow invocation."""
-    return code_hash(list(files))
-
-
-def method_code(method):
-    """The method packages a method (plain, eviction, or eviction stacked on gqa / mixsga) executes."""
-    inner = architecture_of(method, 0.5, {})[0]
-    files = list(METHOD_CODE[inner])
-    if inner != method:
-        files += METHOD_CODE["eviction"]
-        if inner == "mixsga":
-            files.append("mixsga/eviction.py")
-    return files
+def command_code(command):
+    """Hash of the code `python -m <command>` runs: "harness corpus", "analysis collate", a module."""
+    return CODE_HASHES.command_hash(command)
 
 
 def records_of(experiment):
@@ -171,9 +114,9 @@ def train_inputs(wildcards):
 
 
 def train_code(wildcards):
-    """Hash of the code one training executes."""
+    """Hash of the code one training executes: `harness train` and its method's modules."""
     spec = TRAINS[wildcards.train_id]
-    return cached_code_hash(tuple(CODE["train"] + method_code(spec["architecture"]["method"])))
+    return CODE_HASHES.method_job_hash("harness train", spec["architecture"]["method"])
 
 
 def run_inputs(wildcards):
@@ -204,14 +147,9 @@ def optional_args(names):
 
 
 def run_code(wildcards):
-    """Hash of the code one run executes (its method's packages included)."""
+    """Hash of the code one run executes: `harness run` and its method's modules."""
     row = RUN_INDEX[wildcards.run_id]
-    files = CODE["run"] + method_code(row["method"])
-    if row["train_id"]:
-        files += CODE["train"]
-    if "zeroshot" in row["evaluate"]:
-        files += CODE["zeroshot"]
-    return cached_code_hash(tuple(files))
+    return CODE_HASHES.method_job_hash("harness run", row["method"])
 
 
 def figure1_model():

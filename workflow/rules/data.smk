@@ -7,7 +7,7 @@ rule corpus:
     params:
         val_fraction=config["data"]["val_fraction"],
         test_fraction=config["data"]["test_fraction"],
-        code=code_hash(CODE["corpus"]),
+        code=command_code("harness corpus"),
     log:
         f"{RESULTS}/logs/corpus.log",
     benchmark:
@@ -25,7 +25,7 @@ rule instruct:
     output:
         directory(INSTRUCT),
     params:
-        code=code_hash(CODE["instruct"]),
+        code=command_code("harness instruct"),
     log:
         f"{RESULTS}/logs/instruct.log",
     benchmark:

@@ -18,7 +18,7 @@ rule pretrain:
         seed=recipe("seed"),
         eval_tokens=recipe("eval_tokens"),
         device=config["device"],
-        code=code_hash(CODE["pretrain"]),
+        code=command_code("harness pretrain"),
     threads: config["threads"]
     log:
         f"{RESULTS}/logs/pretrain/{{model}}.log",

@@ -19,7 +19,7 @@ rule token_importance:
         ),
         device=config["device"],
         dtype=config["dtype"],
-        code=cached_code_hash(tuple(CODE["token_importance"])),
+        code=command_code("harness.evaluation.token_importance"),
     threads: config["threads"]
     log:
         f"{RESULTS}/logs/token_importance.log",
@@ -38,7 +38,7 @@ rule figure1_tables:
     output:
         report(FIGURE1_OUTPUTS[0], caption="../report/figure1.rst", category="Figure 1"),
     params:
-        code=cached_code_hash(tuple(CODE["analysis"])),
+        code=command_code("analysis figure1"),
     log:
         f"{RESULTS}/logs/figure1.log",
     conda:
@@ -66,7 +66,7 @@ rule overheads:
         repeats=config["overheads"]["repeats"],
         device=config["device"],
         dtype=config["dtype"],
-        code=cached_code_hash(tuple(CODE["overheads"])),
+        code=command_code("harness.measurement.overheads"),
     threads: config["threads"]
     log:
         f"{RESULTS}/logs/overheads.log",
@@ -86,7 +86,7 @@ rule table9_tables:
         csv=report(TABLE9_OUTPUTS[0], caption="../report/table9.rst", category="Tables 9 and 10"),
         md=TABLE9_OUTPUTS[1],
     params:
-        code=cached_code_hash(tuple(CODE["analysis"])),
+        code=command_code("analysis table9"),
     log:
         f"{RESULTS}/logs/table9.log",
     conda:

@@ -9,7 +9,7 @@ rule tokenizer:
         directory(TOKENIZER),
     params:
         vocab_size=config["tokenizer"]["vocab_size"],
-        code=code_hash(CODE["tokenizer"]),
+        code=command_code("harness tokenizer"),
     threads: config["threads"]
     log:
         f"{RESULTS}/logs/tokenizer.log",
@@ -30,7 +30,7 @@ rule unigram:
         f"{WORK}/reference/unigram_{{split}}.json",
     params:
         max_tokens=max_tokens_arg(),
-        code=code_hash(CODE["unigram"]),
+        code=command_code("harness unigram"),
     log:
         f"{RESULTS}/logs/unigram_{{split}}.log",
     conda:
