@@ -1,4 +1,4 @@
-"""One JSON record per run: schema, constructor, validation, atomic writer, reader.
+"""One JSON record per run: schema, constructor, validation, atomic write, reader.
 
 A record has the sections identity, provenance, budget, quality, performance, flags
 and wall_time_s (results/README.md lists every field). Numbers not measured are
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Mapping
 
 from jsonschema import Draft202012Validator
+
+from harness.atomic import write_json_atomic  # the project's one atomic JSON writer (re-exported here)
 
 SCHEMA_VERSION = 2
 TRAINING_KINDS = ("none", "cpt", "sft")
@@ -257,35 +257,8 @@ def validate_record(record: Mapping[str, Any]) -> None:
         raise ValueError("invalid record:\n  " + "\n  ".join(problems))
 
 
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write JSON atomically: temp file in the same directory, fsync, os.replace, fsync the directory.
-
-    A reader (or a resumed workflow) sees either the old file or the complete new one.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-    return path
-
-
 def write_record(path: str | Path, record: Mapping[str, Any]) -> Path:
-    """Validate ``record``, then write it atomically (see write_json_atomic)."""
+    """Validate ``record``, then write it atomically (harness.atomic.write_json_atomic)."""
     validate_record(record)
     return write_json_atomic(path, record)
 
