@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from harness.orchestration import records
+from harness import atomic
 from harness.orchestration.records import existing_record, read_record, validate_record, write_json_atomic, write_record
 
 
@@ -106,7 +106,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, make_recor
     def crash(src, dst):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(records.os, "replace", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)  # the writer records use
     with pytest.raises(OSError, match="disk gone"):
         write_record(path, make_record(ppl_token=20.0))
     assert path.read_bytes() == before
