@@ -14,7 +14,8 @@ from typing import Any, Iterable, Mapping
 
 import pandas as pd
 
-from harness.orchestration.records import read_record, write_atomic
+from harness.atomic import write_atomic
+from harness.orchestration.records import read_record
 
 #: Grouping keys of the perplexity summary: one row per model x method x nominal budget.
 SUMMARY_KEYS = ["model", "family", "method", "budget_nominal"]

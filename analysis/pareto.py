@@ -16,7 +16,7 @@ import pandas as pd
 from analysis.collate import read_table, to_markdown
 from analysis.style import facet_axes, method_style, save_figure, shared_legend
 from analysis.tables import experiment_runs
-from harness.orchestration.records import write_atomic
+from harness.atomic import write_atomic
 
 #: Quality columns and whether lower is better.
 QUALITY = {"ppl_token": True, "ppl_word": True, "rouge_l": False, "zs_avg": False}

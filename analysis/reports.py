@@ -12,7 +12,7 @@ import pandas as pd
 from analysis.collate import read_table, to_markdown
 from analysis.stats import format_ci, summarise
 from analysis.style import facet_axes, method_style, save_figure, shared_legend
-from harness.orchestration.records import write_atomic
+from harness.atomic import write_atomic
 
 
 def _p50(summary: Any) -> float:

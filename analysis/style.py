@@ -51,7 +51,7 @@ def save_figure(fig, out: str | Path, dpi: int) -> Path:
 
     import matplotlib.pyplot as plt
 
-    from harness.orchestration.records import write_atomic
+    from harness.atomic import write_atomic
 
     out = Path(out)
     buffer = io.BytesIO()

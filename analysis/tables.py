@@ -19,7 +19,7 @@ import pandas as pd
 from analysis import paper
 from analysis.collate import read_table, to_markdown
 from analysis.stats import format_ci, summarise
-from harness.orchestration.records import write_atomic
+from harness.atomic import write_atomic
 
 
 @dataclass(frozen=True)

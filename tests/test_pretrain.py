@@ -10,9 +10,10 @@ from safetensors.torch import load_file
 
 from harness.data.corpus import build_corpus, read_split, stdlib_dir
 from harness.evaluation.perplexity import perplexity
-from harness.training.pretrain import OFFLINE_RECIPES, batch_at, lr_lambda, pretrain, read_pretrain_result
+from harness.training.pretrain import OFFLINE_RECIPES, pretrain, pretrain_recipe, read_pretrain_result
 from harness.data.tokenizer import train_tokenizer
 from harness.models.zoo import FAMILIES, load_base_model
+from harness.training.train import CHECKPOINT_FILE, TokenStream, lr_multiplier, window_starts
 
 SMALL = {"num_hidden_layers": 2}
 FAST = {"batch_size": 2, "seq_len": 32, "eval_tokens": 256, "progress": False}
@@ -29,16 +30,31 @@ def data(tmp_path_factory):
     return root
 
 
-def test_schedule_and_batches_are_deterministic():
-    lrs = [lr_lambda(s, steps=100, warmup_steps=10, min_lr_ratio=0.1) for s in range(100)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
-    assert lrs[10] == pytest.approx(1.0) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    stream = torch.arange(1000)
-    a = batch_at(stream, 5, seed=0, batch_size=3, seq_len=16)
-    assert a.shape == (3, 17) and torch.equal(a, batch_at(stream, 5, seed=0, batch_size=3, seq_len=16))
-    assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(3, 16, dtype=torch.long))  # contiguous windows
-    assert not torch.equal(a, batch_at(stream, 6, seed=0, batch_size=3, seq_len=16))
+def test_stream_batches_and_the_pretraining_recipe_are_deterministic():
+    stream = TokenStream(torch.arange(1000), seq_len=16)
+    recipe = pretrain_recipe("llama3", "tiny", steps=10, batch_size=3, seq_len=16, lr=1e-3)
+    plan = stream.plan(recipe, seed=0)
+    assert len(plan) == 10 and plan == stream.plan(recipe, seed=0) and plan != stream.plan(recipe, seed=1)
+    # a step's windows depend on (seed, step) alone; values as the offline base models were trained on
+    assert plan[5] == window_starts(1000, 5, seed=0, batch_size=3, seq_len=16) == [425, 429, 281]
+    assert window_starts(1000, 0, seed=7, batch_size=2, seq_len=16) == [413, 122]
+    assert plan[5] != plan[6]
+    batch = stream.collate(plan[5])
+    assert batch["input_ids"].shape == batch["targets"].shape == (3, 16)
+    assert batch["input_ids"][:, 0].tolist() == plan[5]
+    assert torch.equal(batch["input_ids"][:, 1:] - batch["input_ids"][:, :-1], torch.ones(3, 15, dtype=torch.long))
+    assert torch.equal(batch["targets"], batch["input_ids"] + 1)  # the next tokens, already shifted
+    assert TokenStream(torch.arange(1000), seq_len=16).fingerprint == stream.fingerprint
+    assert TokenStream(torch.arange(1, 1001), seq_len=16).fingerprint != stream.fingerprint
+    with pytest.raises(ValueError, match="fewer than seq_len"):
+        TokenStream(torch.arange(17), seq_len=16)
+
+    # one forward per step; warm-up max(1, round(ratio * steps)), not the CPT/SFT ceil
+    assert (recipe.kind, recipe.micro_batch_size, recipe.max_steps, recipe.grad_clip) == ("pretrain", 3, 10, 1.0)
+    assert pretrain_recipe("opt", "tiny", steps=25, batch_size=2, seq_len=8, lr=1e-3,
+                           warmup_ratio=0.1).warmup_steps(25) == 2  # 2.5 rounds to 2 (ceil: 3)
+    assert recipe.warmup_steps(10) == 1  # 0.05 * 10 rounds to 0, at least 1
+    assert pretrain_recipe("opt", "tiny", steps=5, batch_size=2, seq_len=8, lr=1e-3, grad_clip=0.0).grad_clip is None
     assert set(OFFLINE_RECIPES) == set(FAMILIES)
 
 
@@ -54,6 +70,10 @@ def test_pretrain_learns_and_saves_a_loadable_model(data, tmp_path):
         assert key in result
     assert result["tokens_seen"] == 40 * 2 * 32 and result["model_overrides"] == SMALL
     history = result["history"]
+    # logged every log_every steps: the mean loss of those steps and the lr of the next step
+    assert [h["step"] for h in history] == list(range(5, 41, 5))
+    assert history[-1]["lr"] == pytest.approx(3e-3 * 0.1) and result["warmup_steps"] == 2
+    assert history[0]["lr"] == 3e-3 * lr_multiplier(5, total=40, warmup=2, min_ratio=0.1)  # step 6's lr
     # starts near log(vocab) (uniform guess), ends well below it
     assert history[-1]["loss"] < history[0]["loss"] < math.log(300) + 0.5
     assert history[-1]["loss"] < math.log(300) - 0.8
@@ -69,7 +89,8 @@ def test_killed_job_resumes_to_the_identical_model(data, tmp_path):
     # a stale checkpoint from other settings must be ignored, not resumed
     stale = pretrain("opt", "tiny", data / "tok", data / "corpus", tmp_path / "b", stop_after=3,
                      **{**kwargs, "lr": 9e-3})
-    assert stale["status"] == "partial" and not (tmp_path / "b").exists() and (tmp_path / "b.partial").is_dir()
+    assert stale["status"] == "partial" and stale["step"] == 3 and not (tmp_path / "b").exists()
+    assert (tmp_path / "b.partial" / CHECKPOINT_FILE).is_file()  # the one trainer's checkpoint
     fresh = pretrain("opt", "tiny", data / "tok", data / "corpus", tmp_path / "b", **kwargs)
     assert fresh["history"] == straight["history"] and fresh["val_ppl_token"] == straight["val_ppl_token"]
     pretrain("opt", "tiny", data / "tok", data / "corpus", tmp_path / "c", stop_after=3, **kwargs)

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from harness.orchestration import records
+from harness import atomic
 from harness.orchestration.records import existing_record, read_record, validate_record, write_json_atomic, write_record
 
 
@@ -106,7 +106,7 @@ def test_failed_write_keeps_the_old_file_and_leaves_no_temp(tmp_path, make_recor
     def crash(src, dst):
         raise OSError("disk gone")
 
-    monkeypatch.setattr(records.os, "replace", crash)
+    monkeypatch.setattr(atomic.os, "replace", crash)  # the writer records use
     with pytest.raises(OSError, match="disk gone"):
         write_record(path, make_record(ppl_token=20.0))
     assert path.read_bytes() == before
@@ -146,11 +146,13 @@ def test_existing_record_requires_same_spec(tmp_path, make_record):
 
 
 def test_atomic_writer_writes_text_and_bytes_readable_by_others(tmp_path):
-    from harness.orchestration.records import write_atomic
+    from harness.atomic import write_atomic
 
     text = write_atomic(tmp_path / "sub" / "t.md", "ünïcode\n")
     assert text.read_bytes() == "ünïcode\n".encode("utf-8")
     raw = write_atomic(tmp_path / "b.bin", b"\x00\x01")
     assert raw.read_bytes() == b"\x00\x01"
-    assert oct(raw.stat().st_mode & 0o777) == "0o644"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert raw.stat().st_mode & 0o777 == 0o666 & ~umask  # the usual permissions, not mkstemp's private 0o600
     assert sorted(os.listdir(tmp_path)) == ["b.bin", "sub"]

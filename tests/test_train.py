@@ -10,15 +10,26 @@ import torch
 import torch.nn.functional as F
 
 from baselines.testing import tiny_model
-from harness.training.recipes import CPT_OFFLINE, CPT_PAPER, RECIPES, SFT_OFFLINE, SFT_PAPER_OPT, Recipe, get_recipe
+from harness.training.recipes import (
+    CPT_OFFLINE,
+    CPT_PAPER,
+    PRETRAIN,
+    RECIPES,
+    SFT_OFFLINE,
+    SFT_PAPER_OPT,
+    Recipe,
+    get_recipe,
+)
 from harness.training.train import (
     CHECKPOINT_FILE,
     IGNORE_INDEX,
     RESULT_FILE,
     cpt_data,
     lr_multiplier,
+    make_optimizer,
     plan_batches,
     sft_data,
+    stream_data,
     train,
 )
 from mixsga import MixSGAConfig, convert_to_mixsga
@@ -167,6 +178,54 @@ def test_schedule_warms_up_then_decays():
     assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
     assert lrs[10] == pytest.approx(1.0) and lrs[55] == pytest.approx(0.5, abs=0.02)
     assert lr_multiplier(100, total=100, warmup=10, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_one_schedule_gives_both_former_schedules_exactly():
+    # Exact floats of the two schedules the trainers had before they became one loop (pretraining's
+    # lr_lambda and CPT/SFT's lr_multiplier), so the base models and checkpoints stay bit-identical.
+    pretraining = {0: 0.1, 4: 0.5, 9: 1.0, 10: 1.0, 37: 0.8145033635316129, 55: 0.55, 99: 0.10027412784140691,
+                   100: 0.1, 150: 0.1}
+    finetuning = {0: 0.1, 4: 0.5, 9: 1.0, 10: 1.0, 37: 0.7938926261462366, 55: 0.5, 99: 0.00030458649045211894,
+                  100: 0.0, 150: 0.0}
+    for step, value in pretraining.items():
+        assert lr_multiplier(step, total=100, warmup=10, min_ratio=0.1) == value, step
+    for step, value in finetuning.items():
+        assert lr_multiplier(step, total=100, warmup=10, min_ratio=0.0) == value, step
+    assert [lr_multiplier(s, total=25, warmup=2, min_ratio=0.1) for s in (0, 1, 2, 13, 25)] == [
+        0.5, 1.0, 1.0, 0.580709086014102, 0.1]
+    # and the two warm-up rules: CPT/SFT ceil (as transformers' Trainer), pretraining max(1, round)
+    assert CPT_OFFLINE.replace(warmup_ratio=0.1).warmup_steps(25) == 3
+    assert PRETRAIN.replace(warmup_ratio=0.1).warmup_steps(25) == 2
+    assert PRETRAIN.warmup_steps(6) == 1 and CPT_OFFLINE.warmup_steps(6) == 1
+    assert PRETRAIN.warmup_steps(720) == 36 and CPT_OFFLINE.warmup_steps(64) == 1
+
+
+def test_optimizer_decays_matrices_only(tok):
+    model = tiny_model("llama", vocab_size=len(tok))
+    opt = make_optimizer(model, CPT_OFFLINE)
+    decay, no_decay = opt.param_groups
+    assert decay["weight_decay"] == CPT_OFFLINE.weight_decay and no_decay["weight_decay"] == 0.0
+    assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() < 2 for p in no_decay["params"])
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+    assert (opt.defaults["lr"], opt.defaults["betas"], opt.defaults["eps"]) == (1e-3, (0.9, 0.95), 1e-8)
+
+
+def test_a_token_stream_trains_on_next_token_targets(tok, tmp_path):
+    # The pretraining source through the same loop: its loss is the mean next-token cross-entropy
+    # over the windows' targets, computed independently here.
+    stream = stream_data(tok, TEXTS, 16)
+    recipe = PRETRAIN.replace(batch_size=2, micro_batch_size=2, seq_len=16, max_steps=1, grad_clip=None)
+    model = tiny_model("llama", vocab_size=len(tok))
+    batch = stream.collate(stream.plan(recipe, seed=4)[0])
+    with torch.no_grad():
+        logits = model(input_ids=batch["input_ids"]).logits
+        expected = float(F.cross_entropy(logits.reshape(-1, logits.size(-1)), batch["targets"].reshape(-1)))
+    result = train(model, stream, recipe, tmp_path, seed=4, progress=False)
+    assert result["kind"] == "pretrain" and result["completed"]
+    assert result["target_tokens"] == result["tokens_seen"] == 2 * 16
+    assert math.isclose(result["final_loss"], expected, rel_tol=1e-6)
+    with pytest.raises(ValueError, match="'cpt'"):
+        train(tiny_model("llama", vocab_size=len(tok)), stream, CPT_OFFLINE, tmp_path / "x", seed=0, progress=False)
 
 
 def test_mixsga_aux_loss_and_routing_stats_are_logged(tok, tmp_path):

@@ -19,7 +19,7 @@ import platform
 import sysconfig
 from pathlib import Path
 
-from harness.orchestration.records import atomic_directory  # also imported from here by harness.training.pretrain
+from harness.atomic import atomic_directory
 
 SPLITS = ("train", "validation", "test")
 # Directory names that hold tests, fixtures or third-party code, wherever they appear.

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 
 from harness.evaluation.perplexity import score_windows
-from harness.orchestration.records import write_jsonl_atomic
+from harness.atomic import write_jsonl_atomic
 
 ROUGE_IMPL = "rouge-score rougeL, Porter stemmer, max over references, mean x100 (MiniLLM)"
 _SCORER = None

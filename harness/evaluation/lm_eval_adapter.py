@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from harness.orchestration.records import write_jsonl_atomic
+from harness.atomic import write_jsonl_atomic
 
 PAPER_TASKS = ("hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "wikitext")
 ROLLING_TASKS = frozenset({"wikitext"})  # built-in tasks scored by rolling log-likelihood

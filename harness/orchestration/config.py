@@ -428,7 +428,7 @@ def run_table_lines(rows: list[dict]) -> list[str]:
 
 def write_run_table(rows: list[dict], path: str | Path) -> Path:
     """Write the sweep table (one row per run, see run_table_lines) atomically and return its path."""
-    from harness.orchestration.records import write_atomic
+    from harness.atomic import write_atomic
 
     return write_atomic(path, "\n".join(run_table_lines(rows)) + "\n")
 

@@ -1,4 +1,4 @@
-"""One JSON record per run: schema, constructor, validation, reader; the atomic writers (files, directories).
+"""One JSON record per run: schema, constructor, validation, atomic write, reader.
 
 A record has the sections identity, provenance, budget, quality, performance, flags
 and wall_time_s (results/README.md lists every field). Numbers not measured are
@@ -7,17 +7,14 @@ and wall_time_s (results/README.md lists every field). Numbers not measured are
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
-import os
-import shutil
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Mapping
 
 from jsonschema import Draft202012Validator
+
+from harness.atomic import write_json_atomic  # the project's one atomic JSON writer (harness.atomic)
 
 SCHEMA_VERSION = 2
 TRAINING_KINDS = ("none", "cpt", "sft")
@@ -260,71 +257,8 @@ def validate_record(record: Mapping[str, Any]) -> None:
         raise ValueError("invalid record:\n  " + "\n  ".join(problems))
 
 
-def write_atomic(path: str | Path, data: str | bytes) -> Path:
-    """Write ``data`` (text as UTF-8) atomically: temp file in the same directory, fsync, os.replace, fsync the directory.
-
-    A reader (or a resumed workflow) sees either the old file or the complete new one. The
-    one atomic writer of the harness and the analysis: records, predictions, task files, tables.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    payload = data.encode("utf-8") if isinstance(data, str) else bytes(data)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes it private; outputs are shared artefacts
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)  # make the rename itself durable
-    finally:
-        os.close(dir_fd)
-    return path
-
-
-@contextlib.contextmanager
-def atomic_directory(out_dir: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces ``out_dir`` only on success.
-
-    A killed or failing job leaves ``out_dir`` untouched (or absent) instead of half-written.
-    """
-    out = Path(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    os.chmod(tmp, 0o755)  # mkdtemp makes it private; outputs are shared artefacts
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, trash / out.name)
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
-
-
-def write_json_atomic(path: str | Path, obj: Any) -> Path:
-    """Write ``obj`` as sorted, indented JSON (no NaN) atomically (see write_atomic)."""
-    return write_atomic(path, json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
-
-
-def write_jsonl_atomic(path: str | Path, rows: Any) -> Path:
-    """Write ``rows`` as JSON lines (UTF-8, no NaN) atomically (see write_atomic)."""
-    return write_atomic(path, "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows))
-
-
 def write_record(path: str | Path, record: Mapping[str, Any]) -> Path:
-    """Validate ``record``, then write it atomically (see write_json_atomic)."""
+    """Validate ``record``, then write it atomically (harness.atomic.write_json_atomic)."""
     validate_record(record)
     return write_json_atomic(path, record)
 

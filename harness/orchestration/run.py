@@ -24,8 +24,8 @@ import torch
 from harness.data.sets import load_eval_texts, load_instruction_rows
 from harness.orchestration.config import BASE_METHOD, architecture_of
 from harness.orchestration.provenance import collect_provenance, resolve_device, utc_now
-from harness.orchestration.records import (atomic_directory, existing_record, new_record, read_record, write_json_atomic,
-                                          write_record)
+from harness.atomic import atomic_directory, write_json_atomic
+from harness.orchestration.records import existing_record, new_record, read_record, write_record
 
 MODEL_FILE = "model.pt"
 SUMMARY_FILE = "train.json"

@@ -1,7 +1,8 @@
 """Training recipes: the paper's, and scaled-down offline ones in proportion to them.
 
 A :class:`Recipe` fixes everything that decides what a training run does apart from the
-model and the data: optimiser (AdamW), schedule (linear warm-up, cosine decay to
+model and the data (pretraining a base model from scratch, CPT or SFT; one loop,
+``harness.training.train.train``, runs them all): optimiser (AdamW), schedule (linear warm-up, cosine decay to
 ``min_lr_ratio * lr``, zero in every paper recipe),
 clipping, batch size, sequence length, how long to train, precision. Every method in a
 comparison is trained with the same recipe, seed and data, so it sees the same tokens.
@@ -39,7 +40,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
-KINDS = ("cpt", "sft")
+KINDS = ("pretrain", "cpt", "sft")  # pretraining from scratch, continued pretraining, fine-tuning
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
@@ -130,7 +131,13 @@ class Recipe:
         return steps
 
     def warmup_steps(self, total_steps: int) -> int:
-        """Warm-up steps: ``ceil(warmup_ratio * total_steps)`` (as transformers' Trainer rounds)."""
+        """Warm-up steps: ``ceil(warmup_ratio * total_steps)`` (as transformers' Trainer rounds).
+
+        Pretraining rounds to nearest, at least one step (``max(1, round(...))``): the rule the
+        offline base models were trained with, kept so that they stay bit-identical.
+        """
+        if self.kind == "pretrain":
+            return max(1, round(self.warmup_ratio * total_steps))
         return math.ceil(self.warmup_ratio * total_steps)
 
     def replace(self, **changes: Any) -> "Recipe":
@@ -231,6 +238,29 @@ SFT_OFFLINE = Recipe(
     notes="SFT_PAPER_OPT's shape at CPU scale: lr in the paper's ratio to the pretraining peak, batch 16, 3 epochs.",
 )
 
+# Pretraining a zoo model from scratch (harness.training.pretrain, the offline base models): the shape
+# every family shares. Steps, batch, length and lr are per family (pretrain.OFFLINE_RECIPES) or the config's.
+PRETRAIN = Recipe(
+    name="pretrain",
+    kind="pretrain",
+    lr=2e-3,
+    betas=(0.9, 0.95),
+    eps=1e-8,
+    weight_decay=0.1,
+    warmup_ratio=0.05,
+    min_lr_ratio=0.1,
+    grad_clip=1.0,
+    batch_size=2,
+    micro_batch_size=2,
+    seq_len=256,
+    max_steps=720,
+    precision="auto",
+    checkpoint_every=100,
+    log_every=10,
+    notes="Offline base models: AdamW (0.9, 0.95), 5 % warm-up, cosine to 0.1 x lr, clipping 1.0.",
+)
+
+# The recipes a training spec (CPT / SFT) can name; pretraining has its own job.
 RECIPES: dict[str, Recipe] = {r.name: r for r in (CPT_PAPER, SFT_PAPER_OPT, CPT_OFFLINE, SFT_OFFLINE)}
 
 

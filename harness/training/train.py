@@ -1,18 +1,25 @@
-"""One trainer for continued pretraining (CPT) and supervised fine-tuning (SFT).
+"""One trainer for pretraining from scratch, continued pretraining (CPT) and fine-tuning (SFT).
 
-* Data: :func:`cpt_data` cuts the ``<bos> doc <eos>`` stream (the perplexity protocol's
+:func:`train` is the loop (it reads top to bottom: plan, seed, optimiser and schedule, resume,
+then per step forward / backward / clip / step, checkpoint, result); a *data source* and a
+:class:`~harness.training.recipes.Recipe` say what it trains on and how.
+
+* Data sources: :func:`cpt_data` cuts the ``<bos> doc <eos>`` stream (the perplexity protocol's
   format) into ``seq_len`` blocks; :func:`sft_data` turns ``{"prompt", "references"}`` rows
   into ``prompt + first reference + <eos>`` with the prompt tokens masked (-100) in the
-  labels. Both give a :class:`TrainData` with a content fingerprint.
-* Same tokens for every method: :func:`plan_batches` orders the examples from the seed
-  and the recipe alone (per-epoch permutations, incomplete last batch dropped), never from
-  the model. ``token_hash`` (sha256 of the data fingerprint and the plan) identifies the
-  token stream; two runs with equal hashes trained on the same tokens in the same order.
-* Optimisation: AdamW (weight decay on matrices only), linear warm-up then cosine decay,
-  gradient clipping, gradient accumulation (``batch_size / micro_batch_size``), bf16
-  autocast on a GPU with bf16 and fp32 on CPU. The loss of a step is the mean over all of
-  its target tokens (micro-batches weighted by their target-token counts, so padding and
-  prompt lengths don't skew SFT).
+  labels; both give a :class:`TrainData`. :func:`stream_data` gives the pretraining source,
+  a :class:`TokenStream` of random ``seq_len + 1``-token windows with next-token ``targets``.
+  Each has a content fingerprint, a ``plan`` and a ``collate``.
+* Same tokens for every method: a source's plan orders the examples from the seed and the
+  recipe alone, never from the model (:func:`plan_batches`: per-epoch permutations, incomplete
+  last batch dropped; a stream: window offsets from a generator seeded by ``(seed, step)``).
+  ``token_hash`` (sha256 of the data fingerprint and the plan) identifies the token stream;
+  two runs with equal hashes trained on the same tokens in the same order.
+* Optimisation: AdamW (weight decay on matrices only, :func:`make_optimizer`), linear warm-up
+  then cosine decay (:func:`lr_multiplier`, the one schedule), gradient clipping, gradient
+  accumulation (``batch_size / micro_batch_size``), bf16 autocast on a GPU with bf16 and fp32
+  on CPU. The loss of a step is the mean over all of its target tokens (micro-batches weighted
+  by their target-token counts, so padding and prompt lengths don't skew SFT).
 * mixSGA: a converted model adds its weighted aux loss into ``out.loss``. Through the
   model's ``mixsga_runtime`` the trainer logs the (unweighted, layer-mean) aux loss of each
   step, token-weighted like the loss, and the routing statistics of each logged step
@@ -21,10 +28,11 @@
   ``world_size``-th micro-batch of the global batch, so the plan and the loss are the
   same for any number of processes. On one CPU the accelerator is a pass-through.
 * Resume: every ``checkpoint_every`` steps (and when stopped) ``checkpoint.pt`` holds the
-  model, optimiser, scheduler, RNG states, step and history, written atomically (temp
-  file, fsync, rename). A rerun with the same data, recipe and seed continues from it;
+  model, optimiser, scheduler, RNG states, step and history, written atomically
+  (:mod:`harness.atomic`). A rerun with the same data, recipe and seed continues from it;
   on CPU the resumed run is bit-identical to an uninterrupted one. A finished run's
-  checkpoint makes a rerun load the trained weights and return the stored result.
+  checkpoint makes a rerun load the trained weights and return the stored result. The
+  checkpoint of another run is refused, or (``restart_stale``, pretraining) started over.
 """
 
 from __future__ import annotations
@@ -43,8 +51,10 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from tqdm import tqdm
 
+from harness.atomic import torch_save_atomic, write_json_atomic
 from harness.evaluation.perplexity import token_stream
 from harness.training.recipes import Recipe
 
@@ -79,6 +89,17 @@ class TrainData:
 
     def __len__(self) -> int:
         return len(self.input_ids)
+
+    def plan(self, recipe: Recipe, seed: int) -> list[list[int]]:
+        """Example indices of every optimiser step (:func:`plan_batches`); an example over ``seq_len`` is refused."""
+        too_long = max(len(x) for x in self.input_ids)
+        if too_long > recipe.seq_len:
+            raise ValueError(f"an example has {too_long} tokens, more than the recipe's seq_len {recipe.seq_len}")
+        return plan_batches(len(self), recipe, seed)
+
+    def collate(self, indices: Sequence[int]) -> dict[str, torch.Tensor]:
+        """One micro-batch of these examples (:func:`collate`)."""
+        return collate(self, indices)
 
 
 def cpt_data(tokenizer, texts: Sequence[str], seq_len: int, *, max_tokens: int | None = None) -> TrainData:
@@ -146,6 +167,62 @@ def _pad_id(tokenizer) -> int:
     return int(pad)
 
 
+@dataclass
+class TokenStream:
+    """Pretraining data: one token stream (1-D long tensor ``ids``), trained on in random windows.
+
+    Step ``s`` draws ``batch_size`` windows of ``seq_len + 1`` tokens at offsets from a generator
+    seeded by ``(seed, s)`` alone (:func:`window_starts`), so a resumed run sees exactly the
+    batches of an uninterrupted one. A window gives ``input_ids`` (its first ``seq_len`` tokens)
+    and ``targets`` (its last ``seq_len``: the next tokens, already shifted, nothing masked).
+    """
+
+    ids: torch.Tensor
+    seq_len: int
+    meta: dict = field(default_factory=dict)
+    kind: str = "pretrain"
+
+    def __post_init__(self) -> None:
+        if self.ids.dim() != 1:
+            raise ValueError(f"the token stream must be 1-D, got shape {tuple(self.ids.shape)}")
+        if len(self.ids) <= self.seq_len + 1:
+            raise ValueError(f"training stream has {len(self.ids)} tokens, fewer than seq_len + 2 = "
+                             f"{self.seq_len + 2}")
+        digest = hashlib.sha256(f"{self.kind}:{self.seq_len}:".encode())
+        digest.update(self.ids.to(torch.int32).numpy().tobytes())
+        self.fingerprint = digest.hexdigest()
+
+    def __len__(self) -> int:
+        """Windows that fit side by side: an epoch's worth (the unit of ``Recipe.epochs``)."""
+        return len(self.ids) // self.seq_len
+
+    def plan(self, recipe: Recipe, seed: int) -> list[list[int]]:
+        """Window offsets of every optimiser step."""
+        if self.seq_len > recipe.seq_len:
+            raise ValueError(f"the stream's windows have {self.seq_len} tokens, more than the recipe's seq_len "
+                             f"{recipe.seq_len}")
+        return [window_starts(len(self.ids), step, seed=seed, batch_size=recipe.batch_size, seq_len=self.seq_len)
+                for step in range(recipe.num_steps(len(self)))]
+
+    def collate(self, starts: Sequence[int]) -> dict[str, torch.Tensor]:
+        """The windows at ``starts``: ``input_ids`` and next-token ``targets``, ``(len(starts), seq_len)`` each."""
+        windows = torch.stack([self.ids[s : s + self.seq_len + 1] for s in starts])
+        return {"input_ids": windows[:, :-1], "targets": windows[:, 1:]}
+
+
+def stream_data(tokenizer, texts: Sequence[str], seq_len: int) -> TokenStream:
+    """The pretraining source: ``texts`` as one ``<bos> doc <eos>`` stream, trained on in ``seq_len`` windows."""
+    ids, _ = token_stream(tokenizer, texts)
+    return TokenStream(torch.tensor(ids, dtype=torch.long), seq_len, meta={"stream_tokens": len(ids),
+                                                                           "seq_len": seq_len})
+
+
+def window_starts(n_tokens: int, step: int, *, seed: int, batch_size: int, seq_len: int) -> list[int]:
+    """Offsets of the ``batch_size`` windows of step ``step`` in an ``n_tokens`` stream; depend only on (seed, step)."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randint(0, n_tokens - seq_len - 1, (batch_size,), generator=gen).tolist()
+
+
 def plan_batches(num_examples: int, recipe: Recipe, seed: int) -> list[list[int]]:
     """Example indices of every optimiser step: per-epoch permutations seeded by ``(seed, epoch)``."""
     steps = recipe.num_steps(num_examples)
@@ -160,7 +237,7 @@ def plan_batches(num_examples: int, recipe: Recipe, seed: int) -> list[list[int]
     return [order[s * b : (s + 1) * b] for s in range(steps)]
 
 
-def token_hash(data: TrainData, plan: Sequence[Sequence[int]]) -> str:
+def token_hash(data: TrainData | TokenStream, plan: Sequence[Sequence[int]]) -> str:
     """sha256 of the training token stream: the data's fingerprint and the order of the plan."""
     digest = hashlib.sha256(data.fingerprint.encode())
     digest.update(np.asarray(plan, dtype=np.int64).tobytes())
@@ -184,6 +261,25 @@ def collate(data: TrainData, indices: Sequence[int]) -> dict[str, torch.Tensor]:
 def target_tokens(labels: torch.Tensor) -> int:
     """Tokens the causal-LM loss scores: labels after the shift that are not -100."""
     return int((labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def scored_tokens(batch: Mapping[str, torch.Tensor]) -> int:
+    """Tokens the loss of a micro-batch scores: its next-token ``targets``, or its ``labels`` after the shift."""
+    if "targets" in batch:
+        return int((batch["targets"] != IGNORE_INDEX).sum())
+    return target_tokens(batch["labels"])
+
+
+def input_tokens(batch: Mapping[str, torch.Tensor]) -> int:
+    """Non-padding input tokens of a micro-batch (a stream's windows have no padding)."""
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return batch["input_ids"].numel()
+
+
+def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of ``logits`` (computed in fp32) against already-shifted ``targets`` (-100 ignored)."""
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
 def lr_multiplier(step: int, *, total: int, warmup: int, min_ratio: float) -> float:
@@ -253,21 +349,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _save_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as fh:
-        torch.save(obj, fh)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _make_accelerator(device: str | torch.device):
     from accelerate import Accelerator
 
@@ -285,15 +366,35 @@ def _finite(x: float | None) -> float | None:
     return None if x is None or not math.isfinite(x) else x
 
 
+def load_checkpoint(path: Path, identity: Mapping[str, Any], *, restart_stale: bool = False) -> dict | None:
+    """The resumable state at ``path`` if it belongs to the run ``identity``, None if there is none.
+
+    A checkpoint of another run (data, recipe, seed or ``identity`` extras differ) raises, since a
+    training job's directory holding another run's state is a mix-up; with ``restart_stale`` it is
+    ignored instead (a pretraining job whose settings changed starts over; the next save replaces it).
+    """
+    if not path.is_file():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("format") == CHECKPOINT_FORMAT and state.get("identity") == json.loads(json.dumps(identity)):
+        return state
+    if restart_stale:
+        return None
+    raise ValueError(f"{path} was written by a different run (data, recipe or seed differ); "
+                     f"remove it or pass resume=False")
+
+
 def train(
     model: torch.nn.Module,
-    data: TrainData,
+    data: TrainData | TokenStream,
     recipe: Recipe,
     out_dir: str | os.PathLike,
     *,
     seed: int,
     device: str | torch.device = "cpu",
     resume: bool = True,
+    restart_stale: bool = False,
+    identity: Mapping[str, Any] | None = None,
     log: Callable[[dict], None] | None = None,
     progress: bool = True,
     stop_after: int | None = None,
@@ -302,10 +403,13 @@ def train(
 
     The result holds ``final_loss`` (last step), ``final_loss_avg`` (mean of the last 10),
     ``steps``, ``tokens_seen`` (non-padding input tokens), ``target_tokens``, ``token_hash``,
-    ``wall_time_s`` (summed over resumed runs) and the per-step ``history`` (loss, lr, grad
-    norm, aux loss, routing statistics where the model has them). ``stop_after`` stops after
-    that many steps *in this call* with a checkpoint (to bound a job's time, or to simulate a
-    crash); the result then has ``"completed": False``. ``log`` receives each history entry.
+    ``wall_time_s`` and ``cpu_time_s`` (summed over resumed runs) and the per-step ``history``
+    (loss, lr, grad norm, aux loss, routing statistics where the model has them). ``stop_after``
+    stops after that many steps *in this call* with a checkpoint (to bound a job's time, or to
+    simulate a crash); the result then has ``"completed": False``. ``log`` receives each logged
+    history entry. ``identity`` adds what else a checkpoint must match to be resumed (pretraining:
+    the model's settings); ``restart_stale`` starts over from a checkpoint of another run instead
+    of refusing it (see :func:`load_checkpoint`).
     """
     if data.kind != recipe.kind:
         raise ValueError(f"recipe {recipe.name!r} is for {recipe.kind!r} but the data are {data.kind!r}")
@@ -320,39 +424,38 @@ def train(
     if n_micro % world:
         raise ValueError(f"batch_size / micro_batch_size = {n_micro} micro-batches per step do not split over "
                          f"{world} processes")
-    too_long = max(len(x) for x in data.input_ids)
-    if too_long > recipe.seq_len:
-        raise ValueError(f"an example has {too_long} tokens, more than the recipe's seq_len {recipe.seq_len}")
 
-    plan = plan_batches(len(data), recipe, seed)
+    # What each step trains on, fixed by the data, the recipe and the seed alone.
+    plan = data.plan(recipe, seed)
     total = len(plan)
     stream_hash = token_hash(data, plan)
     precision = resolve_precision(recipe, dev)
     warmup = recipe.warmup_steps(total)
     # What must match for a checkpoint to be resumed; how often to save or log and the notes may change.
     trained_by = {k: v for k, v in recipe.to_dict().items() if k not in ("checkpoint_every", "log_every", "notes")}
-    identity = {"recipe": trained_by, "seed": seed, "token_hash": stream_hash, "steps": total}
+    run_identity = {"recipe": trained_by, "seed": seed, "token_hash": stream_hash, "steps": total}
+    if identity:
+        run_identity["extra"] = dict(identity)
 
+    # Seed, optimiser, schedule; then continue from a checkpoint of this run if there is one.
     seed_everything(seed)
     model.to(dev)
     optimizer = make_optimizer(model, recipe)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, total=total, warmup=warmup, min_ratio=recipe.min_lr_ratio))
-    start, history, wall_before, resumed_from = 0, [], 0.0, None
+    start, history, wall_before, cpu_before, resumed_from = 0, [], 0.0, 0.0, None
     ckpt_path = out / CHECKPOINT_FILE
-    if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("identity") != json.loads(json.dumps(identity)):
-            raise ValueError(f"{ckpt_path} was written by a different run (data, recipe or seed differ); "
-                             f"remove it or pass resume=False")
+    if not resume:
+        ckpt_path.unlink(missing_ok=True)
+    state = load_checkpoint(ckpt_path, run_identity, restart_stale=restart_stale)
+    if state is not None:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         _set_rng_state(state["rng"])
         start, history, wall_before = state["step"], state["history"], state["wall_time_s"]
+        cpu_before = state.get("cpu_time_s", 0.0)
         resumed_from = start
-    elif not resume and ckpt_path.exists():
-        ckpt_path.unlink()
 
     model, optimizer = accelerator.prepare(model, optimizer)
     inner = accelerator.unwrap_model(model)
@@ -363,15 +466,17 @@ def train(
     was_training = inner.training
     model.train()
 
-    def save(step: int, wall: float) -> None:
+    def save(step: int) -> None:
         if accelerator.is_main_process:
-            _save_atomic({"format": CHECKPOINT_FORMAT, "identity": identity, "step": step,
-                          "model": inner.state_dict(), "optimizer": optimizer.state_dict(),
-                          "scheduler": scheduler.state_dict(), "rng": _rng_state(), "history": history,
-                          "wall_time_s": wall}, ckpt_path)
+            torch_save_atomic(ckpt_path, {
+                "format": CHECKPOINT_FORMAT, "identity": run_identity, "step": step,
+                "model": inner.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "rng": _rng_state(), "history": history,
+                "wall_time_s": wall_before + time.perf_counter() - t0,
+                "cpu_time_s": cpu_before + time.process_time() - c0})
         accelerator.wait_for_everyone()
 
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()  # CPU seconds (all threads) show the cost on a shared machine
     end = total if stop_after is None else min(total, start + stop_after)
     bar = tqdm(total=total, initial=start, desc=f"train {recipe.name}", dynamic_ncols=True, mininterval=2.0,
                disable=not progress or not accelerator.is_main_process)
@@ -379,8 +484,8 @@ def train(
         global_batch = plan[step]
         micro = [global_batch[i : i + recipe.micro_batch_size]
                  for i in range(0, len(global_batch), recipe.micro_batch_size)]
-        batches = [collate(data, m) for m in micro]
-        n_targets = sum(target_tokens(b["labels"]) for b in batches)
+        batches = [data.collate(m) for m in micro]
+        n_targets = sum(scored_tokens(b) for b in batches)
         if n_targets == 0:
             raise ValueError(f"step {step}: the batch has no target tokens")
         mine = batches[rank::world]
@@ -391,16 +496,19 @@ def train(
         has_aux = False
         for i, batch in enumerate(mine):
             batch = {k: v.to(dev) for k, v in batch.items()}
-            weight = target_tokens(batch["labels"]) / n_targets
+            weight = scored_tokens(batch) / n_targets
+            targets = batch.pop("targets", None)
             sync = accelerator.no_sync(model) if i < len(mine) - 1 else nullcontext()
             if runtime is not None:
                 runtime.last_aux_loss = None  # so that a forward without routing cannot report a stale value
             with sync:
                 with autocast():
                     out_ = model(**batch, use_cache=False)
+                # The model's own loss shifts ``labels``; a stream's ``targets`` are already the next tokens.
+                loss = out_.loss if targets is None else next_token_loss(out_.logits, targets)
                 # DDP averages gradients over processes, so scale by world to get the global token mean.
-                accelerator.backward(out_.loss * (weight * world))
-            loss_sum += out_.loss.detach().double() * weight
+                accelerator.backward(loss * (weight * world))
+            loss_sum += loss.detach().double() * weight
             aux = runtime.last_aux_loss if runtime is not None else None
             if aux is not None:
                 has_aux = True
@@ -421,7 +529,7 @@ def train(
             "lr": lr_used,
             "grad_norm": _finite(float(grad_norm)),
             "target_tokens": n_targets,
-            "tokens": int(sum(int(b["attention_mask"].sum()) for b in batches)),
+            "tokens": int(sum(input_tokens(b) for b in batches)),
         }
         if has_aux:
             entry["aux_loss"] = float(accelerator.reduce(aux_sum, reduction="sum"))
@@ -435,11 +543,10 @@ def train(
         bar.update(1)
         done = step + 1
         if done % recipe.checkpoint_every == 0 or done == end:
-            save(done, wall_before + time.perf_counter() - t0)
+            save(done)
     bar.close()
     inner.train(was_training)
     done = len(history)
-    wall = wall_before + time.perf_counter() - t0
     losses = [h["loss"] for h in history]
     result = {
         "completed": done == total,
@@ -464,10 +571,11 @@ def train(
         "routing_history": [{"step": h["step"], **h["routing"]} for h in history if "routing" in h],
         "history": history,
         "resumed_from": resumed_from,
-        "wall_time_s": wall,
+        "wall_time_s": wall_before + time.perf_counter() - t0,
+        "cpu_time_s": cpu_before + time.process_time() - c0,
     }
     if result["completed"] and accelerator.is_main_process:
-        _write_json_atomic(result, out / RESULT_FILE)
+        write_json_atomic(out / RESULT_FILE, result)
     return result
 
 
