@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
-from harness.orchestration.config import BASE_METHOD, architecture_of
+from harness.orchestration.config import BASE_METHOD
 from harness.orchestration.provenance import collect_provenance, resolve_device, utc_now
 from harness.orchestration.records import existing_record, new_record, read_record, write_json_atomic, write_record
 
@@ -313,7 +313,7 @@ def execute_run(
     from harness.evaluation.perplexity import perplexity
     from harness.training.train import seed_everything
     from harness.models.zoo import load_base_model
-    from mixsga.budget import full_kv_bytes_per_token
+    from kvledger import full_kv_bytes_per_token
 
     out = Path(out)
     previous = existing_record(out, spec) or _refresh_experiments(out, spec)
@@ -354,7 +354,7 @@ def execute_run(
         model.to(dtype)
         summary = stored["summary"]
     model.eval()
-    evicting = architecture_of(spec["method"], spec["budget"], spec["params"])[0] != spec["method"]
+    evicting = method.spec.evicts
     own_cache = method.new_cache(model, params) is not None
     cache_factory = (lambda: method.new_cache(model, params)) if own_cache else None
 
@@ -451,7 +451,8 @@ def execute_run(
             "peak_memory_bytes": first["peak_memory_bytes"],
             "by_context": timings,
         },
-        flags={"simulated": bool(method.simulated), "query_aware": method.query_aware},
+        flags={"simulated": bool(method.simulated), "query_aware": method.query_aware_for(params)},
+        method_fields=method.spec.fields(params),
         wall_time_s=time.perf_counter() - t0,
     )
     write_record(out, record)
