@@ -44,6 +44,8 @@ class MethodSpec:
     param_names: tuple[str, ...] = ()
     #: Dotted names of the repository modules implementing the method (the workflow hashes their imports).
     modules: tuple[str, ...] = ()
+    #: Live bytes equal the analytic bytes when tokens are whole; False: they only bound them from above.
+    exact_bytes: bool = True
 
     def parse_params(self, params: Mapping[str, Any] | None) -> dict:
         """The explicit params as a dict; ValueError naming unknown keys and the allowed ones."""

@@ -23,6 +23,18 @@ MIXSGA_KNOBS = ("aux_loss_weight", "aux_loss", "router", "seed")
 DEFAULT_GROUP_SIZES = (1, 2, 4)
 
 
+def default_ratios(budget: float, group_sizes) -> list[int]:
+    """The paper's ratios for ``budget`` (group sizes 1:2:4 only); ValueError naming the budgets that have them."""
+    if tuple(int(g) for g in group_sizes) != DEFAULT_GROUP_SIZES:
+        raise ValueError("non-default group_sizes need explicit ratios")
+    match = [r for b, r in MIXSGA_DEFAULT_RATIOS.items() if same(b, budget)]
+    if not match:
+        known = ", ".join(f"{b:.0%}" for b in MIXSGA_DEFAULT_RATIOS)
+        raise ValueError(f"no default mixSGA ratio for budget {budget:.2%} (defaults exist for {known}); "
+                         "pass ratios=...")
+    return list(match[0])
+
+
 class MixSGASpec(MethodSpec):
     name, label = "mixsga", "mixSGA"
     color, marker = "tab:red", "o"
@@ -40,7 +52,10 @@ class MixSGASpec(MethodSpec):
     def check_feasible(self, budget, params, kv_heads):
         from kvledger import check_group_sizes
 
-        check_group_sizes(kv_heads, params.get("group_sizes", DEFAULT_GROUP_SIZES))
+        group_sizes = params.get("group_sizes", DEFAULT_GROUP_SIZES)
+        check_group_sizes(kv_heads, group_sizes)
+        if "ratios" not in params:
+            default_ratios(budget, group_sizes)
 
     def fields(self, params):
         router, aux_weight = params.get("router"), params.get("aux_loss_weight")
@@ -69,14 +84,7 @@ class MixSGA(Method):
         if "ratios" in explicit:
             ratios = [float(r) for r in explicit["ratios"]]
         else:
-            if tuple(group_sizes) != DEFAULT_GROUP_SIZES:
-                raise ValueError("non-default group_sizes need explicit ratios")
-            match = [r for b, r in MIXSGA_DEFAULT_RATIOS.items() if same(b, budget)]
-            if not match:
-                known = ", ".join(f"{b:.0%}" for b in MIXSGA_DEFAULT_RATIOS)
-                raise ValueError(f"no default mixSGA ratio for budget {budget:.2%} (defaults exist for {known}); "
-                                 "pass ratios=...")
-            ratios = list(match[0])
+            ratios = default_ratios(budget, group_sizes)
         got = kv_budget(ratios, group_sizes)
         if not same(got, budget):
             raise ValueError(f"mixSGA ratios {ratios} with group sizes {group_sizes} store {got:.2%}, "

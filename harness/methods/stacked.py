@@ -29,6 +29,8 @@ class StackedSpec(MethodSpec):
         self.needs_training = inner.needs_training
         self.param_names = self.param_names + eviction.param_names
         extra = ("mixsga.eviction",) if inner.name == "mixsga" else ()
+        # on mixSGA whole tokens of unequal byte cost fill a byte budget, from below
+        self.exact_bytes = inner.name != "mixsga"
         self.modules = ("harness.methods.stacked", *eviction.modules, *inner.modules, *extra)
 
     def inner_budget(self, params) -> float:
