@@ -36,6 +36,7 @@ METHOD_MODULES = (
     "harness.methods.mixsga",
     "harness.methods.eviction",
     "harness.methods.stacked",
+    "harness.methods.pyramidkv",
 )
 #: Every registered method's spec, by name (the registry).
 SPECS: dict[str, MethodSpec] = {spec.name: spec for module in METHOD_MODULES
