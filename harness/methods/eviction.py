@@ -72,10 +72,11 @@ class Eviction(Method):
         self.policy(params)
         return enable_eviction_attention(model)
 
-    def new_cache(self, model, params):
+    def new_cache(self, model, params, budget=None):
+        """The evicting cache; ``budget``: layer-wise token budgets (``baselines.policies.UniformBudget`` API)."""
         from baselines.eviction import EvictionCache, rope_inv_freq
 
-        return EvictionCache(model.config, self.policy(params), inv_freq=rope_inv_freq(model))
+        return EvictionCache(model.config, self.policy(params), inv_freq=rope_inv_freq(model), budget=budget)
 
     def live_bytes(self, cache) -> int:
         return int(cache.kv_bytes())

@@ -22,8 +22,8 @@ from __future__ import annotations
 import functools
 import math
 
-from harness.methods.core import Method, MethodSpec, check_budget
-from harness.methods.eviction import POLICY_FIELDS, POLICY_STYLE, Eviction
+from harness.methods.core import Method, MethodSpec
+from harness.methods.eviction import POLICY_FIELDS, POLICY_STYLE, Eviction, EvictionSpec
 
 DEFAULT_POLICY = "snapkv"
 DEFAULT_BETA = 20.0
@@ -104,41 +104,37 @@ class PyramidKVSpec(MethodSpec):
 
 
 class PyramidKV(Method):
-    """A policy's eviction cache with :class:`PyramidBudget` layer budgets."""
+    """A policy's eviction (``harness.methods.eviction``) with :class:`PyramidBudget` layer budgets."""
 
     query_aware = True  # the default policy (SnapKV); query_aware_for answers per run
 
+    @staticmethod
+    def scorer(params: dict) -> Eviction:
+        """The plain eviction method of the run's policy (it validates, counts and builds the cache)."""
+        return EvictionSpec(params["eviction"]["method"]).implementation()
+
     def query_aware_for(self, params: dict) -> bool | None:
-        return Eviction.policy(params["eviction"]).query_aware
+        return self.scorer(params).query_aware
 
     def params_for_budget(self, config, budget, *, context_len: int | None = None, **explicit):
-        from baselines.policies import EvictionPolicy
-
         explicit = self.spec.parse_params(explicit)
         name, beta = explicit.pop("policy", DEFAULT_POLICY), float(explicit.pop("beta", DEFAULT_BETA))
-        policy = EvictionPolicy(name, check_budget(budget), **explicit)  # validates every field
-        if context_len is not None:
-            policy.check_context(int(context_len))
-        return {"eviction": policy.as_dict(), "beta": beta}
+        policy = EvictionSpec(name).implementation().params_for_budget(config, budget, context_len=context_len,
+                                                                       **explicit)
+        return {"eviction": policy, "beta": beta}
 
     def analytic_bytes_per_token(self, config, params, dtype="float32"):
-        from kvledger import full_kv_bytes_per_token
-
-        return float(params["eviction"]["keep"]) * full_kv_bytes_per_token(config, dtype)
+        # the same total as uniform eviction at this keep, only redistributed across layers
+        return self.scorer(params).analytic_bytes_per_token(config, params["eviction"], dtype)
 
     def apply(self, model, params):
-        from baselines.eviction import enable_eviction_attention
-
-        Eviction.policy(params["eviction"])
-        return enable_eviction_attention(model)
+        return self.scorer(params).apply(model, params["eviction"])
 
     def new_cache(self, model, params):
-        from baselines.eviction import EvictionCache, rope_inv_freq
         from kvledger import kv_shape
 
-        policy = Eviction.policy(params["eviction"])
-        budget = PyramidBudget(policy.keep, params["beta"], kv_shape(model.config).num_layers)
-        return EvictionCache(model.config, policy, inv_freq=rope_inv_freq(model), budget=budget)
+        keep, layers = float(params["eviction"]["keep"]), kv_shape(model.config).num_layers
+        return self.scorer(params).new_cache(model, params["eviction"], PyramidBudget(keep, params["beta"], layers))
 
     def live_bytes(self, cache) -> int:
         return int(cache.kv_bytes())
