@@ -9,17 +9,18 @@ feasible budgets for a model's K/V heads, the weights its runs share (``train_ke
 ``analytic_bytes_per_token``, ``apply``, ``new_cache``, ``live_bytes``; see
 ``harness.methods.core.Method``), built on first use.
 
-Names: ``base``, ``gqa``, ``mqa``, ``cla``, ``mixsga``, ``h2o``, ``streamingllm``,
-``snapkv``, ``tova``, stacked ``<eviction>+<inner>`` on ``gqa`` or ``mixsga``
-(``h2o+mixsga``; ``harness.methods.stacked`` says how the budget splits). Adding a method: a module here with its
-spec and implementation (``SPECS``), and one line in :data:`METHOD_MODULES` below.
+The names are :data:`SPECS`'s keys: ``base``, ``gqa``, ``mqa``, ``cla``, ``mixsga``, the
+evictions ``h2o`` / ``streamingllm`` / ``snapkv`` / ``tova``, those stacked on ``gqa`` or
+``mixsga`` (``h2o+mixsga``; ``harness.methods.stacked`` says how the budget splits), and the
+rest of :data:`METHOD_MODULES`. Adding a method: a module here with its spec and
+implementation (``SPECS``), and one line in :data:`METHOD_MODULES` below.
 """
 
 from __future__ import annotations
 
+import importlib
 from typing import Any
 
-import importlib
 from harness.methods.base import Base
 from harness.methods.cla import CLA
 from harness.methods.core import Method, MethodSpec, kv_tensor_bytes
