@@ -10,7 +10,7 @@ from baselines.cla import CLAPlan, cla_kv_bytes_per_token, convert_to_cla, plan_
 from baselines.checkpoint import load_converted
 from baselines.gqa import regroup_heads
 from baselines.testing import tiny_config, tiny_model
-from mixsga.budget import grouped_kv_bytes_per_token
+from kvledger import grouped_kv_bytes_per_token
 
 FAMILIES = ("llama", "tinyllama", "opt", "gemma2")
 
