@@ -71,9 +71,25 @@ def validate_config(config: Mapping[str, Any]) -> dict:
     errors = sorted(validator.iter_errors(resolved), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         lines = [f"config key '{_key_name(e.absolute_path)}': {e.message}" for e in errors]
-        raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines + _unknown_methods(resolved)))
     _check_semantics(resolved)
     return resolved
+
+
+def _unknown_methods(cfg: Mapping[str, Any]) -> list[str]:
+    """Problems naming each run whose method the registry lacks (reported with the schema's, all at once)."""
+    experiments = cfg.get("experiments")
+    problems = []
+    for exp_name, exp in (experiments.items() if isinstance(experiments, Mapping) else ()):
+        runs = exp.get("runs") if isinstance(exp, Mapping) else None
+        for i, entry in enumerate(runs if isinstance(runs, list) else ()):
+            method = entry.get("method") if isinstance(entry, Mapping) else None
+            if isinstance(method, str):
+                try:
+                    _method_spec(f"config key 'experiments.{exp_name}.runs[{i}]'", method)
+                except ConfigError as err:
+                    problems.append(str(err))
+    return problems
 
 
 def _check_semantics(cfg: dict) -> None:
