@@ -72,36 +72,37 @@ def _params(record: Mapping[str, Any]) -> dict:
     return dict(params) if isinstance(params, Mapping) else {}
 
 
-def method_columns(method: str, params: Mapping[str, Any]) -> dict[str, Any]:
-    """Readable method knobs: mixSGA ratio label, eviction keep, router variant, inner method of a stack."""
-    evict, inner = (method.split("+", 1) + [None])[:2] if "+" in method else (None, None)
-    inner_params = params.get("inner") if isinstance(params.get("inner"), Mapping) else params
-    evict_params = params.get("eviction") if isinstance(params.get("eviction"), Mapping) else params
-    arch = inner or method
-    ratio = ratio_label(inner_params.get("ratios"), inner_params.get("group_sizes"))
+def method_fields(record: Mapping[str, Any]) -> dict[str, Any]:
+    """The record's structured method fields; asked of the method's spec for records made without them."""
+    fields = get(record, "identity.method_fields")
+    if isinstance(fields, Mapping):
+        return dict(fields)
+    from harness.methods import get_spec
+
+    try:
+        return get_spec(str(get(record, "identity.method", default="?"))).fields(_params(record))
+    except (ValueError, KeyError, TypeError):
+        return {}
+
+
+def method_columns(fields: Mapping[str, Any]) -> dict[str, Any]:
+    """Readable method knobs from structured fields: mixSGA ratio label, eviction keep, router variant."""
+    arch = fields.get("architecture")
+    arch_params = fields.get("architecture_params") or {}
+    ratio = ratio_label(arch_params.get("ratios"), arch_params.get("group_sizes"))
     if ratio is None and arch == "gqa":
         ratio = "0:1:0"  # the paper's spelling of the GQA baseline
-    router, aux_weight = inner_params.get("router"), inner_params.get("aux_loss_weight")
-    variant = None
-    if arch == "mixsga":
-        if router not in (None, "learned"):
-            variant = f"{router} router"
-        elif aux_weight is not None and float(aux_weight) == 0.0:
-            variant = "no aux loss"
-        else:
-            variant = "learned router"
-    keep = evict_params.get("keep")
+    group_sizes = arch_params.get("group_sizes")
     return {
         "arch": arch,
-        "eviction": evict if evict else (method if "keep" in params else None),
+        "eviction": fields.get("eviction"),
         "ratio": ratio,
-        "group_sizes": None if inner_params.get("group_sizes") is None
-        else ",".join(str(int(g)) for g in inner_params["group_sizes"]),
-        "keep": _num(keep),
-        "router": router,
-        "aux_loss": inner_params.get("aux_loss"),
-        "aux_loss_weight": _num(aux_weight),
-        "variant": variant,
+        "group_sizes": None if group_sizes is None else ",".join(str(int(g)) for g in group_sizes),
+        "keep": _num(fields.get("keep")),
+        "router": arch_params.get("router"),
+        "aux_loss": arch_params.get("aux_loss"),
+        "aux_loss_weight": _num(arch_params.get("aux_loss_weight")),
+        "variant": fields.get("variant"),
     }
 
 
@@ -171,7 +172,7 @@ def flatten(record: Mapping[str, Any]) -> dict[str, Any]:
         "model": get(record, "identity.model"),
         "family": get(record, "identity.family"),
         "method": method,
-        **method_columns(method, params),
+        **method_columns(method_fields(record)),
         "params": json.dumps(params, sort_keys=True) if params else None,
         "training": (training.get("kind") or training.get("stage") or training.get("name") or json.dumps(training))
         if isinstance(training, Mapping) else training,

@@ -15,13 +15,12 @@ import pandas as pd  # noqa: E402
 
 from analysis.collate import read_table  # noqa: E402
 from analysis.stats import summarise  # noqa: E402
-from analysis.style import method_style, save_figure  # noqa: E402
+from analysis.style import method_label, method_style, save_figure  # noqa: E402
 from analysis.tables import experiment_runs  # noqa: E402
 
 #: Methods drawn as lines over the budget sweep; the others are single points.
 SWEEP_LINES = ("mixsga", "cla")
 #: How methods are named in legends (the papers' spelling).
-METHOD_NAMES = {"mixsga": "mixSGA", "gqa": "GQA", "mqa": "MQA", "cla": "CLA"}
 
 
 def figure3(table: pd.DataFrame | str | Path, out: str | Path, *,
@@ -50,7 +49,7 @@ def figure3(table: pd.DataFrame | str | Path, out: str | Path, *,
             colour, marker = method_style(arch)
             ls = "-" if arch in SWEEP_LINES else "none"
             ax.errorbar(x, sub[quality], yerr=yerr, color=colour, marker=marker, ls=ls, capsize=3, ms=7,
-                        label=METHOD_NAMES.get(arch, arch))
+                        label=method_label(arch))
         ax.set_xlabel("realized KV budget (% of the base model's cache)")
         ax.set_ylabel(f"held-out perplexity per token ({quality})")
         ax.set_title(family)

@@ -14,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from analysis.collate import read_table, to_markdown
-from analysis.style import facet_axes, method_style, save_figure, shared_legend
+from analysis.style import facet_axes, method_label, method_style, save_figure, shared_legend
 from analysis.tables import experiment_runs
 from harness.atomic import write_atomic
 
@@ -122,7 +122,7 @@ def plot_pareto(fronts: pd.DataFrame, axis: str, out: str | Path) -> Path:
                 part = part[part["device"] == device]
             for method, pts in part.groupby("method"):
                 colour, marker = method_style(method)
-                ax.scatter(pts["cost"] * scale, pts["quality"], color=colour, marker=marker, s=34, label=method,
+                ax.scatter(pts["cost"] * scale, pts["quality"], color=colour, marker=marker, s=34, label=method_label(method),
                            edgecolor="black", linewidth=0.3, zorder=3)
             front = part[part["on_front"]].sort_values("cost")
             if not front.empty:

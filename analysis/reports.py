@@ -11,7 +11,7 @@ import pandas as pd
 
 from analysis.collate import read_table, to_markdown
 from analysis.stats import format_ci, summarise
-from analysis.style import facet_axes, method_style, save_figure, shared_legend
+from analysis.style import facet_axes, method_label, method_style, save_figure, shared_legend
 from harness.atomic import write_atomic
 
 
@@ -140,7 +140,7 @@ def plot_perf(summary: pd.DataFrame, out: str | Path) -> Path:
                 below = [min(h, m) for h, m in zip(half, pts["decode_tps_mean"])]
                 ax.errorbar(pts["kv_bytes_per_token"] / 1024, pts["decode_tps_mean"], yerr=[below, half],
                             color=method_style(method)[0], marker=method_style(method)[1], ls="none",
-                            capsize=2, label=method)
+                            capsize=2, label=method_label(method))
             ax.set_title(f"{family}\n{device}", fontsize=9)
             ax.set_xlabel("realized KV cache (KiB per token)")
             if ax in left:

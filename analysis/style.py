@@ -1,20 +1,29 @@
-"""One colour and marker per method, shared by every figure (a method looks the same everywhere)."""
+"""One colour, marker and label per method, shared by every figure: each method's spec states them."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
-_ARCH = {"base": ("black", "*"), "gqa": ("tab:green", "^"), "mqa": ("tab:purple", "v"), "cla": ("tab:blue", "s"),
-         "mixsga": ("tab:red", "o")}
-_EVICTION = {"h2o": "tab:orange", "streamingllm": "tab:brown", "snapkv": "tab:pink", "tova": "tab:olive"}
+
+def _spec(method: str):
+    from harness.methods import get_spec
+
+    try:
+        return get_spec(str(method))
+    except ValueError:
+        return None
 
 
 def method_style(method: str) -> tuple[str, str]:
-    """``(colour, marker)``: eviction methods by their colour, stacked on GQA / mixSGA with that method's marker."""
-    evict, _, inner = str(method).partition("+")
-    if evict in _EVICTION:
-        return _EVICTION[evict], (_ARCH[inner][1] if inner in _ARCH else "D")
-    return _ARCH.get(str(method), ("tab:gray", "X"))
+    """``(colour, marker)`` of a method, as its spec states (grey cross for a name the registry lacks)."""
+    spec = _spec(method)
+    return ("tab:gray", "X") if spec is None else (spec.color, spec.marker)
+
+
+def method_label(method: str) -> str:
+    """The method's name in legends, as its spec states (the name itself for one the registry lacks)."""
+    spec = _spec(method)
+    return str(method) if spec is None else spec.label
 
 
 def facet_axes(plt, rows: list, families: list, *, width: float = 4.6, height: float = 4.0, wrap: int = 2):

@@ -161,9 +161,19 @@ _ARCH_ORDER = ["base", "gqa", "mqa", "cla", "mixsga"]
 _VARIANT_ORDER = ["learned router", "random router", "no aux loss"]
 
 
+def _architecture(method: str) -> str:
+    """The architecture a method runs on, as its spec states (the name itself for one the registry lacks)."""
+    from harness.methods import get_spec
+
+    try:
+        return get_spec(method).train_key(1.0, {})[0]
+    except ValueError:
+        return method
+
+
 def _sort_value(column: str, value: Any) -> Any:
     if column in ("arch", "method"):
-        name = str(value).split("+")[-1]
+        name = _architecture(str(value)) if column == "method" else str(value)
         return (_ARCH_ORDER.index(name) if name in _ARCH_ORDER else len(_ARCH_ORDER), str(value))
     if column == "variant":
         return (_VARIANT_ORDER.index(value) if value in _VARIANT_ORDER else 99, str(value))

@@ -1,7 +1,8 @@
 """Baselines for mixSGA-bench at matched KV budgets.
 
 * :func:`convert_to_gqa` (``baselines.gqa``): mean-pooled GQA / MQA (Ainslie et al., 2023) for
-  Llama / TinyLlama, Gemma 2 and OPT; :func:`load_converted` reloads converted checkpoints.
+  Llama / TinyLlama, Gemma 2 and OPT; :func:`load_converted` (``baselines.checkpoint``) reloads
+  converted checkpoints.
 * :func:`convert_to_cla`, :func:`plan_cla` (``baselines.cla``): cross-layer K/V sharing.
 * :class:`EvictionPolicy`, :class:`EvictionCache`, :func:`eviction_cache_factory`
   (``baselines.eviction``): H2O, StreamingLLM, SnapKV, TOVA as real evicting caches.
@@ -21,7 +22,8 @@ from baselines.eviction import (
     eviction_cache_factory,
     forward_in_chunks,
 )
-from baselines.gqa import convert_to_gqa, load_converted
+from baselines.checkpoint import load_converted
+from baselines.gqa import convert_to_gqa
 from baselines.hf import save_converted  # registers the gqa_opt / cla_<family> checkpoint types
 
 __all__ = [

@@ -38,7 +38,8 @@ import torch
 from transformers import PreTrainedModel
 
 from baselines.attention import KVAttention, KVSlot, decoder_layers, model_family
-from baselines.gqa import _head_dim, convert_to_gqa, current_kv_heads
+from baselines.gqa import convert_to_gqa, current_kv_heads
+from kvledger import dtype_bytes, kv_shape
 
 
 @dataclass(frozen=True)
@@ -163,7 +164,7 @@ def convert_to_cla(model: PreTrainedModel, kv_sources: Sequence[int] | CLAPlan,
                    num_key_value_heads: int | None = None) -> PreTrainedModel:
     """Share K/V across layers as ``kv_sources`` says (optionally after GQA to ``num_key_value_heads``); returns ``model``.
 
-    ``config.cla_kv_sources`` records the map so that :func:`baselines.gqa.load_converted` can rebuild it.
+    ``config.cla_kv_sources`` records the map so that :func:`baselines.checkpoint.load_converted` can rebuild it.
     """
     if isinstance(kv_sources, CLAPlan):
         num_key_value_heads = kv_sources.num_key_value_heads if num_key_value_heads is None else num_key_value_heads
@@ -200,7 +201,7 @@ def convert_to_cla(model: PreTrainedModel, kv_sources: Sequence[int] | CLAPlan,
         new.train(attn.training)
         layer.self_attn = new
     config.cla_kv_sources = list(sources)
-    from baselines.hf import mark_converted  # baselines.hf imports this module
+    from hfconvert import mark_converted  # the types are registered on import of baselines (baselines.hf)
 
     mark_converted(model, "cla")  # save_pretrained now writes a "cla_<family>" checkpoint
     return model
@@ -208,6 +209,4 @@ def convert_to_cla(model: PreTrainedModel, kv_sources: Sequence[int] | CLAPlan,
 
 def cla_kv_bytes_per_token(config, plan: CLAPlan, dtype: torch.dtype | str = torch.float32) -> int:
     """Analytic stored K/V bytes per token of a CLA model (only producers store)."""
-    from mixsga.budget import dtype_bytes
-
-    return 2 * plan.num_producers * plan.num_key_value_heads * _head_dim(config) * dtype_bytes(dtype)
+    return 2 * plan.num_producers * plan.num_key_value_heads * kv_shape(config).head_dim * dtype_bytes(dtype)

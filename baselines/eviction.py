@@ -23,7 +23,9 @@ never exceeds ``keep`` x the base model's cache for the same tokens. Tensors are
 rectangular over the batch; rows of samples that keep fewer tokens carry
 masked filler slots, which are counted in the live bytes. Eviction happens after
 the attention of a step, so inside one forward pass the current chunk is seen
-in full (the standard prefill-then-compress behaviour).
+in full (the standard prefill-then-compress behaviour). A cache given a
+layer-wise ``budget`` (a ``baselines.policies.UniformBudget`` subclass, e.g.
+PyramidKV's) keeps that layer's token count instead, per sample as well.
 
 Storage is at K/V-head granularity ``[batch, kv_heads, kept, head_dim]``, never
 per query head. A group's query heads share one stored K/V, so H2O and SnapKV
@@ -32,7 +34,8 @@ sum their attention over the group's query heads into one score per K/V head
 TOVA averages over all heads of the layer and StreamingLLM is position-only, so
 both keep the same tokens in every head.
 
-Policies (``EvictionPolicy.method``):
+Policies (``baselines.policies``: one small class each over the scorer base
+``EvictionPolicy``; ``EvictionPolicy(method, keep, ...)`` builds the one named):
 
 * ``h2o``: accumulated attention each key received from every query so far
   (heavy hitters) plus the most recent ``recent_fraction`` of the budget.
@@ -59,141 +62,24 @@ budget. The flag is part of the policy, so records can carry it.
 
 from __future__ import annotations
 
-import math
 import threading
-from dataclasses import asdict, dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from baselines.attention import decoder_layers
+from baselines.policies import METHODS, POLICIES, QUERY_AWARE, EvictionPolicy, UniformBudget, capacity
 
 ATTENTION_NAME = "kv_eviction"
-METHODS = ("h2o", "streamingllm", "snapkv", "tova")
-#: Whether a policy's selection looks at queries (and so at the question, when it is in the prompt).
-QUERY_AWARE = {"h2o": True, "streamingllm": False, "snapkv": True, "tova": True}
+__all__ = ["ATTENTION_NAME", "METHODS", "POLICIES", "QUERY_AWARE", "EvictionCache", "EvictionLayer", "EvictionPolicy",
+           "UniformBudget", "capacity", "enable_eviction_attention", "eviction_cache_factory", "forward_in_chunks",
+           "grouped_attention", "rope_inv_freq", "rotate_keys"]
 
 _PENDING = threading.local()
-
-
-@dataclass(frozen=True)
-class EvictionPolicy:
-    """What to evict and how much to keep (see the module docstring for each method)."""
-
-    method: str
-    keep: float
-    recent_fraction: float = 0.5
-    sink_tokens: int = 4
-    window: int = 32
-    kernel: int = 5
-    compress_question: bool = True
-    question_tokens: int = 0
-    reposition: bool = True
-
-    def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise ValueError(f"unknown eviction method {self.method!r}; known: {', '.join(METHODS)}")
-        if not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
-            raise ValueError(f"keep fraction must be in (0, 1], got {self.keep!r}")
-        if not 0 <= self.recent_fraction <= 1:
-            raise ValueError(f"recent_fraction must be in [0, 1], got {self.recent_fraction!r}")
-        if self.sink_tokens < 0:
-            raise ValueError(f"sink_tokens must be >= 0, got {self.sink_tokens!r}")
-        if self.window < 1:
-            raise ValueError(f"SnapKV observation window must be >= 1, got {self.window!r}")
-        if self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"SnapKV pooling kernel must be a positive odd number, got {self.kernel!r}")
-        if self.question_tokens < 0:
-            raise ValueError(f"question_tokens must be >= 0, got {self.question_tokens!r}")
-
-    def as_dict(self) -> dict:
-        return asdict(self)
-
-    # The policy's pure parts, shared by EvictionLayer and by eviction stacked on mixSGA
-    # (mixsga.eviction): how a chunk's attention updates the scores, and how slots rank.
-
-    def check_prompt(self, shortest: int) -> None:
-        """SnapKV needs a prompt at least as long as its observation window (``shortest`` real tokens)."""
-        if self.method == "snapkv" and shortest < self.window:
-            raise ValueError(
-                f"SnapKV observation window ({self.window} tokens) is longer than the prompt ({shortest} tokens)"
-            )
-
-    def update_scores(self, score: torch.Tensor, probs: torch.Tensor, chunk_valid: torch.Tensor) -> torch.Tensor:
-        """Scores after one chunk's attention.
-
-        ``probs`` ``[B, K, R, T, S]``: the T chunk queries' probabilities over all S
-        stored slots (chunk included), for K score rows (K/V heads) of R query heads
-        each; ``chunk_valid`` ``[B, T]`` marks real queries; ``score`` ``[B, K, S]``
-        (zero for the chunk's new slots). Returns the new ``[B, K, S]`` scores.
-        """
-        bsz, heads, _, length, total = probs.shape
-        weights = probs * chunk_valid.to(probs.dtype)[:, None, None, :, None]
-        if self.method == "h2o":
-            return score + weights.sum(dim=(2, 3))
-        if self.method == "snapkv":
-            # Queries among the last `window` real queries of the chunk form the observation window.
-            later = chunk_valid.flip(-1).long().cumsum(-1).flip(-1) - chunk_valid.long()
-            in_window = chunk_valid & (later < self.window)
-            gain = (weights * in_window.to(probs.dtype)[:, None, None, :, None]).sum(dim=(2, 3))
-            if length > 1:
-                gain = F.avg_pool1d(gain.reshape(bsz * heads, 1, total), self.kernel, stride=1,
-                                    padding=self.kernel // 2, count_include_pad=False).reshape(bsz, heads, total)
-            return score + gain
-        if self.method == "tova":
-            steps = torch.arange(1, length + 1, device=probs.device)
-            last = (chunk_valid.long() * steps).argmax(-1)  # newest real query of each sample
-            rows = weights[torch.arange(bsz, device=probs.device), :, :, last, :]  # [B, K, R, S]
-            return rows.mean(dim=(1, 2))[:, None, :].expand(bsz, heads, total).contiguous()
-        return score
-
-    def rank(self, score: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor, cap: torch.Tensor,
-             prompt_end: int | None) -> torch.Tensor:
-        """Preference rank of every slot (0 = kept first); invalid slots rank last.
-
-        ``score``, ``valid``, ``slots`` (absolute token index) are ``[..., S]``; ``cap``
-        ``[..., 1]`` is the token budget (it sizes H2O's recent window and bounds the
-        protected question); ``prompt_end`` is the token index after the prompt.
-        Keeping ``valid & (rank < cap)`` is the policy's selection.
-        """
-        rank_from_start = valid.long().cumsum(-1) - 1
-        rank_from_end = valid.sum(-1, keepdim=True) - 1 - rank_from_start
-        tier = torch.zeros_like(slots)
-        value = score.clone()
-        if self.method == "streamingllm":
-            sink = rank_from_start < self.sink_tokens
-            tier = torch.where(sink, 2, tier)
-            value = torch.where(sink, -slots, slots).float()  # earliest sinks, then newest tokens
-        elif self.method == "h2o":
-            recent = rank_from_end < torch.floor(cap * self.recent_fraction + 1e-9).long()
-            tier = torch.where(recent, 1, tier)
-        elif self.method == "snapkv":
-            tier = torch.where(rank_from_end < self.window, 1, tier)
-        if not self.compress_question and self.question_tokens and prompt_end is not None:
-            question = (slots >= prompt_end - self.question_tokens) & (slots < prompt_end) & valid
-            if bool((question.sum(-1, keepdim=True) > cap).any()):
-                raise ValueError(
-                    f"the protected question ({self.question_tokens} tokens) does not fit the budget of "
-                    f"{int(cap.min())} tokens (keep={self.keep})"
-                )
-            tier = torch.where(question, 3, tier)
-        tier = torch.where(valid, tier, -1)
-        # Rank slots by (tier, value), best first; stable sorts keep ties in storage order.
-        by_value = torch.argsort(value, dim=-1, descending=True, stable=True)
-        by_tier = torch.argsort(tier.gather(-1, by_value), dim=-1, descending=True, stable=True)
-        order = by_value.gather(-1, by_tier)
-        positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
-        return torch.empty_like(order).scatter_(-1, order, positions)
-
-
-def capacity(keep: float, seen: torch.Tensor) -> torch.Tensor:
-    """Tokens a sample may keep after seeing ``seen`` real tokens: ``floor(keep * seen)``."""
-    return torch.floor(seen.double() * keep + 1e-9).long()
 
 
 class EvictionLayer(DynamicLayer):
@@ -208,9 +94,10 @@ class EvictionLayer(DynamicLayer):
     is_croppable = False
 
     def __init__(self, policy: EvictionPolicy, layer_idx: int, sliding_window: int | None = None,
-                 inv_freq: torch.Tensor | None = None):
+                 inv_freq: torch.Tensor | None = None, budget: UniformBudget | None = None):
         super().__init__()
         self.policy = policy
+        self.budget = budget if budget is not None else UniformBudget(policy.keep)
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
@@ -358,7 +245,7 @@ class EvictionLayer(DynamicLayer):
         if self.sliding_window is not None:
             # The next query (token index n_seen) sees only slots > n_seen - window; older ones are dead.
             valid = valid & (self.slots > self.n_seen - self.sliding_window)
-        cap = capacity(policy.keep, self.n_real)[:, None, None]
+        cap = self.budget.tokens(self.layer_idx, self.n_real)[:, None, None]
         rank = policy.rank(self.score, valid, self.slots, cap, self.prompt_end)
         keep = valid & (rank < cap)
         total = keep.shape[-1]
@@ -374,8 +261,7 @@ class EvictionLayer(DynamicLayer):
             self.score = self.score.gather(-1, chosen)
             self.rope_pos = self.rope_pos.gather(-1, chosen)
             self.valid = keep.gather(-1, chosen)
-        if policy.method == "streamingllm" and policy.reposition and self.inv_freq is not None \
-                and position_ids is not None:
+        if policy.repositions and self.inv_freq is not None and position_ids is not None:
             self._reposition(position_ids)
 
     def _reposition(self, position_ids: torch.Tensor) -> None:
@@ -410,13 +296,16 @@ class EvictionCache(Cache):
     shared between caches.
     """
 
-    def __init__(self, config, policy: EvictionPolicy, inv_freq: torch.Tensor | None = None):
+    def __init__(self, config, policy: EvictionPolicy, inv_freq: torch.Tensor | None = None,
+                 budget: UniformBudget | None = None):
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         layers = int(text.num_hidden_layers)
         types = getattr(text, "layer_types", None) or ["full_attention"] * layers
         window = getattr(text, "sliding_window", None)
+        budget = budget if budget is not None else UniformBudget(policy.keep)
         built = [
-            EvictionLayer(policy, i, sliding_window=window if t == "sliding_attention" else None, inv_freq=inv_freq)
+            EvictionLayer(policy, i, sliding_window=window if t == "sliding_attention" else None, inv_freq=inv_freq,
+                          budget=budget)
             for i, t in enumerate(types[:layers])
         ]
         super().__init__(layers=built)
@@ -427,7 +316,7 @@ class EvictionCache(Cache):
     @property
     def repositions(self) -> bool:
         """Whether StreamingLLM positions are re-rotated (RoPE model) rather than kept as original."""
-        return self.policy.method == "streamingllm" and self.policy.reposition and self.layers[0].inv_freq is not None
+        return self.policy.repositions and self.layers[0].inv_freq is not None
 
     def kv_bytes(self) -> int:
         """Summed ``nbytes`` of every layer's stored K and V."""

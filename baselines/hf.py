@@ -1,7 +1,7 @@
 """Checkpoint types of the converted baselines: ``gqa_opt`` and ``cla_llama`` / ``cla_opt`` / ``cla_gemma2``.
 
 The machinery (model types, registration with the Auto classes, the remote-code shim,
-strict loading, :func:`save_converted`) is :mod:`mixsga.hf`'s; this module only defines the
+strict loading, :func:`save_converted`) is :mod:`hfconvert`'s; this module only defines the
 classes. Importing ``baselines`` registers them.
 
 * ``gqa_opt``: transformers' OPT is multi-head only, so an OPT with fewer K/V heads
@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from baselines.attention import KVAttention, decoder_layers
-from mixsga.hf import (
+from hfconvert import (
     ConvertedConfig,
     ConvertedModel,
     check_savable,

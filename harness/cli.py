@@ -65,7 +65,7 @@ def cmd_tokenizer(args: argparse.Namespace) -> None:
 def cmd_unigram(args: argparse.Namespace) -> None:
     from harness.data.corpus import read_split
     from harness.evaluation.perplexity import unigram_perplexity
-    from harness.orchestration.records import write_json_atomic
+    from harness.atomic import write_json_atomic
     from harness.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(args.tokenizer)

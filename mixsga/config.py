@@ -30,7 +30,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any, Sequence
 
-from mixsga.budget import kv_budget, kv_shape, normalise_ratios
+from kvledger import check_group_sizes, kv_budget, kv_shape, normalise_ratios
 
 AUX_LOSSES = ("softmax", "sigmoid")
 ROUTERS = ("learned", "random")
@@ -95,13 +95,7 @@ class MixSGAConfig:
 
     def validate_for(self, model_config) -> None:
         """Raise ValueError unless every group size divides the model's KV heads."""
-        heads = kv_shape(model_config).num_kv_heads
-        bad = [g for g in self.group_sizes if heads % g]
-        if bad:
-            raise ValueError(
-                f"group sizes {tuple(bad)} do not divide the model's {heads} KV heads "
-                f"(group_sizes={self.group_sizes}); choose divisors of {heads}"
-            )
+        check_group_sizes(kv_shape(model_config).num_kv_heads, self.group_sizes)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (stored in the model config as ``config.mixsga``)."""

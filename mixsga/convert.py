@@ -329,7 +329,7 @@ def convert_to_mixsga(model: nn.Module, config: MixSGAConfig | dict | tuple) -> 
     model.register_forward_hook(_model_hook, with_kwargs=True)
     mcfg.mixsga = {**cfg.to_dict(), "base_attn_implementation": base}
     model.set_attn_implementation(ATTN_NAME)
-    from mixsga.hf import mark_converted  # mixsga.hf imports this module
+    from hfconvert import mark_converted  # the types are registered on import of mixsga (mixsga.hf)
 
     mark_converted(model, "mixsga")  # save_pretrained now writes a "mixsga_<family>" checkpoint
     return model
@@ -375,7 +375,7 @@ def load_mixsga(path: str, **from_pretrained_kwargs) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
-    from mixsga.hf import converted_method
+    from hfconvert import converted_method
 
     config = AutoConfig.from_pretrained(path)
     spec = getattr(config, "mixsga", None)

@@ -180,6 +180,16 @@ def test_flatten_reads_the_extended_schema(grid):
     assert (fracs["variant"], fracs["decode_frac_2"]) == ("no aux loss", 0.33)
 
 
+def test_method_columns_come_from_the_structured_fields():
+    from analysis.collate import flatten
+
+    fields = {"architecture": "mixsga", "eviction": "pyramidkv", "keep": 0.25, "variant": "snapkv scores",
+              "architecture_params": {"ratios": [3, 1, 6], "group_sizes": [1, 2, 4]}}
+    row = flatten({"identity": {"run_id": "x", "method": "some-new-method", "method_fields": fields}})
+    assert (row["arch"], row["eviction"], row["keep"], row["variant"], row["ratio"]) == \
+        ("mixsga", "pyramidkv", 0.25, "snapkv scores", "3:1:6")
+
+
 def test_flatten_tolerates_missing_fields():
     row = flatten({"identity": {"run_id": "x", "method": "gqa"}})
     assert row["run_id"] == "x" and row["ratio"] == "0:1:0"

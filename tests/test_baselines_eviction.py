@@ -14,7 +14,7 @@ from baselines.eviction import (
 )
 from baselines.gqa import convert_to_gqa
 from baselines.testing import tiny_model
-from mixsga.budget import full_kv_bytes_per_token
+from kvledger import full_kv_bytes_per_token
 
 FAMILIES = ("llama", "tinyllama", "opt", "gemma2")
 METHODS = ("h2o", "streamingllm", "snapkv", "tova")

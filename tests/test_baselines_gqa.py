@@ -7,9 +7,10 @@ import torch
 
 from baselines import convert_to_gqa
 from baselines.cla import CLAPlan, cla_kv_bytes_per_token, convert_to_cla, plan_cla
-from baselines.gqa import load_converted, regroup_heads
+from baselines.checkpoint import load_converted
+from baselines.gqa import regroup_heads
 from baselines.testing import tiny_config, tiny_model
-from mixsga.budget import grouped_kv_bytes_per_token
+from kvledger import grouped_kv_bytes_per_token
 
 FAMILIES = ("llama", "tinyllama", "opt", "gemma2")
 

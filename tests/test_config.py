@@ -6,6 +6,7 @@ import pytest
 import yaml
 
 from conftest import REPO_ROOT
+from kvledger import kv_budget
 from harness.orchestration.config import (
     ConfigError,
     budget_tag,
@@ -14,7 +15,6 @@ from harness.orchestration.config import (
     load_schema,
     make_run_id,
     merge_config,
-    mixsga_budget,
     pretrain_settings,
     run_spec,
     run_table,
@@ -64,7 +64,7 @@ def test_validate_does_not_mutate_its_input():
         ({"experiments": {"main": {"runs": [{"method": "gqa", "budgets": [1.5]}]}}},
          "experiments.main.runs[0].budgets[0]", "greater than the maximum of 1"),
         ({"experiments": {"main": {"runs": [{"method": "nope"}]}}}, "experiments.main.runs[0].method",
-         "does not match"),
+         "unknown method 'nope'"),
         ({"experiments": {"main": {"runs": [{"method": "gqa"}]}}}, "experiments.main.runs[0]", "needs budgets"),
         ({"experiments": {"main": {"runs": [{"method": "base", "budgets": [0.5]}]}}}, "experiments.main.runs[0]",
          "always runs at budget 1.0"),
@@ -155,15 +155,20 @@ def test_family_enum_matches_the_zoo():
     assert sorted(enum) == sorted(FAMILIES)
 
 
-def test_method_pattern_matches_the_registry():
+def test_method_names_are_checked_against_the_registry():
     import re
 
-    from harness.methods import METHODS
+    from harness.methods import SPECS
 
     pattern = load_schema()["properties"]["experiments"]["additionalProperties"]["properties"]["runs"]["items"]
     regex = re.compile(pattern["properties"]["method"]["pattern"])
-    assert {m for m in METHODS if regex.fullmatch(m)} == set(METHODS)
-    assert not regex.fullmatch("h2o+cla") and not regex.fullmatch("gqa+mixsga")
+    assert {m for m in SPECS if regex.fullmatch(m)} == set(SPECS)
+    for bad in ("h2o+cla", "gqa+mixsga"):  # well-formed names the registry does not know
+        with pytest.raises(ConfigError, match=rf"runs\[0\].method': unknown method '{re.escape(bad)}'; known: base"):
+            validate_config({"experiments": {"m": {"runs": [{"method": bad, "budgets": [0.5]}]}}})
+    with pytest.raises(ConfigError, match=r"runs\[0\].params': method 'gqa' takes no parameters \['ratios'\]"):
+        validate_config({"experiments": {"m": {"runs": [{"method": "gqa", "budgets": [0.5],
+                                                         "params": {"ratios": [1, 1, 2]}}]}}})
 
 
 def _cfg(experiments, models=("llama3", "gemma2"), seeds=(0,)):
@@ -210,7 +215,7 @@ def test_explicit_params_name_the_run_and_set_the_budget():
         "llama3__sft__mixsga-r3.1.6-routerrandom__kv50__s0",
     ]
     assert rows[1]["budget"] == pytest.approx(5 / 7)
-    assert mixsga_budget([1, 2], [1, 2]) == pytest.approx(2 / 3) and mixsga_budget([0, 0, 1]) == 0.25
+    assert kv_budget([1, 2], [1, 2]) == pytest.approx(2 / 3) and kv_budget([0, 0, 1]) == 0.25
 
 
 def test_mqa_budget_is_derived_from_each_models_kv_heads():

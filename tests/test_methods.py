@@ -10,7 +10,7 @@ import torch
 from baselines.eviction import forward_in_chunks
 from baselines.testing import tiny_config, tiny_model
 from harness.methods import METHODS, get_method, realized_budget
-from mixsga.budget import full_kv_bytes_per_token
+from kvledger import full_kv_bytes_per_token
 
 REQUIRED = ("base", "gqa", "mqa", "cla", "mixsga", "h2o", "streamingllm", "snapkv", "tova", "h2o+gqa", "h2o+mixsga")
 

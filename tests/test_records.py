@@ -24,6 +24,9 @@ def test_factory_record_is_valid_and_has_every_section(make_record):
     assert rec["quality"]["rouge_l"] is None and rec["performance"]["prefill_ms"] is None
     assert rec["quality"]["zeroshot"] is None and rec["performance"]["by_context"] == []
     assert rec["performance"]["peak_memory_bytes"] == {"prefill": None, "decode": None}
+    # the method's structured fields come from its spec (analysis reads them instead of the name)
+    assert rec["identity"]["method_fields"] == {"architecture": "base", "eviction": None, "keep": None,
+                                                "variant": None, "architecture_params": {}}
 
 
 @pytest.mark.parametrize(
@@ -46,6 +49,8 @@ def test_factory_record_is_valid_and_has_every_section(make_record):
         (lambda r: r["quality"].update(gen_len=3.0), "'gen_len' was unexpected"),
         (lambda r: r["budget"].update(decode_expert_fractions=[1.5]), "budget.decode_expert_fractions[0]"),
         (lambda r: r["identity"].update(training_summary={"steps": 3}), "identity.training_summary"),
+        (lambda r: r["identity"].pop("method_fields"), "'method_fields' is a required property"),
+        (lambda r: r["identity"]["method_fields"].update(keep=1.5), "identity.method_fields.keep"),
     ],
 )
 def test_invalid_records_are_rejected_naming_the_field(make_record, mutate, field):

@@ -271,7 +271,7 @@ def figure1(
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from harness.orchestration.records import write_json_atomic
+    from harness.atomic import write_json_atomic
 
     parser = argparse.ArgumentParser(prog="python -m harness.evaluation.token_importance", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -401,7 +401,7 @@ def _environment(device: str, seconds: float) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    from harness.orchestration.records import write_json_atomic
+    from harness.atomic import write_json_atomic
 
     parser = argparse.ArgumentParser(prog="python -m harness.measurement.overheads", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -29,7 +29,7 @@ import functools
 from pathlib import Path
 from typing import Iterable
 
-from harness.orchestration.config import REPO_ROOT, architecture_of, code_hash
+from harness.orchestration.config import REPO_ROOT, code_hash
 
 #: Top-level packages holding method implementations (never imported by the harness's own
 #: stages except through the registry, or where a stage genuinely runs their code).
@@ -128,16 +128,6 @@ class ImportGraph:
             nodes += _statements([defs[name]])
             todo += [n.id for n in ast.walk(defs[name]) if isinstance(n, ast.Name) and n.id in defs]
         return frozenset(self._targets(module, nodes))
-
-    def defines(self, module: str, name: str) -> bool:
-        """Whether ``module``'s top level defines or imports ``name`` (read, not executed)."""
-        for node in self.tree(module).body:
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
-                return True
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                if any((alias.asname or alias.name.split(".")[0]) == name for alias in node.names):
-                    return True
-        return False
 
     def top_level_imports(self, module: str) -> set[str]:
         """Repository modules imported by ``module``'s top-level statements (not in functions or blocks)."""
@@ -242,7 +232,7 @@ class CodeHashes:
     @functools.cache
     def method(self, method: str) -> frozenset[str]:
         """Files that a method's implementation runs (the closure of :func:`method_modules`)."""
-        return self.closure(method_modules(method, self.graph))
+        return self.closure(method_modules(method))
 
     def digest(self, files: Iterable[str]) -> str:
         """The 12-hex-digit hash of these files' paths and contents."""
@@ -259,33 +249,8 @@ class CodeHashes:
         return self.digest(self.command(command, cut=True) | self.method(method))
 
 
-def method_modules(method: str, graph: ImportGraph | None = None) -> tuple[str, ...]:
-    """Dotted modules implementing ``method`` (a stacked one: its eviction's and its inner's)."""
-    graph = graph or ImportGraph()
-    if graph.path(METHODS_PACKAGE) is not None and graph.defines(METHODS_PACKAGE, "get_spec"):
-        from harness.methods import get_spec
+def method_modules(method: str) -> tuple[str, ...]:
+    """Dotted modules implementing ``method`` (a stacked one: its eviction's and its inner's): its spec's."""
+    from harness.methods import get_spec  # torch-free
 
-        return tuple(get_spec(method).modules)
-    return _fallback_method_modules(method)
-
-
-# --- FALLBACK: delete at merge once harness.methods.get_spec(name).modules exists. ----------------
-# Today's methods all live in harness/methods/__init__.py (covered by every job); this maps a
-# method to the method-package modules it runs, as workflow/rules/common.smk's METHOD_CODE did.
-_FALLBACK_MODULES = {
-    "base": (),
-    "gqa": ("baselines.gqa",),
-    "mqa": ("baselines.gqa",),
-    "cla": ("baselines.cla",),
-    "mixsga": ("mixsga",),
-    "eviction": ("baselines.eviction",),
-}
-
-
-def _fallback_method_modules(method: str) -> tuple[str, ...]:
-    inner = architecture_of(method, 0.5, {})[0]
-    if inner == method:
-        return _FALLBACK_MODULES[inner]
-    extra = ("mixsga.eviction",) if inner == "mixsga" else ()
-    return _FALLBACK_MODULES[inner] + _FALLBACK_MODULES["eviction"] + extra
-# --- end of FALLBACK ----------------------------------------------------------------------------
+    return tuple(get_spec(method).modules)

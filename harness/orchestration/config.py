@@ -9,7 +9,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-from fractions import Fraction
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -72,9 +71,25 @@ def validate_config(config: Mapping[str, Any]) -> dict:
     errors = sorted(validator.iter_errors(resolved), key=lambda e: list(map(str, e.absolute_path)))
     if errors:
         lines = [f"config key '{_key_name(e.absolute_path)}': {e.message}" for e in errors]
-        raise ConfigError("invalid config:\n  " + "\n  ".join(lines))
+        raise ConfigError("invalid config:\n  " + "\n  ".join(lines + _unknown_methods(resolved)))
     _check_semantics(resolved)
     return resolved
+
+
+def _unknown_methods(cfg: Mapping[str, Any]) -> list[str]:
+    """Problems naming each run whose method the registry lacks (reported with the schema's, all at once)."""
+    experiments = cfg.get("experiments")
+    problems = []
+    for exp_name, exp in (experiments.items() if isinstance(experiments, Mapping) else ()):
+        runs = exp.get("runs") if isinstance(exp, Mapping) else None
+        for i, entry in enumerate(runs if isinstance(runs, list) else ()):
+            method = entry.get("method") if isinstance(entry, Mapping) else None
+            if isinstance(method, str):
+                try:
+                    _method_spec(f"config key 'experiments.{exp_name}.runs[{i}]'", method)
+                except ConfigError as err:
+                    problems.append(str(err))
+    return problems
 
 
 def _check_semantics(cfg: dict) -> None:
@@ -169,33 +184,6 @@ def _variant(params: Mapping[str, Any]) -> str:
     return f"-{tag}" if tag else ""
 
 
-def mixsga_budget(ratios: Iterable[float], group_sizes: Iterable[int] = (1, 2, 4)) -> float:
-    """The KV budget of mixSGA capacity ratios (sum r_e / g_e over sum r_e), without importing torch."""
-    ratios, group_sizes = [Fraction(str(r)) for r in ratios], [int(g) for g in group_sizes]
-    if len(ratios) != len(group_sizes) or sum(ratios) <= 0 or any(r < 0 for r in ratios):
-        raise ConfigError(f"mixSGA ratios {[float(r) for r in ratios]} do not fit group sizes {group_sizes}")
-    return float(sum(r / g for r, g in zip(ratios, group_sizes)) / sum(ratios))
-
-
-def grouped_kv_heads(budget: float, heads: int, *, single_head: bool = False) -> int:
-    """K/V heads that GQA (MQA: ``single_head``) keeps to store ``budget`` of a model with ``heads``.
-
-    ValueError (ConfigError) naming the feasible budgets when the model cannot store that share.
-    """
-    if single_head:
-        if abs(budget - 1 / heads) > 1e-9:
-            raise ConfigError(f"MQA keeps 1 of the model's {heads} K/V heads: its budget is {1 / heads:.2%}, "
-                              f"not {budget:.2%} (leave out MQA's budgets to derive it from the model)")
-        return 1
-    wanted = budget * heads
-    feasible = [g for g in range(1, heads + 1) if heads % g == 0]
-    if abs(wanted - round(wanted)) > 1e-9 or round(wanted) not in feasible:
-        options = ", ".join(f"{g / heads:.2%}" for g in feasible)
-        raise ConfigError(f"GQA cannot store {budget:.2%} of the K/V on a model with {heads} K/V heads "
-                          f"(feasible budgets: {options})")
-    return int(round(wanted))
-
-
 def model_kv_heads(model: Mapping[str, Any]) -> int | None:
     """K/V heads per layer of a models[] entry: its ``kv_heads``, or its zoo size's; None if unknown."""
     if model.get("kv_heads") is not None:
@@ -207,21 +195,25 @@ def model_kv_heads(model: Mapping[str, Any]) -> int | None:
     return None
 
 
+def _method_spec(where: str, method: str):
+    """The registry's spec of ``method``; ConfigError naming the key and the known methods."""
+    from harness.methods import get_spec
+
+    try:
+        return get_spec(method)
+    except ValueError as err:
+        raise ConfigError(f"{where[:-1]}.method': {err}") from None
+
+
 def _check_feasible(where: str, model: Mapping[str, Any], method: str, budget: float,
                     params: Mapping[str, Any]) -> None:
     """Reject, before any job runs, a budget the model's K/V heads cannot store (when they are known)."""
     heads = model_kv_heads(model)
     if heads is None:
         return
-    arch, arch_budget, arch_params = architecture_of(method, budget, params)
     try:
-        if arch in ("gqa", "mqa"):
-            grouped_kv_heads(arch_budget, heads, single_head=arch == "mqa")
-        elif arch == "mixsga":
-            bad = [g for g in arch_params.get("group_sizes", (1, 2, 4)) if heads % int(g)]
-            if bad:
-                raise ConfigError(f"mixSGA group sizes {bad} do not divide the model's {heads} K/V heads")
-    except ConfigError as err:
+        _method_spec(where, method).check_feasible(budget, params, heads)
+    except ValueError as err:
         raise ConfigError(f"{where}, model {model['name']!r}: {err}") from None
 
 
@@ -246,47 +238,26 @@ def pretrain_settings(cfg: Mapping[str, Any], name: str) -> dict:
     return {**cfg["pretrain"], **model.get("pretrain", {})}
 
 
-#: Architecture-changing methods (the checkpoint a run trains or loads is this method's).
-ARCHITECTURES = ("base", "gqa", "mqa", "cla", "mixsga")
-#: Token-eviction methods: they act through the cache of an architecture (base unless stacked).
-EVICTIONS = ("h2o", "streamingllm", "snapkv", "tova")
-DEFAULT_INNER_BUDGET = 0.5
-
-
 def architecture_of(method: str, budget: float, params: Mapping[str, Any]) -> tuple[str, float, dict]:
-    """(method, budget, explicit params) of the weights a run uses: eviction shares its inner model's.
+    """(method, budget, explicit params) of the weights a run uses: the method spec's ``train_key``.
 
     ``h2o`` runs on the base model; ``h2o+mixsga`` on mixSGA at ``inner_budget`` (0.5 by default)
     with the ``inner`` params. Runs differing only in the eviction keep thus share one checkpoint.
     """
-    if method in ARCHITECTURES:
-        return method, (1.0 if method == BASE_METHOD else float(budget)), dict(params)
-    evict, _, inner = method.partition("+")
-    if evict not in EVICTIONS or (inner and inner not in ("gqa", "mixsga")):
-        raise ConfigError(f"unknown method {method!r}; known: {', '.join(ARCHITECTURES + EVICTIONS)} "
-                          "and <eviction>+gqa / <eviction>+mixsga")
-    if not inner:
-        return BASE_METHOD, 1.0, {}
-    return inner, float(params.get("inner_budget", DEFAULT_INNER_BUDGET)), dict(params.get("inner") or {})
+    from harness.methods import get_spec
+
+    try:
+        return get_spec(method).train_key(budget, params)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _run_budgets(where: str, entry: Mapping[str, Any], model: Mapping[str, Any]) -> list[float]:
-    method, params = entry["method"], entry.get("params") or {}
-    if method == BASE_METHOD:
-        if entry.get("budgets") not in (None, [1.0], [1]):
-            raise ConfigError(f"{where}: method 'base' always runs at budget 1.0, got budgets {entry['budgets']}")
-        return [1.0]
-    if entry.get("budgets") is not None:
-        return [float(b) for b in entry["budgets"]]
-    if method == "mixsga" and "ratios" in params:
-        return [mixsga_budget(params["ratios"], params.get("group_sizes", (1, 2, 4)))]
-    if method == "mqa":  # one K/V head: the budget is the model's, 1 / its K/V heads
-        heads = model_kv_heads(model)
-        if heads is None:
-            raise ConfigError(f"{where}: MQA's budget is 1 / the model's K/V heads, unknown for hub model "
-                              f"{model['name']!r}; give that model entry kv_heads, or give MQA budgets")
-        return [1 / heads]
-    raise ConfigError(f"{where}: method {method!r} needs budgets (or mixSGA ratios to derive the budget from)")
+    spec = _method_spec(where, entry["method"])
+    try:
+        return spec.budgets(entry.get("budgets"), entry.get("params") or {}, model_kv_heads(model))
+    except ValueError as err:
+        raise ConfigError(f"{where}: {err}") from None
 
 
 def run_table(cfg: Mapping[str, Any]) -> list[dict]:
@@ -300,9 +271,11 @@ def run_table(cfg: Mapping[str, Any]) -> list[dict]:
         models = exp.get("models") or [m["name"] for m in cfg["models"]]
         seeds = exp.get("seeds") or cfg["seeds"]
         for i, entry in enumerate(exp["runs"]):
-            params = dict(entry.get("params") or {})
-            architecture_of(entry["method"], 1.0, params)  # validates the method name
             where = f"config key 'experiments.{exp_name}.runs[{i}]'"
+            try:  # validates the method name and its params
+                params = _method_spec(where, entry["method"]).parse_params(entry.get("params"))
+            except ValueError as err:
+                raise ConfigError(f"{where[:-1]}.params': {err}") from None
             for model_name in models:
                 model = model_entry(cfg, model_name)
                 for budget in _run_budgets(where, entry, model):

@@ -16,7 +16,8 @@ from jsonschema import Draft202012Validator
 
 from harness.atomic import write_json_atomic  # the project's one atomic JSON writer (harness.atomic)
 
-SCHEMA_VERSION = 2
+#: 3: identity.method_fields (architecture, eviction, keep, variant, architecture_params) from the method's spec.
+SCHEMA_VERSION = 3
 TRAINING_KINDS = ("none", "cpt", "sft")
 
 _NUM = {"type": "number"}
@@ -88,6 +89,15 @@ RECORD_SCHEMA: dict = {
                     "method": {"type": "string", "minLength": 1},
                     "seed": {"type": "integer", "minimum": 0},
                     "params": {"type": ["object", "null"]},
+                    "method_fields": _section(
+                        {
+                            "architecture": {"type": "string", "minLength": 1},
+                            "eviction": _STR_OR_NULL,
+                            "keep": {"type": ["number", "null"], "exclusiveMinimum": 0, "maximum": 1},
+                            "variant": _STR_OR_NULL,
+                            "architecture_params": {"type": "object"},
+                        }
+                    ),
                     "training": {"enum": list(TRAINING_KINDS)},
                     "training_summary": _or_null(_TRAINING_SUMMARY),
                     "config": {"type": "object"},
@@ -197,12 +207,18 @@ def new_record(
     wall_time_s: float,
     params: Mapping[str, Any] | None = None,
     training_summary: Mapping[str, Any] | None = None,
+    method_fields: Mapping[str, Any] | None = None,
 ) -> dict:
     """Assemble and validate a record.
 
     ``spec`` is the run's resolved config (harness.orchestration.config.run_spec); ``params`` the method's
-    resolved parameters; ``training_summary`` the CPT / SFT summary (None when untrained).
+    resolved parameters; ``training_summary`` the CPT / SFT summary (None when untrained);
+    ``method_fields`` the method spec's ``fields(params)`` (asked of the spec when not given).
     """
+    if method_fields is None:
+        from harness.methods import get_spec
+
+        method_fields = get_spec(spec["method"]).fields(dict(params or {}))
     record = {
         "schema_version": SCHEMA_VERSION,
         "identity": {
@@ -213,6 +229,7 @@ def new_record(
             "method": spec["method"],
             "seed": spec["seed"],
             "params": None if params is None else dict(params),
+            "method_fields": dict(method_fields),
             "training": spec.get("training", {}).get("kind", "none") if spec.get("training") else "none",
             "training_summary": None if training_summary is None else dict(training_summary),
             "config": dict(spec),

@@ -22,7 +22,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from harness.data.sets import load_eval_texts, load_instruction_rows
-from harness.orchestration.config import BASE_METHOD, architecture_of
+from harness.orchestration.config import BASE_METHOD
 from harness.orchestration.provenance import collect_provenance, resolve_device, utc_now
 from harness.atomic import atomic_directory, write_json_atomic
 from harness.orchestration.records import existing_record, new_record, read_record, write_record
@@ -225,7 +225,7 @@ def build(spec: Mapping[str, Any], *, device: str, model_path: str | Path | None
         model.to(dtype)
         summary = stored["summary"]
     model.eval()
-    evicting = architecture_of(spec["method"], spec["budget"], spec["params"])[0] != spec["method"]
+    evicting = method.spec.evicts
     own_cache = method.new_cache(model, params) is not None
     cache_factory = (lambda: method.new_cache(model, params)) if own_cache else None
     return Built(base=base, model=model, tokenizer=tokenizer, method=method, params=params, dtype=dtype,
@@ -241,7 +241,7 @@ def measure(built: Built, spec: Mapping[str, Any], texts: list[str], device: str
     from harness.measurement.footprint import (measure_cache_bytes, measure_latency, prompt_ids,
                                                reset_routing_stats, routing_stats)
     from harness.methods import get_method
-    from mixsga.budget import full_kv_bytes_per_token
+    from kvledger import full_kv_bytes_per_token
 
     model, method, params = built.model, built.method, built.params
     measure_cfg = spec["measure"]
@@ -302,7 +302,8 @@ def write_run_record(out: Path, spec: Mapping[str, Any], built: Built, *, qualit
         budget=budget,
         quality=quality,
         performance=performance,
-        flags={"simulated": bool(built.method.simulated), "query_aware": built.method.query_aware},
+        flags={"simulated": bool(built.method.simulated), "query_aware": built.method.query_aware_for(built.params)},
+        method_fields=built.method.spec.fields(built.params),
         wall_time_s=wall_time_s,
     )
     write_record(out, record)

@@ -1,0 +1,157 @@
+"""What every method answers: the torch-free :class:`MethodSpec` and the :class:`Method` implementation base.
+
+A method module (``harness.methods.<name>``) defines both. Its spec is what the
+config expansion, the workflow and the analysis ask; it must stay importable
+without torch, so a module imports torch and the method packages (``mixsga``,
+``baselines``) only inside its implementation's functions.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+
+def check_budget(budget: float) -> float:
+    """``budget`` as a float in (0, 1]; ValueError otherwise."""
+    value = float(budget)
+    if not math.isfinite(value) or not 0 < value <= 1:
+        raise ValueError(f"budget must be in (0, 1], got {budget!r}")
+    return value
+
+
+def same(a: float, b: float) -> bool:
+    """Budgets equal up to float noise."""
+    return abs(a - b) < 1e-9
+
+
+class MethodSpec:
+    """The torch-free facts of one method (see the module docstring).
+
+    Subclasses set the class attributes and override what their method decides.
+    """
+
+    name: str = ""
+    #: How figures and tables name and draw the method.
+    label: str = ""
+    color: str = "tab:gray"
+    marker: str = "X"
+    #: Token eviction: the method bounds its cache by evicting (bounded-cache perplexity, no zero-shot).
+    evicts: bool = False
+    #: The method changes the architecture and is (continued-)trained before its quality means anything.
+    needs_training: bool = False
+    #: Explicit params the config may give (``params_for_budget`` keywords).
+    param_names: tuple[str, ...] = ()
+    #: Dotted names of the repository modules implementing the method (the workflow hashes their imports).
+    modules: tuple[str, ...] = ()
+    #: Live bytes equal the analytic bytes when tokens are whole; False: they only bound them from above.
+    exact_bytes: bool = True
+
+    def parse_params(self, params: Mapping[str, Any] | None) -> dict:
+        """The explicit params as a dict; ValueError naming unknown keys and the allowed ones."""
+        params = dict(params or {})
+        unknown = sorted(set(params) - set(self.param_names))
+        if unknown:
+            raise ValueError(f"method {self.name!r} takes no parameters {unknown}; allowed: {list(self.param_names)}")
+        return params
+
+    def budgets(self, given: Sequence[float] | None, params: Mapping[str, Any], kv_heads: int | None) -> list[float]:
+        """The nominal budgets of a config run entry (``given``, or derived from params / the model's heads)."""
+        if given is not None:
+            return [check_budget(b) for b in given]
+        derived = self.derived_budget(params, kv_heads)
+        if derived is None:
+            raise ValueError(f"method {self.name!r} needs budgets")
+        return [derived]
+
+    def derived_budget(self, params: Mapping[str, Any], kv_heads: int | None) -> float | None:
+        """The budget implied when the config names none (mixSGA ratios, MQA's one head); None: none implied."""
+        return None
+
+    def check_feasible(self, budget: float, params: Mapping[str, Any], kv_heads: int) -> None:
+        """ValueError (naming the feasible budgets) when a model with ``kv_heads`` K/V heads cannot store ``budget``."""
+
+    def train_key(self, budget: float, params: Mapping[str, Any]) -> tuple[str, float, dict]:
+        """``(method, budget, explicit params)`` of the weights the runs use; runs sharing it share a checkpoint."""
+        return self.name, float(budget), dict(params)
+
+    def fields(self, params: Mapping[str, Any]) -> dict:
+        """Structured method fields of a run with resolved ``params`` (records carry them; analysis reads them).
+
+        ``architecture``: the method whose weights run; ``eviction``: the policy evicting on it, or None;
+        ``keep``: the kept fraction of tokens, or None; ``variant``: a named ablation, or None;
+        ``architecture_params``: the architecture's resolved params.
+        """
+        return {"architecture": self.name, "eviction": None, "keep": None, "variant": None,
+                "architecture_params": dict(params)}
+
+    def implementation(self) -> "Method":
+        """The :class:`Method` that runs it (built on first use; imports torch)."""
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return f"<method spec {self.name}>"
+
+
+class Method:
+    """The implementation every method offers (``harness.methods.get_method``).
+
+    * ``needs_training``, ``query_aware`` (None: selects nothing), ``simulated``
+      (True only for a method that would mask tokens instead of storing fewer bytes;
+      every method here really shrinks its cache);
+    * ``params_for_budget(config, budget, **explicit)``: JSON-ready params storing
+      ``budget`` x the base model's K/V bytes, or ValueError naming why not;
+    * ``analytic_bytes_per_token(config, params, dtype)`` (``config``: the base model's);
+    * ``apply(model, params) -> model`` (in place); ``new_cache(model, params)``: a fresh
+      cache for one batch (None: the model's default is right); eviction acts only
+      through this cache, between forward passes;
+    * ``live_bytes(cache)``: summed ``nbytes`` of the K/V the cache holds.
+    """
+
+    name: str = ""
+    needs_training: bool = False
+    simulated: bool = False
+    query_aware: bool | None = None
+
+    def __init__(self, spec: MethodSpec):
+        self.spec = spec
+        self.name = spec.name
+        self.needs_training = spec.needs_training
+
+    def params_for_budget(self, config, budget: float, **explicit) -> dict:
+        raise NotImplementedError
+
+    def analytic_bytes_per_token(self, config, params: dict, dtype: Any = "float32") -> float:
+        raise NotImplementedError
+
+    def apply(self, model, params: dict):
+        raise NotImplementedError
+
+    def new_cache(self, model, params: dict):
+        return None
+
+    def live_bytes(self, cache) -> int:
+        return kv_tensor_bytes(cache)
+
+    def query_aware_for(self, params: dict) -> bool | None:
+        """Whether a run with resolved ``params`` selects tokens by looking at queries (the record's flag)."""
+        return self.query_aware
+
+    def __repr__(self) -> str:
+        return f"<method {self.name}>"
+
+
+def kv_tensor_bytes(cache: Any) -> int:
+    """Summed ``nbytes`` of the ``keys`` / ``values`` tensors of a transformers cache's layers."""
+    import torch
+
+    layers = getattr(cache, "layers", None)
+    if layers is None:
+        raise ValueError(f"cannot measure a cache of type {type(cache).__name__}: it has no .layers")
+    total = 0
+    for layer in layers:
+        for name in ("keys", "values"):
+            tensor = getattr(layer, name, None)
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.nbytes
+    return total

@@ -1,0 +1,143 @@
+"""``pyramidkv``: token eviction with layer-wise budgets (PyramidKV, Cai et al., 2024).
+
+Attention funnels from broad in the lower layers to a few tokens in the upper
+ones, so PyramidKV gives the lower layers more of the cache and the upper ones
+less, in an arithmetic sequence, at the same total. With ``L`` layers, keep
+fraction ``k`` and ``beta``: the top layer keeps ``k / beta`` of the tokens, the
+bottom one ``2k - k / beta``, the others on the line between (the paper's
+``k^{m-1} = k / beta``, ``k^0 = 2k - k^{m-1}``). Which tokens a layer keeps is
+the ``policy``'s choice (SnapKV's observation window by default, as in the
+paper; any ``baselines.policies`` policy works).
+
+Budget: after every forward pass a sample that saw ``n`` real tokens keeps
+``T = floor(k * n * L)`` tokens over all layers, split by those weights (a layer
+never keeps more than ``n``; the excess goes to the other layers) and rounded by
+largest remainder. The stored K/V is therefore ``T / (n L)`` of the base model's,
+exactly ``k`` whenever ``k * n * L`` is whole: the same total as uniform eviction,
+redistributed. Runs on the base model's weights.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+from harness.methods.core import Method, MethodSpec
+from harness.methods.eviction import POLICY_FIELDS, POLICY_STYLE, Eviction, EvictionSpec
+
+DEFAULT_POLICY = "snapkv"
+DEFAULT_BETA = 20.0
+
+
+@functools.lru_cache(maxsize=4096)
+def pyramid_allocation(seen: int, keep: float, beta: float, layers: int) -> tuple[int, ...]:
+    """Tokens each layer keeps of ``seen``: ``floor(keep * seen * layers)`` in all, pyramid-shaped (module doc)."""
+    total = math.floor(keep * seen * layers + 1e-9)
+    if layers == 1:
+        return (min(total, seen),)
+    top = 1 / beta
+    weights = [(2 - top) - (2 - 2 * top) * layer / (layers - 1) for layer in range(layers)]
+    quota = [0.0] * layers
+    open_layers, left = list(range(layers)), float(total)
+    while open_layers:  # water-filling: a layer holds at most `seen` tokens, the rest goes to the others
+        mass = sum(weights[i] for i in open_layers)
+        share = {i: left * weights[i] / mass for i in open_layers}
+        full = [i for i in open_layers if share[i] >= seen]
+        if not full:
+            for i in open_layers:
+                quota[i] = share[i]
+            break
+        for i in full:
+            quota[i] = float(seen)
+            left -= seen
+            open_layers.remove(i)
+    counts = [min(seen, math.floor(q + 1e-9)) for q in quota]
+    by_remainder = sorted(range(layers), key=lambda i: (-(quota[i] - counts[i]), i))
+    for i in by_remainder:
+        if sum(counts) >= total:
+            break
+        if counts[i] < seen:
+            counts[i] += 1
+    return tuple(counts)
+
+
+class PyramidBudget:
+    """Layer-wise token budgets for ``baselines.eviction.EvictionCache`` (its ``budget`` hook)."""
+
+    def __init__(self, keep: float, beta: float, layers: int):
+        self.keep, self.beta, self.layers = float(keep), float(beta), int(layers)
+
+    def tokens(self, layer_idx: int, seen):
+        """Tokens layer ``layer_idx`` keeps per sample (``seen``: real tokens per sample, a ``[B]`` tensor)."""
+        import torch
+
+        kept = [pyramid_allocation(int(n), self.keep, self.beta, self.layers)[layer_idx] for n in seen.tolist()]
+        return torch.tensor(kept, dtype=torch.long, device=seen.device)
+
+
+class PyramidKVSpec(MethodSpec):
+    name = "pyramidkv"
+    label = "PyramidKV"
+    color, marker = "tab:cyan", "P"
+    evicts = True
+    param_names = ("policy", "beta") + POLICY_FIELDS
+    modules = ("harness.methods.pyramidkv",)
+
+    def parse_params(self, params):
+        params = super().parse_params(params)
+        if params.get("policy", DEFAULT_POLICY) not in POLICY_STYLE:
+            raise ValueError(f"pyramidkv policy must be one of {list(POLICY_STYLE)}, got {params['policy']!r}")
+        beta = params.get("beta", DEFAULT_BETA)
+        if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 1:
+            raise ValueError(f"pyramidkv beta must be a number >= 1 (top layer keeps keep / beta), got {beta!r}")
+        return params
+
+    def train_key(self, budget, params):
+        return "base", 1.0, {}
+
+    def fields(self, params):
+        return {"architecture": "base", "eviction": self.name, "keep": float(params["eviction"]["keep"]),
+                "variant": f"{params['eviction']['method']} scores", "architecture_params": {}}
+
+    def implementation(self):
+        return PyramidKV(self)
+
+
+class PyramidKV(Method):
+    """A policy's eviction (``harness.methods.eviction``) with :class:`PyramidBudget` layer budgets."""
+
+    query_aware = True  # the default policy (SnapKV); query_aware_for answers per run
+
+    @staticmethod
+    def scorer(params: dict) -> Eviction:
+        """The plain eviction method of the run's policy (it validates, counts and builds the cache)."""
+        return EvictionSpec(params["eviction"]["method"]).implementation()
+
+    def query_aware_for(self, params: dict) -> bool | None:
+        return self.scorer(params).query_aware
+
+    def params_for_budget(self, config, budget, *, context_len: int | None = None, **explicit):
+        explicit = self.spec.parse_params(explicit)
+        name, beta = explicit.pop("policy", DEFAULT_POLICY), float(explicit.pop("beta", DEFAULT_BETA))
+        policy = EvictionSpec(name).implementation().params_for_budget(config, budget, context_len=context_len,
+                                                                       **explicit)
+        return {"eviction": policy, "beta": beta}
+
+    def analytic_bytes_per_token(self, config, params, dtype="float32"):
+        # the same total as uniform eviction at this keep, only redistributed across layers
+        return self.scorer(params).analytic_bytes_per_token(config, params["eviction"], dtype)
+
+    def apply(self, model, params):
+        return self.scorer(params).apply(model, params["eviction"])
+
+    def new_cache(self, model, params):
+        from kvledger import kv_shape
+
+        keep, layers = float(params["eviction"]["keep"]), kv_shape(model.config).num_layers
+        return self.scorer(params).new_cache(model, params["eviction"], PyramidBudget(keep, params["beta"], layers))
+
+    def live_bytes(self, cache) -> int:
+        return int(cache.kv_bytes())
+
+
+SPECS = (PyramidKVSpec(),)

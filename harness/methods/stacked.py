@@ -1,0 +1,105 @@
+"""``<eviction>+gqa`` / ``<eviction>+mixsga``: token eviction on top of an architectural method.
+
+A stacked method's budget is the total: ``keep = budget / inner_budget`` with
+``inner_budget`` 0.5 by default (the paper's Table 3: keep 80/60/40/20 % on a
+50 % model is a total budget of 40/30/20/10 %). On GQA the eviction cache stores
+the grouped heads; on mixSGA it is ``mixsga.eviction.MixSGAEvictionCache``, which
+ranks tokens with the same policy and keeps them within ``keep`` x the bytes plain
+mixSGA would hold under the same routing. Runs differing only in the keep share
+the inner model's checkpoint.
+"""
+
+from __future__ import annotations
+
+from harness.methods import eviction, gqa, mixsga
+from harness.methods.core import Method, MethodSpec, check_budget
+from harness.methods.eviction import EvictionSpec
+
+DEFAULT_INNER_BUDGET = 0.5
+
+
+class StackedSpec(MethodSpec):
+    evicts = True
+    param_names = ("inner_budget", "inner")
+
+    def __init__(self, eviction: EvictionSpec, inner: MethodSpec):
+        self.eviction, self.inner = eviction, inner
+        self.name = self.label = f"{eviction.name}+{inner.name}"
+        self.color, self.marker = eviction.color, inner.marker
+        self.needs_training = inner.needs_training
+        self.param_names = self.param_names + eviction.param_names
+        extra = ("mixsga.eviction",) if inner.name == "mixsga" else ()
+        # on mixSGA whole tokens of unequal byte cost fill a byte budget, from below
+        self.exact_bytes = inner.name != "mixsga"
+        self.modules = ("harness.methods.stacked", *eviction.modules, *inner.modules, *extra)
+
+    def inner_budget(self, params) -> float:
+        return float(params.get("inner_budget", DEFAULT_INNER_BUDGET))
+
+    def check_feasible(self, budget, params, kv_heads):
+        self.inner.check_feasible(self.inner_budget(params), dict(params.get("inner") or {}), kv_heads)
+
+    def train_key(self, budget, params):
+        return self.inner.train_key(self.inner_budget(params), dict(params.get("inner") or {}))
+
+    def fields(self, params):
+        inner = self.inner.fields(params["inner"])
+        return {**inner, "eviction": self.eviction.name, "keep": float(params["eviction"]["keep"])}
+
+    def implementation(self):
+        return Stacked(self)
+
+
+class Stacked(Method):
+    """Token eviction on top of an architectural method (GQA or mixSGA)."""
+
+    def __init__(self, spec: StackedSpec):
+        super().__init__(spec)
+        self.eviction, self.inner = spec.eviction.implementation(), spec.inner.implementation()
+        self.query_aware = self.eviction.query_aware
+
+    def params_for_budget(self, config, budget, *, inner_budget: float = DEFAULT_INNER_BUDGET,
+                          inner: dict | None = None, **explicit):
+        budget = check_budget(budget)
+        inner_budget = check_budget(inner_budget)
+        keep = budget / inner_budget
+        if keep > 1 + 1e-9:
+            raise ValueError(f"{self.name}: total budget {budget:.2%} exceeds the inner {self.inner.name} budget "
+                             f"{inner_budget:.2%} (keep fraction {keep:.3f} > 1)")
+        inner_params = self.inner.params_for_budget(config, inner_budget, **(inner or {}))
+        evict_params = self.eviction.params_for_budget(config, min(keep, 1.0), **explicit)
+        return {"inner": inner_params, "inner_budget": inner_budget, "eviction": evict_params}
+
+    def analytic_bytes_per_token(self, config, params, dtype="float32"):
+        return float(params["eviction"]["keep"]) * self.inner.analytic_bytes_per_token(config, params["inner"], dtype)
+
+    def _on_mixsga(self) -> bool:
+        return self.inner.name == "mixsga"
+
+    def apply(self, model, params):
+        model = self.inner.apply(model, params["inner"])
+        if self._on_mixsga():
+            return model  # eviction acts through the mixSGA cache (new_cache)
+        return self.eviction.apply(model, params["eviction"])
+
+    def new_cache(self, model, params):
+        if not self._on_mixsga():
+            return self.eviction.new_cache(model, params["eviction"])
+        import functools
+
+        from baselines.eviction import rope_inv_freq, rotate_keys
+        from mixsga.eviction import MixSGAEvictionCache
+
+        policy = self.eviction.policy(params["eviction"])
+        inv_freq = rope_inv_freq(model)
+        rotate = None
+        if policy.repositions and inv_freq is not None:
+            rotate = functools.partial(rotate_keys, inv_freq=inv_freq)
+        return MixSGAEvictionCache(model.config, policy, rotate=rotate)
+
+    def live_bytes(self, cache) -> int:
+        return int(cache.kv_bytes())
+
+
+#: Every eviction policy stacked on GQA and on mixSGA.
+SPECS = tuple(StackedSpec(e, i) for e in eviction.SPECS for i in (gqa.SPEC, mixsga.SPEC))
