@@ -89,6 +89,9 @@ def convert_to_gqa(model: PreTrainedModel, num_key_value_heads: int) -> PreTrain
         raise ValueError(
             f"num_key_value_heads must be a positive divisor of the {heads} query heads, got {num_key_value_heads!r}"
         )
+    if getattr(model, "mixsga_runtime", None) is not None:
+        raise ValueError("model is converted to mixSGA (its attention routes tokens to grouped experts); "
+                         "GQA regroups plain attention: convert the base model instead")
     layers = decoder_layers(model)
     if any(getattr(layer.self_attn, "kv_source", None) is not None for layer in layers):
         raise ValueError("model shares K/V across layers (CLA); convert to GQA before converting to CLA")
@@ -164,7 +167,13 @@ def load_converted(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
 
 
 def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file as _load_file
+
+    def load_file(name: str) -> dict[str, torch.Tensor]:
+        try:
+            return _load_file(name)
+        except Exception as exc:  # safetensors raises its own error types for a damaged header or body
+            raise ValueError(f"cannot read weights file {name} (truncated or not safetensors?): {exc}") from exc
 
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):

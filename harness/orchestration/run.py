@@ -343,13 +343,20 @@ def execute_run(
     summary = None
     if trained_dir is not None:
         trained_dir = Path(trained_dir)
-        stored = json.loads((trained_dir / SUMMARY_FILE).read_text())
+        try:
+            stored = json.loads((trained_dir / SUMMARY_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read {trained_dir / SUMMARY_FILE} (delete {trained_dir} to retrain): {exc}") from exc
         wanted = json.loads(json.dumps(dict(training)))
         differ = sorted(k for k in wanted if stored["spec"].get(k) != wanted[k])
         if differ:
             raise ValueError(f"{trained_dir} was trained differently from run {spec['run_id']!r} "
                              f"(fields {differ}); retrain it")
-        state = torch.load(trained_dir / MODEL_FILE, map_location=device, weights_only=True)
+        try:
+            state = torch.load(trained_dir / MODEL_FILE, map_location=device, weights_only=True)
+        except Exception as exc:  # torch raises several types for a truncated or foreign file
+            raise ValueError(f"cannot read trained weights {trained_dir / MODEL_FILE} (truncated or corrupt? "
+                             f"delete {trained_dir} to retrain): {exc}") from exc
         model.load_state_dict(state)
         model.to(dtype)
         summary = stored["summary"]
