@@ -128,20 +128,21 @@ def _positions(cfg: Mapping[str, Any]) -> Iterable[str]:
     from harness.models.shapes import SIZES  # plain data
 
     measure = cfg["measure"]
-    lengths = {
-        "measure.context_lengths": max(measure["context_lengths"]) + measure["new_tokens"],
-        "eval.seq_len": cfg["eval"]["seq_len"],
-        "eval.cache_tokens": cfg["eval"]["cache_tokens"],
+    longest = max(measure["context_lengths"])
+    lengths = {  # key -> (tokens the model must place, how they add up)
+        "measure.context_lengths": (longest + measure["new_tokens"],
+                                    f"context length {longest} + measure.new_tokens {measure['new_tokens']} = "),
+        "eval.seq_len": (cfg["eval"]["seq_len"], ""),
+        "eval.cache_tokens": (cfg["eval"]["cache_tokens"], ""),
     }
     for i, model in enumerate(cfg["models"]):
         positions = SIZES.get(model["family"], {}).get(model.get("size"), {}).get("max_position_embeddings")
         if positions is None:
             continue
-        own = {**lengths, "pretrain.seq_len": {**cfg["pretrain"], **model.get("pretrain", {})}["seq_len"]}
-        for key, length in own.items():
+        own = {**lengths, "pretrain.seq_len": ({**cfg["pretrain"], **model.get("pretrain", {})}["seq_len"], "")}
+        for key, (length, how) in own.items():
             if length > positions:
-                extra = f" + measure.new_tokens {measure['new_tokens']}" if key == "measure.context_lengths" else ""
-                yield (f"config key '{key}': {length} tokens{extra} exceed the {positions} positions of model "
+                yield (f"config key '{key}': {how}{length} tokens exceed the {positions} positions of model "
                        f"{model['name']!r} (models[{i}], {model['family']} {model['size']})")
 
 
@@ -183,6 +184,7 @@ def check_records(records_dir: str | Path, run_ids: Iterable[str]) -> None:
             try:
                 read_record(path)
             except (ValueError, OSError) as exc:
-                bad.append(str(exc).splitlines()[0] if str(path) in str(exc) else f"{path}: {exc}")
+                text = " ".join(line.strip() for line in str(exc).splitlines())
+                bad.append(text if str(path) in text else f"{path}: {text}")
     if bad:
         raise ConfigError("corrupt records (delete them to rerun their runs):\n  " + "\n  ".join(bad))

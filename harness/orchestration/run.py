@@ -290,6 +290,18 @@ def _refresh_experiments(out: Path, spec: Mapping[str, Any]) -> dict | None:
     return record
 
 
+def load_trained_state(trained_dir: str | Path, device: str = "cpu") -> dict:
+    """The state dict of a trained checkpoint; ValueError naming the file if it cannot be read."""
+    path = Path(trained_dir) / MODEL_FILE
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no trained weights {path} (delete {trained_dir} to retrain)") from None
+    except Exception as exc:  # torch raises several types for a truncated or foreign file
+        raise ValueError(f"cannot read trained weights {path} (truncated or corrupt? delete {trained_dir} "
+                         f"to retrain): {exc}") from exc
+
+
 def execute_run(
     spec: Mapping[str, Any],
     out: str | Path,
@@ -352,11 +364,7 @@ def execute_run(
         if differ:
             raise ValueError(f"{trained_dir} was trained differently from run {spec['run_id']!r} "
                              f"(fields {differ}); retrain it")
-        try:
-            state = torch.load(trained_dir / MODEL_FILE, map_location=device, weights_only=True)
-        except Exception as exc:  # torch raises several types for a truncated or foreign file
-            raise ValueError(f"cannot read trained weights {trained_dir / MODEL_FILE} (truncated or corrupt? "
-                             f"delete {trained_dir} to retrain): {exc}") from exc
+        state = load_trained_state(trained_dir, device)
         model.load_state_dict(state)
         model.to(dtype)
         summary = stored["summary"]
