@@ -266,7 +266,13 @@ def read_table(table: pd.DataFrame | str | Path) -> pd.DataFrame:
     path = Path(table)
     if not path.is_file():
         raise FileNotFoundError(f"no tidy table at {path} (run 'python -m analysis collate' first)")
-    return pd.read_csv(path, dtype={"experiments": str, "ratio": str, "group_sizes": str})
+    try:
+        frame = pd.read_csv(path, dtype={"experiments": str, "ratio": str, "group_sizes": str})
+    except pd.errors.EmptyDataError:
+        raise ValueError(f"tidy table {path} is empty (no header, no rows); rerun 'python -m analysis collate'") from None
+    if frame.empty:
+        raise ValueError(f"tidy table {path} has no rows (columns only); it holds no run to analyse")
+    return frame
 
 
 def perplexity_summary(table: pd.DataFrame) -> pd.DataFrame:

@@ -69,7 +69,13 @@ def load_converted(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
 
 
 def _read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
+    from safetensors.torch import load_file as _load_file
+
+    def load_file(name: str) -> dict[str, torch.Tensor]:
+        try:
+            return _load_file(name)
+        except Exception as exc:  # safetensors raises its own error types for a damaged header or body
+            raise ValueError(f"cannot read weights file {name} (truncated or not safetensors?): {exc}") from exc
 
     single = os.path.join(path, "model.safetensors")
     if os.path.exists(single):

@@ -86,6 +86,9 @@ def convert_to_gqa(model: PreTrainedModel, num_key_value_heads: int) -> PreTrain
         raise ValueError(
             f"num_key_value_heads must be a positive divisor of the {heads} query heads, got {num_key_value_heads!r}"
         )
+    if getattr(model, "mixsga_runtime", None) is not None:
+        raise ValueError("model is converted to mixSGA (its attention routes tokens to grouped experts); "
+                         "GQA regroups plain attention: convert the base model instead")
     layers = decoder_layers(model)
     if any(getattr(layer.self_attn, "kv_source", None) is not None for layer in layers):
         raise ValueError("model shares K/V across layers (CLA); convert to GQA before converting to CLA")

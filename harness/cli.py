@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
-DEFAULT_CONFIG = "config/config.yaml"
 
 
 def _set_threads(threads: int) -> None:
@@ -104,30 +103,52 @@ def cmd_pretrain(args: argparse.Namespace) -> None:
 def cmd_check_config(args: argparse.Namespace) -> None:
     import yaml
 
-    from harness.orchestration.config import load_config
+    from harness.orchestration.config import resolve_config
 
-    print(yaml.safe_dump(load_config(args.configfile), sort_keys=False), end="")
+    print(yaml.safe_dump(resolve_config(args.configfile), sort_keys=False), end="")
 
 
 def cmd_grid(args: argparse.Namespace) -> None:
-    from harness.orchestration.config import load_config, run_table, run_table_lines, write_run_table
+    from harness.orchestration.config import resolve_config, run_table, run_table_lines, write_run_table
 
-    rows = run_table(load_config(args.configfile))
+    rows = run_table(resolve_config(args.configfile))
     if args.out:
         write_run_table(rows, args.out)
     print("\n".join(run_table_lines(rows)))
 
 
+#: Top-level fields of the specs the workflow passes (harness.orchestration.config.run_spec / train_table).
+SPEC_FIELDS = {
+    "run": ("run_id", "experiments", "profile", "model", "method", "budget", "params", "seed", "device", "dtype",
+            "training", "evaluate", "eval", "measure"),
+    "train": ("model", "device", "kind", "train_id", "recipe", "overrides", "data", "architecture", "seed"),
+}
+
+
+def _parse_spec(text: str, table: str) -> dict:
+    """The --spec JSON as a mapping holding every field of a {table} spec; ValueError naming what is wrong."""
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"--spec is not valid JSON ({exc}): {text[:80]!r}") from None
+    if not isinstance(spec, dict):
+        raise ValueError(f"--spec must be a JSON object (a {table} spec), got {type(spec).__name__}")
+    missing = [k for k in SPEC_FIELDS[table] if k not in spec]
+    if missing:
+        raise ValueError(f"--spec lacks the {table} spec fields {missing}")
+    return spec
+
+
 def _spec_from(args: argparse.Namespace, table: str) -> dict:
     """The spec of --spec (JSON, as the workflow passes it) or of --run-id / --train-id in --configfile."""
-    from harness.orchestration.config import load_config, run_spec, train_table
+    from harness.orchestration.config import resolve_config, run_spec, train_table
 
     ident = getattr(args, "run_id" if table == "run" else "train_id")
     if (args.spec is None) == (ident is None):
         raise ValueError(f"give exactly one of --spec (JSON, as the workflow does) or --{table}-id (with --configfile)")
     if args.spec is not None:
-        return json.loads(args.spec)
-    cfg = load_config(args.configfile)
+        return _parse_spec(args.spec, table)
+    cfg = resolve_config(args.configfile)
     if table == "run":
         return run_spec(cfg, ident)
     trains = train_table(cfg)
@@ -224,17 +245,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     threads(p)
 
-    p = add("check-config", cmd_check_config, "validate config file(s) and print the resolved config")
-    p.add_argument("--configfile", nargs="+", default=[DEFAULT_CONFIG], help="later files override earlier ones")
+    p = add("check-config", cmd_check_config, "validate config file(s) and print the resolved config "
+            "(as snakemake --configfile resolves it: config/config.yaml, then the files)")
+    p.add_argument("--configfile", nargs="+", default=[], help="merged over config/config.yaml, later over earlier")
 
     p = add("grid", cmd_grid, "print the expanded sweep (every experiment's runs, shared runs once) of a config")
-    p.add_argument("--configfile", nargs="+", default=[DEFAULT_CONFIG])
+    p.add_argument("--configfile", nargs="+", default=[], help="merged over config/config.yaml (as snakemake)")
     p.add_argument("--out", help="also write the table here (TSV)")
 
     p = add("train", cmd_train, "train one checkpoint (CPT / SFT) that runs share; resumes a killed job")
     p.add_argument("--spec", help="the training spec as JSON (what the workflow passes)")
     p.add_argument("--train-id", help="alternatively: a train id of --configfile's runs")
-    p.add_argument("--configfile", nargs="+", default=[DEFAULT_CONFIG])
+    p.add_argument("--configfile", nargs="+", default=[], help="merged over config/config.yaml (as snakemake)")
     p.add_argument("--model", help="directory of the base model pretrained here (omit for hub models)")
     p.add_argument("--corpus", help="corpus directory (CPT data)")
     p.add_argument("--instruct", help="instruction set directory (SFT data)")
@@ -244,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", cmd_run, "run one grid cell and write its record (skipped if a valid record exists)")
     p.add_argument("--spec", help="the run's resolved config as JSON (what the workflow passes)")
     p.add_argument("--run-id", help="alternatively: a run id of --configfile's grid")
-    p.add_argument("--configfile", nargs="+", default=[DEFAULT_CONFIG])
+    p.add_argument("--configfile", nargs="+", default=[], help="merged over config/config.yaml (as snakemake)")
     p.add_argument("--model", help="directory of a model pretrained here (omit for hub models)")
     p.add_argument("--trained", help="trained checkpoint directory from 'harness train' (trained runs)")
     p.add_argument("--corpus", help="corpus directory (eval texts for text_set 'corpus', fingerprint)")

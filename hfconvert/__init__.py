@@ -88,10 +88,16 @@ class ConvertedModel:
         initialised ones and score as a different model.
         """
         wants_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
+        try:
+            model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        except Exception as exc:  # safetensors, torch and transformers each raise their own types
+            if "safetensor" not in type(exc).__module__.lower() and "safetensor" not in str(exc).lower():
+                raise
+            raise ValueError(f"cannot read the weights of checkpoint {str(where)!r} "
+                             f"(truncated or not safetensors?): {exc}") from exc
         missing, unexpected = sorted(info["missing_keys"]), sorted(info["unexpected_keys"])
         if missing or unexpected:
-            where = args[0] if args else kwargs.get("pretrained_model_name_or_path")
             raise ValueError(f"checkpoint {where!r} does not match the {type(model).__name__} structure: "
                              f"missing {missing[:6]}, unexpected {unexpected[:6]}")
         return (model, info) if wants_info else model

@@ -61,6 +61,10 @@ class MixSGAConfig:
             raise ValueError(
                 f"group sizes must be strictly increasing (most expensive expert first), got {sizes}"
             )
+        if isinstance(self.ratios, (str, bytes)) or not all(
+                isinstance(r, (int, float)) and not isinstance(r, bool) for r in self.ratios):
+            # tuple("316") would be ("3", "1", "6"): a string is never a ratio list
+            raise ValueError(f"ratios must be a sequence of numbers, got {self.ratios!r}")
         ratios = tuple(self.ratios)
         if len(ratios) != len(sizes):
             raise ValueError(

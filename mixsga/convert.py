@@ -360,10 +360,14 @@ def _checkpoint_tensors(path: str, predicate: Callable[[str], bool]) -> dict[str
         raise ValueError(f"no safetensors checkpoint in {path!r}")
     out = {}
     for name in files:
-        with safe_open(os.path.join(path, name), framework="pt") as fh:
-            for key in fh.keys():
-                if predicate(key):
-                    out[key] = fh.get_tensor(key)
+        file = os.path.join(path, name)
+        try:
+            with safe_open(file, framework="pt") as fh:
+                for key in fh.keys():
+                    if predicate(key):
+                        out[key] = fh.get_tensor(key)
+        except Exception as exc:  # safetensors raises its own error types for a damaged header or body
+            raise ValueError(f"cannot read weights file {file} (truncated or not safetensors?): {exc}") from exc
     return out
 
 
@@ -375,6 +379,10 @@ def load_mixsga(path: str, **from_pretrained_kwargs) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
 
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"no mixSGA checkpoint directory at {path!r}")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"no config.json in {path!r} (not a save_pretrained directory)")
     from hfconvert import converted_method
 
     config = AutoConfig.from_pretrained(path)
@@ -389,6 +397,8 @@ def load_mixsga(path: str, **from_pretrained_kwargs) -> nn.Module:
     hf_logging.set_verbosity_error()  # the routers are "unexpected" keys for the base class
     try:
         model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=base, **from_pretrained_kwargs)
+    except Exception as exc:  # safetensors, torch and transformers each raise their own types
+        raise ValueError(f"cannot load the weights in {path!r} (truncated or missing model.safetensors?): {exc}") from exc
     finally:
         hf_logging.set_verbosity(verbosity)
     convert_to_mixsga(model, MixSGAConfig.from_dict(spec))

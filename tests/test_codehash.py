@@ -145,7 +145,9 @@ def scratch(tmp_path_factory) -> Path:
 
 
 def snakemake(root: Path, *args: str) -> str:
-    proc = subprocess.run([SNAKEMAKE, "--cores", "1", "--configfile", CI_CONFIG, *args], cwd=root,
+    # the placeholder outputs are empty files, not records: skip the start-up record check
+    proc = subprocess.run([SNAKEMAKE, "--cores", "1", "--configfile", CI_CONFIG, *args,
+                           "--config", "check_records=False"], cwd=root,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc.stdout + proc.stderr

@@ -72,6 +72,9 @@ def validate_config(config: Mapping[str, Any]) -> dict:
     if errors:
         lines = [f"config key '{_key_name(e.absolute_path)}': {e.message}" for e in errors]
         raise ConfigError("invalid config:\n  " + "\n  ".join(lines + _unknown_methods(resolved)))
+    from harness.orchestration.checks import check_config  # imports this module
+
+    check_config(resolved)
     _check_semantics(resolved)
     return resolved
 
@@ -127,16 +130,26 @@ def load_config(paths: str | Path | Iterable[str | Path], overrides: Mapping[str
     """Load YAML config file(s) (later ones merged over earlier ones, as Snakemake does) and validate."""
     if isinstance(paths, (str, Path)):
         paths = [paths]
+    from harness.orchestration.checks import read_config_file  # imports this module
+
     merged: dict = {}
     for path in paths:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping, got {type(data).__name__}")
-        merge_config(merged, data)
+        merge_config(merged, read_config_file(path))
     if overrides:
         merge_config(merged, dict(overrides))
     return validate_config(merged)
+
+
+#: The workflow's own config file (the Snakefile's ``configfile:``); --configfile files merge over it.
+DEFAULT_CONFIGFILE = REPO_ROOT / "config" / "config.yaml"
+
+
+def resolve_config(configfiles: Iterable[str | Path] = (), overrides: Mapping[str, Any] | None = None) -> dict:
+    """The config ``snakemake --configfile F... --config K=V...`` runs: the default file, then ``F...``, then ``K=V``.
+
+    The workflow (common.smk) and every CLI command resolve through this one function.
+    """
+    return load_config([DEFAULT_CONFIGFILE, *configfiles], overrides)
 
 
 def merge_config(base: dict, update: Mapping[str, Any]) -> dict:
@@ -267,6 +280,7 @@ def run_table(cfg: Mapping[str, Any]) -> list[dict]:
     experiments asking for the same run share it, and its evaluations are the union of theirs.
     """
     by_id: dict[str, dict] = {}
+    origin: dict[str, str] = {}  # run id -> the config key that first asked for it
     for exp_name, exp in cfg["experiments"].items():
         models = exp.get("models") or [m["name"] for m in cfg["models"]]
         seeds = exp.get("seeds") or cfg["seeds"]
@@ -285,6 +299,7 @@ def run_table(cfg: Mapping[str, Any]) -> list[dict]:
                                              training=exp["training"], params=params)
                         row = by_id.get(run_id)
                         if row is None:
+                            origin[run_id] = where
                             row = by_id[run_id] = {
                                 "run_id": run_id,
                                 "experiments": [],
@@ -298,9 +313,11 @@ def run_table(cfg: Mapping[str, Any]) -> list[dict]:
                                 "seed": int(seed),
                                 "evaluate": [],
                             }
-                        elif row["params"] != params:
-                            raise ConfigError(f"run id {run_id!r} stands for two different param sets: "
-                                              f"{row['params']} and {params}")
+                        elif row["params"] != params or row["budget"] != float(budget):
+                            raise ConfigError(f"run id {run_id!r} stands for two different runs: budget "
+                                              f"{row['budget']:g}, params {row['params']} ({origin[run_id]}) and "
+                                              f"budget {float(budget):g}, params {params} ({where}); run ids "
+                                              "keep budgets to 0.01 % and must differ")
                         if exp_name not in row["experiments"]:
                             row["experiments"].append(exp_name)
                         for what in exp["evaluate"]:

@@ -176,6 +176,18 @@ def _refresh_experiments(out: Path, spec: Mapping[str, Any]) -> dict | None:
     return record
 
 
+def load_trained_state(trained_dir: str | Path, device: str = "cpu") -> dict:
+    """The state dict of a trained checkpoint; ValueError naming the file if it cannot be read."""
+    path = Path(trained_dir) / MODEL_FILE
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"no trained weights {path} (delete {trained_dir} to retrain)") from None
+    except Exception as exc:  # torch raises several types for a truncated or foreign file
+        raise ValueError(f"cannot read trained weights {path} (truncated or corrupt? delete {trained_dir} "
+                         f"to retrain): {exc}") from exc
+
+
 def resumable_record(out: Path, spec: Mapping[str, Any], code: str | None) -> dict | None:
     """The record already at ``out`` for this spec and code (relabelled if only its experiments differ), else None."""
     previous = existing_record(out, spec) or _refresh_experiments(out, spec)
@@ -214,14 +226,16 @@ def build(spec: Mapping[str, Any], *, device: str, model_path: str | Path | None
     summary = None
     if trained_dir is not None:
         trained_dir = Path(trained_dir)
-        stored = json.loads((trained_dir / SUMMARY_FILE).read_text())
+        try:
+            stored = json.loads((trained_dir / SUMMARY_FILE).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"cannot read {trained_dir / SUMMARY_FILE} (delete {trained_dir} to retrain): {exc}") from exc
         wanted = json.loads(json.dumps(dict(spec["training"])))
         differ = sorted(k for k in wanted if stored["spec"].get(k) != wanted[k])
         if differ:
             raise ValueError(f"{trained_dir} was trained differently from run {spec['run_id']!r} "
                              f"(fields {differ}); retrain it")
-        state = torch.load(trained_dir / MODEL_FILE, map_location=device, weights_only=True)
-        model.load_state_dict(state)
+        model.load_state_dict(load_trained_state(trained_dir, device))
         model.to(dtype)
         summary = stored["summary"]
     model.eval()

@@ -16,15 +16,20 @@ from harness.orchestration.config import (
     model_entry,
     pretrain_settings,
     pretrained_here,
+    resolve_config,
     run_spec,
     run_table,
     train_table,
-    validate_config,
     write_run_table,
 )
+from harness.orchestration.checks import check_records
 
 # Rejects a bad config here, before Snakemake builds a single job (ConfigError names the key).
-config.update(validate_config(config))
+# The config is resolved as `python -m harness check-config` resolves it (config/config.yaml,
+# then --configfile files, then --config), by the same function: the two cannot disagree.
+_resolved = resolve_config(workflow.config_settings.configfiles, dict(workflow.config_settings.config))
+config.clear()
+config.update(_resolved)
 
 WORK = config["paths"]["work"]
 RESULTS = config["paths"]["results"]
@@ -36,6 +41,10 @@ TOKENIZER = f"{WORK}/tokenizer"
 RUNS = run_table(config)
 RUN_INDEX = {row["run_id"]: row for row in RUNS}
 RUN_IDS = list(RUN_INDEX)
+# A record truncated or edited by hand still looks done to Snakemake (it exists, it is new):
+# refuse it here, naming the file, rather than collate it or report "nothing to be done".
+if config["check_records"]:
+    check_records(f"{RESULTS}/records", RUN_IDS)
 TRAINS = train_table(config, RUNS)
 EXPERIMENTS = list(config["experiments"])
 PRETRAINED = [m["name"] for m in config["models"] if pretrained_here(m)]

@@ -1,0 +1,437 @@
+"""Corpus of bad inputs (issue 14): each is refused before any work, clearly, and writes nothing.
+
+Config cases are a YAML overlay given after the CI config (as ``snakemake --configfile
+.test/config/config.yaml overlay.yaml`` would merge it); each must raise ConfigError whose
+message matches every listed pattern (the offending key, file or value), and leave the
+work and results trees (both in a tmp dir) unmade. API and CLI cases check the same for
+loaders and commands. Cases marked ``xfail(strict=True)`` wait for the per-method specs
+(issue 11); they flip to passing when those land. A few Snakemake dry runs prove the
+workflow shares the checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.orchestration.config import ConfigError, resolve_config, run_table
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+CI_CONFIG = REPO_ROOT / ".test" / "config" / "config.yaml"
+SPECS = pytest.mark.xfail(strict=True, reason="needs method specs (issue 11)")
+
+
+def _runs(*runs: dict, name: str = "main", **exp) -> str:
+    """An overlay replacing the CI config's ``main`` runs."""
+    return yaml.safe_dump({"experiments": {name: {"training": "cpt", "runs": list(runs)} | exp}})
+
+
+def _yaml(**data) -> str:
+    return yaml.safe_dump(data)
+
+
+# (id, overlay YAML, patterns the message must match). "{tmp}" is the test's tmp dir.
+CONFIG_CASES = [
+    # --- silently accepted or wrong before issue 14 ---
+    ("empty-experiments", "experiments: {}\n", [r"overlay\.yaml", r"'experiments'", "empty"]),
+    ("run-id-collision", _runs({"method": "h2o", "budgets": [0.5, 0.50001]}),
+     ["kv50", r"budget 0\.5\b", r"0\.50001", r"experiments\.main\.runs\[0\]"]),
+    ("run-id-collision-across-experiments",
+     yaml.safe_dump({"experiments": {"main": {"training": "cpt", "runs": [{"method": "h2o", "budgets": [0.5]}]},
+                                     "other": {"training": "cpt", "runs": [{"method": "h2o", "budgets": [0.500001]}]}}}),
+     [r"experiments\.main\.runs\[0\]", r"experiments\.other\.runs\[0\]", r"0\.500001"]),
+    ("experiment-named-pareto", _runs({"method": "base"}, name="pareto"), [r"experiments\.pareto", "target"]),
+    ("experiment-named-perf", _runs({"method": "base"}, name="perf"), [r"experiments\.perf", "target"]),
+    ("experiment-named-all", _runs({"method": "base"}, name="all"), [r"experiments\.all"]),
+    ("experiment-named-like-a-rule", _runs({"method": "base"}, name="collate_all"), [r"experiments\.collate_all"]),
+    pytest.param("h2o-keeps-no-token", _runs({"method": "h2o", "budgets": [0.0001]}), [r"0\.0001", "smallest"],
+                 marks=SPECS, id="h2o-keeps-no-token"),
+    pytest.param("streamingllm-no-recent-window", _runs({"method": "streamingllm", "budgets": [0.05]}),
+                 [r"0\.05", "smallest"], marks=SPECS, id="streamingllm-no-recent-window"),
+    pytest.param("h2o+mixsga-keeps-no-token", _runs({"method": "h2o+mixsga", "budgets": [0.01]}),
+                 [r"0\.01", "smallest"], marks=SPECS, id="h2o+mixsga-keeps-no-token"),
+    # --- late before issue 14 (after pretraining or training) ---
+    ("cpt-total-tokens-below-one-batch", _yaml(training={"cpt": {"overrides": {"total_tokens": 100}}}),
+     [r"training\.cpt\.overrides\.total_tokens", r"\b100\b", r"\b128\b"]),
+    ("unknown-recipe", _yaml(training={"sft": {"recipe": "sft_bogus"}}), [r"training\.sft\.recipe", "sft_bogus"]),
+    ("recipe-of-the-wrong-kind", _yaml(training={"cpt": {"recipe": "sft_offline"}}),
+     [r"training\.cpt\.recipe", "sft_offline"]),
+    ("recipe-override-typo", _yaml(training={"sft": {"overrides": {"lrr": 0.1}}}),
+     [r"training\.sft\.overrides", "lrr"]),
+    ("recipe-override-bad-value", _yaml(training={"sft": {"overrides": {"lr": -1}}}),
+     [r"training\.sft\.overrides", "lr", "-1"]),
+    ("context-beyond-model-positions",
+     _yaml(models=[{"name": "llama3", "family": "llama3", "size": "tiny"},
+                   {"name": "gemma2", "family": "gemma2", "size": "tiny"},
+                   {"name": "opt", "family": "opt", "size": "tiny"}],
+           measure={"context_lengths": [1100]}),
+     [r"measure\.context_lengths", r"\b1100\b", r"\b1024\b", "'opt'"]),
+    ("eval-seq-len-beyond-positions",
+     _yaml(models=[{"name": "llama3", "family": "llama3", "size": "tiny"},
+                   {"name": "gemma2", "family": "gemma2", "size": "tiny"}], eval={"seq_len": 4096}),
+     [r"eval\.seq_len", r"\b4096\b", r"\b2048\b"]),
+    pytest.param("gqa-unknown-param", _runs({"method": "gqa", "budgets": [0.5], "params": {"foo": 1}}),
+                 [r"runs\[0\]\.params", "foo"], id="gqa-unknown-param"),
+    pytest.param("mixsga-ratios-contradict-budget",
+                 _runs({"method": "mixsga", "budgets": [0.25], "params": {"ratios": [3, 1, 6]}}),
+                 [r"runs\[0\]", "ratios", r"0\.25"], marks=SPECS, id="mixsga-ratios-contradict-budget"),
+    pytest.param("h2o+mixsga-above-inner-budget", _runs({"method": "h2o+mixsga", "budgets": [0.6]}),
+                 [r"runs\[0\]", "inner", r"0\.6"], marks=SPECS, id="h2o+mixsga-above-inner-budget"),
+    pytest.param("mixsga-budget-without-derivable-ratios",
+                 _runs({"method": "mixsga", "budgets": [0.2], "params": {"group_sizes": [1, 2]}}),
+                 [r"runs\[0\]", r"0\.2", "ratios"], marks=SPECS, id="mixsga-budget-without-derivable-ratios"),
+    pytest.param("negative-ratios-with-budgets",
+                 _runs({"method": "mixsga", "budgets": [0.5], "params": {"ratios": [-1, 1, 2]}}),
+                 [r"params\.ratios", "negative"], marks=SPECS, id="negative-ratios-with-budgets"),
+    pytest.param("unsorted-group-sizes",
+                 _runs({"method": "mixsga", "params": {"ratios": [3, 1, 6], "group_sizes": [4, 2, 1]}}),
+                 [r"params\.group_sizes", "increasing"], marks=SPECS, id="unsorted-group-sizes"),
+    pytest.param("unknown-router", _runs({"method": "mixsga", "budgets": [0.5], "params": {"router": "foo"}}),
+                 [r"params\.router", "foo"], marks=SPECS, id="unknown-router"),
+    pytest.param("snapkv-window-beyond-context",
+                 _runs({"method": "snapkv", "budgets": [0.5], "params": {"window": 64}}),
+                 [r"params\.window", r"\b64\b", r"\b32\b"], marks=SPECS, id="snapkv-window-beyond-context"),
+    # --- unclear before issue 14 ---
+    ("all-zero-ratios", _runs({"method": "mixsga", "params": {"ratios": [0, 0, 0]}}),
+     [r"experiments\.main\.runs\[0\]\.params\.ratios", "all zero"]),
+    ("negative-ratios", _runs({"method": "mixsga", "params": {"ratios": [-1, 1, 2]}}),
+     [r"experiments\.main\.runs\[0\]\.params\.ratios", "negative"]),
+    ("ratios-not-numbers", _runs({"method": "mixsga", "params": {"ratios": "316"}}),
+     [r"params\.ratios", "'316'"]),
+    ("ratios-of-the-wrong-length", _runs({"method": "mixsga", "params": {"ratios": [1, 2]}}),
+     [r"params\.ratios", "group sizes"]),
+    ("yaml-syntax-error", "seeds: [0\nmodels: x\n", [r"overlay\.yaml", "line 2", "YAML"]),
+    ("yaml-tab-indentation", "pretrain:\n\tsteps: 3\n", [r"overlay\.yaml", "line 2"]),
+    ("paths-work-is-a-file", "paths: {work: '{tmp}/a_file'}\n", [r"paths\.work", "a_file", "not a directory"]),
+    ("paths-results-is-work", "paths: {work: '{tmp}/same', results: '{tmp}/same'}\n", [r"paths\.results"]),
+    ("seed-beyond-run-id-pattern", "seeds: [10000000000]\n", [r"seeds\[0\]", "10000000000", "999999999"]),
+    ("experiment-seed-beyond-pattern", _runs({"method": "base"}, seeds=[1234567890]),
+     [r"experiments\.main\.seeds\[0\]", "1234567890"]),
+    # --- refused clearly before issue 14 (kept so that they stay so) ---
+    ("unknown-top-level-key", "pretrian: {steps: 3}\n", ["pretrian"]),
+    ("negative-steps", "pretrain: {steps: -3}\n", [r"pretrain\.steps", "-3"]),
+    ("unknown-method", _runs({"method": "foo", "budgets": [0.5]}), [r"experiments\.main\.runs\[0\]\.method", "foo"]),
+    ("unknown-model-in-experiment", _runs({"method": "base"}, models=["nope"]), [r"experiments\.main\.models", "nope"]),
+    ("base-with-budgets", _runs({"method": "base", "budgets": [0.5]}), [r"runs\[0\]", "base", r"0\.5"]),
+    ("gqa-without-budgets", _runs({"method": "gqa"}), [r"runs\[0\]", "gqa", "budgets"]),
+    ("gqa-infeasible-budget", _runs({"method": "gqa", "budgets": [0.3]}), [r"runs\[0\]", "30.00%", "feasible"]),
+    ("budget-above-one", _runs({"method": "gqa", "budgets": [1.5]}), [r"budgets\[0\]", r"1\.5"]),
+    ("budget-zero", _runs({"method": "h2o", "budgets": [0]}), [r"budgets\[0\]"]),
+    ("duplicate-budgets", _runs({"method": "h2o", "budgets": [0.5, 0.5]}), [r"budgets"]),
+    ("mqa-wrong-budget", _runs({"method": "mqa", "budgets": [0.5]}), ["MQA", "25.00%"]),
+    ("group-sizes-not-dividing-heads",
+     _runs({"method": "mixsga", "params": {"ratios": [1, 1], "group_sizes": [1, 3]}}), ["group sizes", r"\[3\]"]),
+    ("duplicate-model-name", _yaml(models=[{"name": "a", "family": "llama3", "size": "tiny"}] * 2),
+     [r"models\[1\]\.name", "'a'"]),
+    ("model-with-size-and-hub", _yaml(models=[{"name": "a", "family": "llama3", "size": "tiny", "hub": "x/y"}]),
+     [r"models\[0\]", "exactly one"]),
+    ("hub-model-pretrained", _yaml(models=[{"name": "a", "family": "llama3", "hub": "x/y", "pretrain": {"steps": 1}}]),
+     [r"models\[0\]\.pretrain"]),
+    ("unknown-family", _yaml(models=[{"name": "a", "family": "gpt9", "size": "tiny"}]), [r"models\[0\]\.family", "gpt9"]),
+    ("bad-model-name", _yaml(models=[{"name": "a_b", "family": "llama3", "size": "tiny"}]), [r"models\[0\]\.name", "a_b"]),
+    ("rouge-without-sft", _runs({"method": "base"}, evaluate=["rouge"], training="none"), [r"experiments\.main\.evaluate", "ROUGE"]),
+    ("text-path-with-corpus", "eval: {text_path: /x}\n", [r"eval\.text_path"]),
+    ("unknown-profile", "profile: nope\n", ["profile", "nope"]),
+    ("unknown-device", "device: tpu\n", ["device", "tpu"]),
+    ("duplicate-seeds", "seeds: [0, 0]\n", ["seeds"]),
+    ("negative-seed", "seeds: [-1]\n", [r"seeds\[0\]", "-1"]),
+    ("bad-experiment-name", _runs({"method": "base"}, name="Bad-Name"), ["Bad-Name"]),
+    ("experiment-without-runs", "experiments: {extra: {training: cpt}}\n", [r"experiments\.extra", "runs"]),
+    ("unknown-training", _runs({"method": "base"}, training="rlhf"), [r"experiments\.main\.training", "rlhf"]),
+    ("vocab-too-small", "tokenizer: {vocab_size: 100}\n", [r"tokenizer\.vocab_size", "100"]),
+    ("threads-zero", "threads: 0\n", ["threads"]),
+    ("too-few-repeats", "measure: {repeats: 2}\n", [r"measure\.repeats"]),
+    ("config-not-a-mapping", "- a\n- b\n", [r"overlay\.yaml", "mapping"]),
+]
+
+
+def _case_id(case) -> str:
+    return case.id if hasattr(case, "id") else case[0]
+
+
+def _config_files(tmp_path: Path, overlay: str) -> list[Path]:
+    """The CI config with its paths moved under tmp, then the overlay (``{tmp}`` expanded)."""
+    ci = yaml.safe_load(CI_CONFIG.read_text())
+    ci["paths"] = {"work": str(tmp_path / "work"), "results": str(tmp_path / "results")}
+    (tmp_path / "ci.yaml").write_text(yaml.safe_dump(ci, sort_keys=False))
+    (tmp_path / "a_file").write_text("not a directory\n")
+    (tmp_path / "overlay.yaml").write_text(overlay.replace("{tmp}", str(tmp_path)))
+    return [tmp_path / "ci.yaml", tmp_path / "overlay.yaml"]
+
+
+def _nothing_written(tmp_path: Path) -> None:
+    made = sorted(p.name for p in tmp_path.iterdir()) 
+    assert made == ["a_file", "ci.yaml", "overlay.yaml"], f"something was written: {made}"
+
+
+def _assert_names(message: str, patterns: list[str]) -> None:
+    for pattern in patterns:
+        assert re.search(pattern, message), f"{pattern!r} not in message:\n{message}"
+
+
+@pytest.mark.parametrize("case_id, overlay, patterns", CONFIG_CASES, ids=[_case_id(c) for c in CONFIG_CASES])
+def test_bad_config_refused_at_expansion(tmp_path, case_id, overlay, patterns):
+    with pytest.raises(ConfigError) as info:
+        resolve_config(_config_files(tmp_path, overlay))
+    _assert_names(str(info.value), patterns)
+    _nothing_written(tmp_path)
+
+
+def test_the_ci_config_itself_resolves(tmp_path):
+    """The base every case starts from is valid (so each error is the overlay's)."""
+    cfg = resolve_config(_config_files(tmp_path, "profile: test\n"))
+    assert run_table(cfg)
+    _nothing_written(tmp_path)
+
+
+def test_budgets_apart_by_more_than_the_id_precision_stay_two_runs(tmp_path):
+    cfg = resolve_config(_config_files(tmp_path, _runs({"method": "h2o", "budgets": [0.5, 0.5001]})))
+    ids = [r["run_id"] for r in run_table(cfg) if r["method"] == "h2o" and r["model"] == "llama3"]
+    assert len(ids) == len(set(ids)) == 2
+
+
+def test_named_paper_experiments_are_not_reserved():
+    from harness.orchestration.checks import reserved_experiment_names
+
+    reserved = reserved_experiment_names()
+    assert {"pareto", "perf", "all", "report", "run", "train"} <= reserved
+    assert not {"main", "table1_sft", "figure3_budget_sweep"} & reserved
+
+
+# --- the command line: the same resolution as Snakemake, clear errors, exit status 2 ---
+
+def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    from harness.cli import main
+
+    rc = main(argv)
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_check_config_resolves_over_the_default_config_as_snakemake_does(tmp_path, capsys):
+    overlay = tmp_path / "only_profile.yaml"
+    overlay.write_text("profile: test\nseeds: [3]\n")
+    rc, out, _ = _cli(["check-config", "--configfile", str(overlay)], capsys)
+    assert rc == 0
+    resolved = yaml.safe_load(out)
+    default = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
+    # everything the overlay does not set comes from config/config.yaml, as `configfile:` in the Snakefile
+    assert [m["name"] for m in resolved["models"]] == [m["name"] for m in default["models"]]
+    assert list(resolved["experiments"]) == list(default["experiments"])
+    assert resolved["seeds"] == [3] and resolved["profile"] == "test"
+    assert resolved == resolve_config([overlay])
+
+
+@pytest.mark.parametrize("argv, patterns", [
+    (["run", "--spec", "{not json", "--out", "{tmp}/results/r.json"], ["--spec", "not valid JSON"]),
+    (["run", "--spec", "[1, 2]", "--out", "{tmp}/results/r.json"], ["--spec", "JSON object"]),
+    (["run", "--spec", '{"run_id": "x"}', "--out", "{tmp}/results/r.json"], ["--spec", "lacks", "'model'"]),
+    (["train", "--spec", '{"kind": "cpt"}', "--out", "{tmp}/work/t"], ["--spec", "lacks", "'train_id'"]),
+    (["run", "--spec", "{}", "--run-id", "x", "--out", "{tmp}/results/r.json"], ["exactly one of"]),
+    (["run", "--run-id", "nope__none__base__kv100__s0", "--configfile", "{tmp}/ci.yaml",
+      "--out", "{tmp}/results/r.json"], ["nope__none__base__kv100__s0", "not in the grid"]),
+    (["train", "--train-id", "nope", "--configfile", "{tmp}/ci.yaml", "--out", "{tmp}/work/t"],
+     ["'nope'", "not needed"]),
+    (["grid", "--configfile", "{tmp}/missing.yaml"], [r"missing\.yaml", "does not exist"]),
+    (["check-config", "--configfile", "{tmp}/overlay.yaml"], [r"overlay\.yaml", "empty mapping"]),
+], ids=["spec-bad-json", "spec-not-object", "run-spec-missing-fields", "train-spec-missing-fields",
+        "spec-and-run-id", "unknown-run-id", "unknown-train-id", "missing-config-file", "check-config-empty-experiments"])
+def test_cli_refuses_clearly(tmp_path, capsys, argv, patterns):
+    _config_files(tmp_path, "experiments: {}\n")
+    rc, _, err = _cli([a.replace("{tmp}", str(tmp_path)) for a in argv], capsys)
+    assert rc == 2
+    _assert_names(err, patterns)
+    _nothing_written(tmp_path)
+
+
+def test_spec_fields_are_those_the_config_produces(tmp_path):
+    from harness.cli import SPEC_FIELDS
+    from harness.orchestration.config import run_spec, train_table
+
+    cfg = resolve_config(_config_files(tmp_path, "profile: test\n"))
+    rows = run_table(cfg)
+    assert set(SPEC_FIELDS["run"]) <= set(run_spec(cfg, rows[0]["run_id"], rows))
+    for spec in train_table(cfg, rows).values():
+        assert set(SPEC_FIELDS["train"]) <= set(spec)
+
+
+def test_analysis_refuses_an_empty_table(tmp_path, capsys):
+    from analysis.__main__ import main
+
+    for name, text in (("empty.csv", ""), ("header_only.csv", "run_id,method\n")):
+        table = tmp_path / name
+        table.write_text(text)
+        rc = main(["table", "--table", str(table), "--experiment", "main",
+                   "--csv", str(tmp_path / "out.csv"), "--md", str(tmp_path / "out.md")])
+        assert rc == 2
+        _assert_names(capsys.readouterr().err, [re.escape(str(table)), "no rows|empty"])
+    assert not (tmp_path / "out.csv").exists() and not (tmp_path / "out.md").exists()
+
+
+# --- method packages and loaders ---
+
+@pytest.mark.parametrize("ratios", ["316", b"316", (3, "1", 6), (True, 1, 2)])
+def test_mixsga_config_refuses_ratios_that_are_not_numbers(ratios):
+    from mixsga.config import MixSGAConfig
+
+    with pytest.raises(ValueError, match="ratios must be a sequence of numbers"):
+        MixSGAConfig(ratios=ratios)
+
+
+@SPECS
+def test_eviction_policy_refuses_a_bool_keep():
+    from baselines.eviction import EvictionPolicy
+
+    with pytest.raises(ValueError, match="keep"):
+        EvictionPolicy(method="h2o", keep=True)
+
+
+def _tiny_llama():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=8, max_position_embeddings=32, pad_token_id=0, eos_token_id=1,
+        bos_token_id=2)).eval()
+
+
+def test_convert_to_gqa_refuses_a_mixsga_model():
+    from baselines.gqa import convert_to_gqa
+    from mixsga import convert_to_mixsga
+    from mixsga.config import MixSGAConfig
+
+    model = convert_to_mixsga(_tiny_llama(), MixSGAConfig(ratios=(3, 1, 6), group_sizes=(1, 2, 4)))
+    with pytest.raises(ValueError, match="mixSGA"):
+        convert_to_gqa(model, 2)
+
+
+def test_load_mixsga_names_a_missing_directory_or_config(tmp_path):
+    from mixsga import load_mixsga
+
+    with pytest.raises(FileNotFoundError, match=re.escape(str(tmp_path / "nope"))):
+        load_mixsga(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_mixsga(str(tmp_path / "empty"))
+
+
+@pytest.fixture(scope="module")
+def saved_mixsga(tmp_path_factory) -> Path:
+    from mixsga import convert_to_mixsga
+    from mixsga.config import MixSGAConfig
+
+    path = tmp_path_factory.mktemp("mixsga") / "model"
+    convert_to_mixsga(_tiny_llama(), MixSGAConfig(ratios=(3, 1, 6))).save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_safetensors_name_the_file(tmp_path, saved_mixsga, damage):
+    import shutil
+
+    from baselines.checkpoint import _read_state_dict
+    from harness.models.zoo import load_base_model
+    from mixsga import load_mixsga
+
+    path = tmp_path / "model"
+    shutil.copytree(saved_mixsga, path)
+    weights = path / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 64)
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        load_mixsga(str(path))
+    with pytest.raises(ValueError, match=re.escape(str(weights))):
+        _read_state_dict(path)
+    with pytest.raises(ValueError, match=re.escape(str(path))):
+        load_base_model(path)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "missing"])
+def test_damaged_trained_weights_name_the_file(tmp_path, damage):
+    import torch
+
+    from harness.orchestration.run import MODEL_FILE, load_trained_state
+
+    weights = tmp_path / MODEL_FILE
+    torch.save({"w": torch.zeros(64)}, weights)
+    assert set(load_trained_state(tmp_path)) == {"w"}
+    data = weights.read_bytes()
+    if damage == "missing":
+        weights.unlink()
+    else:
+        weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"garbage" * 32)
+    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(str(weights))):
+        load_trained_state(tmp_path)
+
+
+# --- corrupt outputs: refused at workflow start ---
+
+def test_check_records_names_a_truncated_record_and_accepts_valid_ones(tmp_path, make_record):
+    from harness.orchestration.checks import check_records
+    from harness.orchestration.records import write_record
+
+    good, bad = make_record(seed=0), make_record(seed=1)
+    ids = [good["identity"]["run_id"], bad["identity"]["run_id"]]
+    write_record(tmp_path / f"{ids[0]}.json", good)
+    check_records(tmp_path, ids + ["absent__none__base__kv100__s0"])  # valid and missing records pass
+    path = write_record(tmp_path / f"{ids[1]}.json", bad)
+    text = path.read_text()
+    stat = path.stat()
+    path.write_text(text[: len(text) // 2])
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # truncated by hand, mtime kept
+    with pytest.raises(ConfigError, match=re.escape(str(path))) as info:
+        check_records(tmp_path, ids)
+    assert ids[0] not in str(info.value)
+    path.write_text(json.dumps({"identity": {"run_id": ids[1]}}))  # valid JSON, not a record
+    with pytest.raises(ConfigError, match=re.escape(str(path))):
+        check_records(tmp_path, ids)
+
+
+# --- the workflow: the same checks, before Snakemake builds a job (3 dry runs, ~2 s each) ---
+
+def _snakemake_n(*configfiles: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO_ROOT), os.environ.get("PYTHONPATH", "")])}
+    cmd = [sys.executable, "-m", "snakemake", "-n", "--cores", "1", "--configfile", *map(str, configfiles)]
+    return subprocess.run(cmd, cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_workflow_refuses_what_check_config_refuses(tmp_path):
+    files = _config_files(tmp_path, "experiments: {}\n")
+    done = _snakemake_n(*files)
+    assert done.returncode != 0
+    _assert_names(done.stdout + done.stderr, [r"overlay\.yaml", "'experiments'"])
+    _nothing_written(tmp_path)
+
+
+def test_workflow_refuses_a_truncated_record_naming_it(tmp_path, make_record):
+    from harness.orchestration.records import write_record
+
+    files = _config_files(tmp_path, "profile: test\n")
+    run_id = next(r["run_id"] for r in run_table(resolve_config(files)) if r["method"] == "h2o")
+    record = make_record()
+    path = write_record(tmp_path / "results" / "records" / f"{run_id}.json", record)
+    path.write_text(path.read_text()[:100])
+    done = _snakemake_n(*files)
+    assert done.returncode != 0
+    _assert_names(done.stdout + done.stderr, [re.escape(str(path)), "corrupt"])
+    assert sorted(p.name for p in (tmp_path / "results").rglob("*")) == sorted(["records", path.name])
+    assert not (tmp_path / "work").exists()
+
+
+def test_workflow_plans_the_same_grid_as_the_cli(tmp_path):
+    files = _config_files(tmp_path, "profile: test\n")
+    done = _snakemake_n(*files)
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = run_table(resolve_config(files))
+    planned = set(re.findall(r"records/([^\s/]+)\.json", done.stdout))
+    assert planned == {r["run_id"] for r in rows}
+    assert not (tmp_path / "work").exists() and not (tmp_path / "results").exists()
