@@ -120,6 +120,60 @@ def test_later_config_files_replace_lists_and_merge_mappings():
     assert merged == {"a": {"b": 3, "c": 2}, "l": [9]}
 
 
+def _file(path):
+    return yaml.safe_load(path.read_text())
+
+
+def test_paper_profile_trains_with_the_paper_recipes_and_no_offline_value():
+    from harness.training.recipes import CPT_PAPER, SFT_PAPER_OPT, get_recipe
+
+    offline = _file(DEFAULT)["training"]
+    trains = train_table(load_config([DEFAULT, PAPER]))
+    kinds = {spec["kind"] for spec in trains.values()}
+    assert kinds == {"cpt", "sft"}
+    for train_id, spec in trains.items():
+        paper = CPT_PAPER if spec["kind"] == "cpt" else SFT_PAPER_OPT
+        assert spec["recipe"] == paper.name, train_id
+        assert spec["overrides"] == {}, f"{train_id}: offline overrides leaked into the paper profile"
+        assert get_recipe(spec["recipe"], **spec["overrides"]) == paper
+        # no value of the offline profile's training section survives
+        for key, value in offline[spec["kind"]].items():
+            if key != "overrides":
+                assert spec.get(key) != value or value is None, f"{train_id}: offline {key}={value!r} survives"
+    cpt = get_recipe(CPT_PAPER.name)
+    # Table 7: one epoch of MiniPile (~1.6B tokens) in 256K-token batches at lr 2e-4
+    assert (cpt.lr, cpt.batch_size, cpt.seq_len, cpt.epochs) == (2e-4, 128, 2048, 1.0)
+    sft = get_recipe(SFT_PAPER_OPT.name)
+    assert (sft.lr, sft.batch_size, sft.epochs) == (5e-5, 32, 40.0)
+    assert {s["data"] for s in trains.values()} == {"minipile", "dolly"}
+
+
+def test_gpu_profile_trains_with_its_own_overrides_only():
+    from harness.training.recipes import get_recipe
+
+    gpu, offline = _file(GPU)["training"], _file(DEFAULT)["training"]
+    trains = train_table(load_config([DEFAULT, GPU]))
+    assert {spec["kind"] for spec in trains.values()} == {"cpt", "sft"}
+    for train_id, spec in trains.items():
+        kind = spec["kind"]
+        assert spec["overrides"] == gpu[kind]["overrides"], train_id
+        recipe_name = gpu[kind].get("recipe", offline[kind]["recipe"])
+        assert get_recipe(spec["recipe"], **spec["overrides"]) == get_recipe(recipe_name, **gpu[kind]["overrides"])
+    # the offline CPT lr (2e-4, tuned for 12 steps) does not reach the GPU profile's 256 steps
+    cpt = next(s for s in trains.values() if s["kind"] == "cpt")
+    assert "lr" not in cpt["overrides"] and get_recipe(cpt["recipe"], **cpt["overrides"]).lr == 1e-3
+
+
+def test_recipe_overrides_and_experiments_replace_whole():
+    base = {"training": {"cpt": {"recipe": "a", "overrides": {"lr": 1, "seq_len": 2}}},
+            "experiments": {"x": {"models": ["m"], "evaluate": ["ppl"], "runs": [1]}}, "eval": {"a": 1, "b": 2}}
+    merge_config(base, {"training": {"cpt": {"recipe": "b", "overrides": {"seq_len": 3}}},
+                        "experiments": {"x": {"runs": [2]}}, "eval": {"b": 3}})
+    assert base["training"]["cpt"] == {"recipe": "b", "overrides": {"seq_len": 3}}
+    assert base["experiments"]["x"] == {"runs": [2]}
+    assert base["eval"] == {"a": 1, "b": 3}  # other mappings still merge key by key
+
+
 def test_config_file_must_hold_a_mapping(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("- just\n- a list\n")

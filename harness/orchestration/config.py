@@ -109,7 +109,11 @@ def _check_semantics(cfg: dict) -> None:
 
 
 def load_config(paths: str | Path | Iterable[str | Path], overrides: Mapping[str, Any] | None = None) -> dict:
-    """Load YAML config file(s) (later ones merged over earlier ones, as Snakemake does) and validate."""
+    """Load YAML config file(s), later ones over earlier ones by :func:`merge_config`, and validate.
+
+    The workflow resolves its config through this too (``workflow/rules/common.smk``), so that
+    Snakemake and the CLI apply the same profile rule (:data:`REPLACED_WHOLE`).
+    """
     if isinstance(paths, (str, Path)):
         paths = [paths]
     merged: dict = {}
@@ -124,11 +128,30 @@ def load_config(paths: str | Path | Iterable[str | Path], overrides: Mapping[str
     return validate_config(merged)
 
 
-def merge_config(base: dict, update: Mapping[str, Any]) -> dict:
-    """Merge ``update`` into ``base`` in place: mappings key by key, everything else replaced."""
+#: Mappings a later config file replaces whole instead of merging into them key by key ('*':
+#: any key). A profile's recipe overrides are relative to the recipe *it* names, so offline
+#: overrides must not survive under the paper's recipe; an experiment is what its profile says.
+REPLACED_WHOLE: tuple[tuple[str, ...], ...] = (
+    ("training", "cpt", "overrides"),
+    ("training", "sft", "overrides"),
+    ("experiments", "*"),
+)
+
+
+def _replaced_whole(path: tuple[str, ...]) -> bool:
+    return any(len(p) == len(path) and all(a in ("*", b) for a, b in zip(p, path)) for p in REPLACED_WHOLE)
+
+
+def merge_config(base: dict, update: Mapping[str, Any], _path: tuple[str, ...] = ()) -> dict:
+    """Merge ``update`` into ``base`` in place: mappings key by key, everything else replaced.
+
+    Exceptions (:data:`REPLACED_WHOLE`): ``training.{cpt,sft}.overrides`` and each
+    ``experiments.<name>`` entry are replaced whole by a later file that gives them.
+    """
     for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
-            merge_config(base[key], value)
+        path = (*_path, str(key))
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict) and not _replaced_whole(path):
+            merge_config(base[key], value, path)
         else:
             base[key] = copy.deepcopy(value)
     return base

@@ -15,6 +15,7 @@ os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.env
 from harness.orchestration.config import (
     architecture_of,
     code_hash,
+    load_config,
     model_entry,
     pretrain_settings,
     pretrained_here,
@@ -25,8 +26,15 @@ from harness.orchestration.config import (
     write_run_table,
 )
 
-# Rejects a bad config here, before Snakemake builds a single job (ConfigError names the key).
-config.update(validate_config(config))
+# Snakemake merged the config files key by key. Resolve them again, in the same order, by the
+# profile rule of harness.orchestration.config.merge_config (a later file's recipe overrides and
+# experiment entries replace the earlier ones whole), so the workflow and `python -m harness`
+# resolve a profile alike. load_config validates: a bad config stops here, before any job.
+_cli_files = [Path(f).absolute() for f in workflow.overwrite_configfiles]
+_own_files = [Path(f) for f in workflow.configfiles if Path(f).absolute() not in _cli_files]
+_resolved = load_config(_own_files + _cli_files, overrides=dict(workflow.config_settings.config or {}))
+config.clear()
+config.update(_resolved)
 
 WORK = config["paths"]["work"]
 RESULTS = config["paths"]["results"]
