@@ -122,7 +122,7 @@ def test_hub_path_calls_load_dataset_with_the_paper_names(monkeypatch):
         calls.append((repo, config, split, kwargs))
         if repo == "databricks/databricks-dolly-15k":
             return dolly_rows(1200)
-        if repo == "wikitext":
+        if repo == "Salesforce/wikitext":
             return [{"text": line + "\n" if line else ""} for line in WIKI_RAW.split("\n")[:-1]]
         if repo == "JeanKaddour/minipile":
             return [{"text": "doc"}]
@@ -139,6 +139,6 @@ def test_hub_path_calls_load_dataset_with_the_paper_names(monkeypatch):
             load_instruction_set(name)
             assert calls[-1][0] == source.repo
     assert len(load_text_set("wikitext2", split="test")) == 2
-    assert calls[-1] == ("wikitext", "wikitext-2-raw-v1", "test", {})
+    assert calls[-1] == ("Salesforce/wikitext", "wikitext-2-raw-v1", "test", {})
     assert load_text_set("minipile", split="validation") == ["doc"]
     assert calls[-1] == ("JeanKaddour/minipile", None, "validation", {})

@@ -41,8 +41,9 @@ def texts_fingerprint(texts: list[str]) -> str:
     return digest.hexdigest()
 
 
-def load_eval_texts(eval_cfg: Mapping[str, Any], corpus_dir: str | Path | None) -> list[str]:
-    """The held-out documents to score: the offline corpus split, or a hub text set."""
+def load_eval_texts(eval_cfg: Mapping[str, Any], corpus_dir: str | Path | None,
+                    datasets: Mapping[str, Any] | None = None) -> list[str]:
+    """The held-out documents to score: the offline corpus split, or a hub text set (``datasets``: its local copy)."""
     if eval_cfg["text_set"] == "corpus":
         if corpus_dir is None:
             raise ValueError("eval.text_set 'corpus' needs --corpus (the directory built by 'harness corpus')")
@@ -52,15 +53,19 @@ def load_eval_texts(eval_cfg: Mapping[str, Any], corpus_dir: str | Path | None) 
     else:
         from harness.data.hub_data import load_text_set
 
-        texts = load_text_set(eval_cfg["text_set"], path=eval_cfg["text_path"], split=eval_cfg["split"])
+        source = (datasets or {}).get(eval_cfg["text_set"]) or {}
+        texts = load_text_set(eval_cfg["text_set"], path=source.get("path"), split=eval_cfg["split"])
     if not texts:
         raise ValueError(f"no documents in eval set {eval_cfg['text_set']!r} split {eval_cfg['split']!r}")
     return texts
 
 
-def load_instruction_rows(name: str, split: str, *, instruct_dir: str | Path | None, path: str | None,
-                          max_rows: int | None) -> list[dict]:
-    """Rows ``{"id", "prompt", "references"}`` of the offline set (``name='offline'``) or a hub set."""
+def load_instruction_rows(name: str, split: str, *, instruct_dir: str | Path | None,
+                          source: Mapping[str, Any] | None, max_rows: int | None) -> list[dict]:
+    """Rows ``{"id", "prompt", "references"}`` of the offline set (``name='offline'``) or a hub set.
+
+    ``source``: the set's ``datasets.<name>`` entry (local path; Dolly's held-out size and seed).
+    """
     if name == "offline":
         if instruct_dir is None:
             raise ValueError("the offline instruction set needs --instruct (the directory built by 'harness instruct')")
@@ -70,7 +75,9 @@ def load_instruction_rows(name: str, split: str, *, instruct_dir: str | Path | N
     else:
         from harness.data.hub_data import load_instruction_set
 
-        rows = load_instruction_set(name, path=path, split=split)
+        source = dict(source or {})
+        split_keys = {"eval_size": source["heldout"], "seed": source["seed"]} if "heldout" in source else {}
+        rows = load_instruction_set(name, path=source.get("path"), split=split, **split_keys)
     if not rows:
         raise ValueError(f"instruction set {name!r} split {split!r} has no rows")
     return rows[:max_rows] if max_rows else rows
@@ -110,11 +117,11 @@ def training_data(spec: Mapping[str, Any], tokenizer, recipe, *, corpus_dir, ins
         else:
             from harness.data.hub_data import load_text_set
 
-            texts = load_text_set(spec["data"], path=spec["data_path"], split="train")
+            texts = load_text_set(spec["data"], path=(spec.get("dataset") or {}).get("path"), split="train")
         # the stream only needs one pass of the recipe's tokens (plus a block); fewer means epochs
         need = recipe.total_tokens + recipe.seq_len if recipe.total_tokens else None
         return cpt_data(tokenizer, texts, recipe.seq_len, max_tokens=need)
-    rows = load_instruction_rows(spec["data"], "train", instruct_dir=instruct_dir, path=spec["data_path"],
+    rows = load_instruction_rows(spec["data"], "train", instruct_dir=instruct_dir, source=spec.get("dataset"),
                                  max_rows=spec["max_rows"])
     return sft_data(tokenizer, rows, recipe.seq_len)
 
@@ -252,17 +259,19 @@ def measure_latency(model, method, params, prompt: torch.Tensor, measure_cfg: Ma
 def evaluate_zeroshot(model, tokenizer, texts: list[str], zs_cfg: Mapping[str, Any], tasks_dir: Path,
                       seed: int) -> dict[str, float | None]:
     """``{task: accuracy}`` (and ``{task}_norm``) through lm-eval; ``local`` = held-out multiple choice."""
-    from harness.evaluation.lm_eval_adapter import LOCAL_MC_TASK, build_local_tasks, evaluate_lm
+    from harness.evaluation.lm_eval_adapter import LOCAL_MC_TASK, build_local_tasks, evaluate_lm, local_task_config
 
     tasks: list[Any] = []
     for name in zs_cfg["tasks"]:
         if name == "local":
             configs = build_local_tasks(texts, tasks_dir, seed=0, max_mc_items=zs_cfg["limit"], max_ppl_docs=1)
             tasks += [c for c in configs if c["task"] == LOCAL_MC_TASK]
+        elif name in zs_cfg.get("paths", {}):
+            tasks.append(local_task_config(name, zs_cfg["paths"][name]))  # a local copy of its dataset
         else:
-            tasks.append(name)
+            tasks.append(name)  # the hub, or the datasets cache under HF_HUB_OFFLINE=1
     got = evaluate_lm(model, tokenizer, tasks, batch_size=zs_cfg["batch_size"], limit=zs_cfg["limit"], seed=seed,
-                      allow_hub=any(t != "local" for t in zs_cfg["tasks"]))
+                      allow_hub=any(isinstance(t, str) for t in tasks))
     scores: dict[str, float | None] = {}
     for task, metrics in got["results"].items():
         if "acc" in metrics:
@@ -359,7 +368,7 @@ def execute_run(
     cache_factory = (lambda: method.new_cache(model, params)) if own_cache else None
 
     eval_cfg = spec["eval"]
-    texts = load_eval_texts(eval_cfg, corpus_dir)
+    texts = load_eval_texts(eval_cfg, corpus_dir, spec.get("datasets"))
     quality: dict[str, Any] = {"eval_set": f"{eval_cfg['text_set']}:{eval_cfg['split']}"}
     if "ppl" in spec["evaluate"]:
         log(f"{spec['run_id']}: perplexity ({'bounded cache' if evicting else 'full'})")
@@ -378,8 +387,8 @@ def execute_run(
         pred_dir = Path(predictions_dir) if predictions_dir else out.parent.parent / "predictions"
         by_set = {}
         for name in ins["sets"]:
-            rows = load_instruction_rows(name, ins["split"], instruct_dir=instruct_dir, path=ins["path"],
-                                         max_rows=ins["max_rows"])
+            rows = load_instruction_rows(name, ins["split"], instruct_dir=instruct_dir,
+                                         source=spec.get("datasets", {}).get(name), max_rows=ins["max_rows"])
             log(f"{spec['run_id']}: ROUGE-L on {name} ({len(rows)} rows)")
             got = evaluate_instructions(model, tokenizer, rows, pred_dir / f"{spec['run_id']}.{name}.jsonl",
                                         max_new_tokens=ins["max_new_tokens"], batch_size=ins["batch_size"],

@@ -14,6 +14,7 @@ os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.env
 
 from harness.orchestration.config import (
     architecture_of,
+    check_offline,
     code_hash,
     load_config,
     model_entry,
@@ -47,6 +48,9 @@ RUNS = run_table(config)
 RUN_INDEX = {row["run_id"]: row for row in RUNS}
 RUN_IDS = list(RUN_INDEX)
 TRAINS = train_table(config, RUNS)
+# With HF_HUB_OFFLINE=1, a model, dataset or zero-shot task only the hub has stops the workflow
+# here, named, instead of failing (or waiting through retries) inside a job.
+check_offline(config, RUNS)
 EXPERIMENTS = list(config["experiments"])
 PRETRAINED = [m["name"] for m in config["models"] if pretrained_here(m)]
 # The paper's experiments, each with a target rule of its name (workflow/rules/targets.smk).
@@ -230,6 +234,12 @@ def figure1_model():
 
 #: Experiments with a figure of their own (quality against the realized budget).
 FIGURE_EXPERIMENTS = ["figure3_budget_sweep"]
+
+
+def figure1_text_path():
+    """`--text-path` of Figure 1's hub text set when `datasets.<set>.path` gives a local copy."""
+    source = config["datasets"].get(config["figure1"]["text_set"]) or {}
+    return f"--text-path {source['path']}" if source.get("path") else ""
 
 
 def figure1_inputs(wildcards):

@@ -13,9 +13,7 @@ rule token_importance:
         text_set=config["figure1"]["text_set"],
         model=lambda wildcards, input: input.model if "model" in input.keys() else figure1_model()["hub"],
         text_path=lambda wildcards, input: (
-            "--text-path {}".format(config["figure1"]["text_path"] or input.corpus)
-            if config["figure1"]["text_path"] or "corpus" in input.keys()
-            else ""
+            f"--text-path {input.corpus}" if "corpus" in input.keys() else figure1_text_path()
         ),
         device=config["device"],
         dtype=config["dtype"],
