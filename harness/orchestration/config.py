@@ -102,6 +102,11 @@ def _check_semantics(cfg: dict) -> None:
         if exp["training"] == "none" and "rouge" in exp["evaluate"]:
             problems.append(f"config key 'experiments.{exp_name}.evaluate': ROUGE-L needs an instruction-tuned "
                             "model (training: sft)")
+    for name in cfg["overheads"]["checkpoints"] or []:
+        model = next((m for m in cfg["models"] if m["name"] == name), None)
+        if model is None or "hub" not in model:
+            problems.append(f"config key 'overheads.checkpoints': {name!r} is not a hub model of this config "
+                            f"(hub models: {[m['name'] for m in cfg['models'] if 'hub' in m]})")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
     rows = run_table(cfg)  # expansion errors (unknown method, missing budgets, clashing ids) surface here
@@ -199,7 +204,9 @@ def check_offline(cfg: Mapping[str, Any], rows: list[dict] | None = None,
     def cached(repo: str, kind: str) -> bool:
         return any(d.is_dir() for d in _cache_dirs(repo, kind, env))
 
-    for name in sorted({r["model"] for r in rows}):
+    timed = cfg["overheads"]["checkpoints"]
+    timed = [m["name"] for m in cfg["models"] if "hub" in m] if timed is None else timed
+    for name in sorted({r["model"] for r in rows} | set(timed)):
         hub = model_entry(cfg, name).get("hub")
         if hub and not Path(hub).is_dir() and not cached(hub, "model"):
             problems.append(f"model {name!r}: {hub!r} is neither a local directory nor in the hub cache "

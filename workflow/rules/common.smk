@@ -236,6 +236,14 @@ def figure1_model():
 FIGURE_EXPERIMENTS = ["figure3_budget_sweep"]
 
 
+def overheads_checkpoints():
+    """The config models whose own checkpoints Table 9 times (default: every model not pretrained here)."""
+    names = config["overheads"]["checkpoints"]
+    if names is None:
+        return [m["name"] for m in config["models"] if not pretrained_here(m)]
+    return list(names)  # validated: hub models of this config
+
+
 def figure1_text_path():
     """`--text-path` of Figure 1's hub text set when `datasets.<set>.path` gives a local copy."""
     source = config["datasets"].get(config["figure1"]["text_set"]) or {}

@@ -52,7 +52,9 @@ rule overheads:
         f"{RESULTS}/table9_overheads.json",
     params:
         zoo=lambda wildcards, input: str(Path(input.models[0]).parent.parent) if input.models else "''",
-        families=",".join(sorted({m["family"] for m in config["models"] if pretrained_here(m)})) or "llama3",
+        families=",".join(sorted({m["family"] for m in config["models"] if pretrained_here(m)}))
+        or ("''" if overheads_checkpoints() else "llama3"),
+        checkpoints=",".join(f"{name}={model_entry(config, name)['hub']}" for name in overheads_checkpoints()),
         paper_models=(
             ""
             if config["overheads"]["paper_models"] is None
@@ -72,7 +74,8 @@ rule overheads:
         ENV
     shell:
         "OMP_NUM_THREADS={threads} python -m harness.measurement.overheads --zoo {params.zoo} --families {params.families} "
-        "{params.paper_models} --time-paper-models '{params.time_paper}' --prompt-tokens {params.prompt_tokens} "
+        "{params.paper_models} --time-paper-models '{params.time_paper}' --checkpoints '{params.checkpoints}' "
+        "--prompt-tokens {params.prompt_tokens} "
         "--new-tokens {params.new_tokens} --repeats {params.repeats} --device {params.device} "
         "--dtype {params.dtype} --out {output} > {log} 2>&1"
 
