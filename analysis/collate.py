@@ -132,6 +132,20 @@ def _zeroshot(value: Any) -> dict[str, float]:
     return out
 
 
+def _rouge_by_set(value: Any) -> dict[str, Any]:
+    """``rouge_l_{set}`` per instruction set, their unweighted mean ``rouge_l_avg`` and ``instruct_sets``."""
+    if not isinstance(value, Mapping) or not value:
+        return {}
+    out: dict[str, Any] = {f"rouge_l_{name}": _num(got.get("rouge_l")) for name, got in value.items()
+                           if isinstance(got, Mapping)}
+    scores = list(out.values())
+    out["rouge_l_avg"] = math.fsum(scores) / len(scores) if scores and all(map(math.isfinite, scores)) else math.nan
+    out["instruct_sets"] = ";".join(value)
+    out["instruct_rows"] = ";".join(f"{name}={got.get('rows')}" for name, got in value.items()
+                                    if isinstance(got, Mapping))
+    return out
+
+
 def _experiments(record: Mapping[str, Any]) -> str:
     names = get(record, "identity.experiments", "identity.config.experiments", default=[])
     if isinstance(names, str):
@@ -192,6 +206,7 @@ def flatten(record: Mapping[str, Any]) -> dict[str, Any]:
         "rouge_l": _num(get(record, "quality.rouge_l")),
         "rouge_impl": get(record, "quality.rouge_impl"),
         "gen_length": _num(get(record, "quality.gen_length", "quality.gen_len")),
+        **_rouge_by_set(get(record, "quality.rouge_by_set")),
         **_zeroshot(get(record, "quality.zeroshot")),
         "ppl_protocol": get(record, "quality.ppl_protocol"),
         "context_len": _num(get(record, "performance.context_len")),
