@@ -241,7 +241,9 @@ def experiment_table(table: pd.DataFrame | str | Path, experiment: str) -> tuple
             runs[key] = None
     metrics = list(layout.metrics)
     primary = layout.primary
-    sets = _joined(runs, "instruct_sets", ";") if ROUGE in metrics else []
+    order = list(SET_LABELS)  # the paper's order: DL, SI, VC, SN, UN (others after)
+    sets = sorted(_joined(runs, "instruct_sets", ";"), key=lambda n: order.index(n) if n in order else len(order))
+    sets = sets if ROUGE in metrics else []
     if len(sets) > 1:
         # one column per instruction set the records hold, and their mean, compared with the paper's average
         at = metrics.index(ROUGE)

@@ -187,6 +187,9 @@ def local_files(name: str, path: str | os.PathLike, split: str = "test") -> list
             return [p]
         if not p.is_dir():
             raise FileNotFoundError(f"{name}: local data not found: {str(p)!r}")
+        config = TEXT_SETS[name].config
+        if config and (p / config).is_dir():
+            p = p / config  # a download of the whole hub repository: its config's folder
         if name == "wikitext2":
             raw_file = p / f"wiki.{_WIKI_FILE_SPLIT[split]}.raw"
             if raw_file.is_file():

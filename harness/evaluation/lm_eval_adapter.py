@@ -26,6 +26,7 @@ packaged ``json`` builder and :func:`evaluate_lm` sets ``HF_HUB_OFFLINE`` /
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -155,6 +156,14 @@ def build_local_tasks(
     return [mc, ppl]
 
 
+@functools.lru_cache(maxsize=1)
+def _builtin_tasks():
+    """lm-eval's index of its built-in tasks, built once per process (it reads every task YAML)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
 def _task_config(manager, task: str) -> dict[str, Any]:
     """The full YAML config of a registered lm-eval task (``include:`` resolved, functions loaded)."""
     from lm_eval.tasks._yaml_loader import load_yaml
@@ -167,9 +176,7 @@ def _task_config(manager, task: str) -> dict[str, Any]:
 
 def task_datasets(tasks: Sequence[str]) -> dict[str, str | None]:
     """``{task: hub dataset it reads}`` from lm-eval's task registry (None: unknown task)."""
-    from lm_eval.tasks import TaskManager
-
-    manager = TaskManager()
+    manager = _builtin_tasks()
     found: dict[str, str | None] = {}
     for task in tasks:
         try:
@@ -190,11 +197,7 @@ def local_task_config(task: str, path: str | os.PathLike, *, manager=None) -> di
     ``path``, holding ``{split}.{jsonl,json,parquet}``, ``{split}-*.{ext}`` or ``data/{split}-*.{ext}``.
     FileNotFoundError naming the task and the split when a split it reads is missing.
     """
-    if manager is None:
-        from lm_eval.tasks import TaskManager
-
-        manager = TaskManager()
-    cfg = _task_config(manager, task)
+    cfg = _task_config(manager or _builtin_tasks(), task)
     root = Path(path)
     if not root.exists():
         raise FileNotFoundError(f"zero-shot task {task!r}: local data not found: {str(root)!r}")
