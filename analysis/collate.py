@@ -119,7 +119,11 @@ def _scalar_items(prefix: str, value: Any) -> dict[str, Any]:
 
 
 def _zeroshot(value: Any) -> dict[str, float]:
-    """``zs_{task}`` accuracy columns (a task's dict gives its ``acc``), and their mean ``zs_avg``."""
+    """``zs_{task}`` accuracy columns (a task's dict gives its ``acc``), and their mean ``zs_avg``.
+
+    ``zs_avg`` averages the tasks' accuracies only: a ``{task}_norm`` (length-normalised) column is
+    shown but is a second score of the same task, not another task.
+    """
     if not isinstance(value, Mapping) or not value:
         return {}
     out = {}
@@ -127,8 +131,8 @@ def _zeroshot(value: Any) -> dict[str, float]:
         if isinstance(acc, Mapping):
             acc = acc.get("acc", acc.get("accuracy"))
         out[f"zs_{task}"] = _num(acc)
-    scores = list(out.values())
-    out["zs_avg"] = math.fsum(scores) / len(scores) if all(math.isfinite(s) for s in scores) else math.nan
+    scores = [v for k, v in out.items() if not k.endswith("_norm")]
+    out["zs_avg"] = math.fsum(scores) / len(scores) if scores and all(math.isfinite(s) for s in scores) else math.nan
     return out
 
 

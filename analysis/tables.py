@@ -256,7 +256,7 @@ def experiment_table(table: pd.DataFrame | str | Path, experiment: str) -> tuple
         # Records hold accuracy as a fraction; the paper's columns are percentages.
         metrics += [Metric(c, f"{c[3:]} acc. (%)", digits=1, scale=100.0) for c in tasks]
         if tasks:
-            metrics.append(Metric("zs_avg", "avg acc. (%)", digits=1, scale=100.0))
+            metrics.append(Metric("zs_avg", "avg acc. (%, tasks' acc, not _norm)", digits=1, scale=100.0))
     summary = summarise(runs, layout.keys, [m.column for m in metrics])
     summary = summary.iloc[sorted(range(len(summary)), key=lambda i: tuple(
         _sort_value(k, summary.iloc[i][k]) for k in layout.keys))].reset_index(drop=True)

@@ -336,3 +336,8 @@ def test_table1_columns_and_footnote_follow_the_records_sets():
     _, md = experiment_table(records_table(offline_runs), "table1_sft")
     assert "ROUGE-L (x100)" in md and "ROUGE-L DL" not in md and "Ours (offline profile)" in md
     assert "offline = the instruct set built here" in md
+
+
+def test_zero_shot_average_counts_each_task_once():
+    row = flatten(make_run(zeroshot={"arc_easy": 0.5, "arc_easy_norm": 0.25, "piqa": 0.7, "piqa_norm": 0.9}))
+    assert row["zs_avg"] == pytest.approx(0.6) and row["zs_arc_easy_norm"] == 0.25
