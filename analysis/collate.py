@@ -121,7 +121,11 @@ def _scalar_items(prefix: str, value: Any) -> dict[str, Any]:
 
 
 def _zeroshot(value: Any) -> dict[str, float]:
-    """``zs_{task}`` accuracy columns (a task's dict gives its ``acc``), and their mean ``zs_avg``."""
+    """``zs_{task}`` accuracy columns (a task's dict gives its ``acc``), and their mean ``zs_avg``.
+
+    ``zs_avg`` averages the tasks' accuracies only: a ``{task}_norm`` (length-normalised) column is
+    shown but is a second score of the same task, not another task.
+    """
     if not isinstance(value, Mapping) or not value:
         return {}
     out = {}
@@ -129,8 +133,22 @@ def _zeroshot(value: Any) -> dict[str, float]:
         if isinstance(acc, Mapping):
             acc = acc.get("acc", acc.get("accuracy"))
         out[f"zs_{task}"] = _num(acc)
+    scores = [v for k, v in out.items() if not k.endswith("_norm")]
+    out["zs_avg"] = math.fsum(scores) / len(scores) if scores and all(math.isfinite(s) for s in scores) else math.nan
+    return out
+
+
+def _rouge_by_set(value: Any) -> dict[str, Any]:
+    """``rouge_l_{set}`` per instruction set, their unweighted mean ``rouge_l_avg`` and ``instruct_sets``."""
+    if not isinstance(value, Mapping) or not value:
+        return {}
+    out: dict[str, Any] = {f"rouge_l_{name}": _num(got.get("rouge_l")) for name, got in value.items()
+                           if isinstance(got, Mapping)}
     scores = list(out.values())
-    out["zs_avg"] = math.fsum(scores) / len(scores) if all(math.isfinite(s) for s in scores) else math.nan
+    out["rouge_l_avg"] = math.fsum(scores) / len(scores) if scores and all(map(math.isfinite, scores)) else math.nan
+    out["instruct_sets"] = ";".join(value)
+    out["instruct_rows"] = ";".join(f"{name}={got.get('rows')}" for name, got in value.items()
+                                    if isinstance(got, Mapping))
     return out
 
 
@@ -194,6 +212,7 @@ def flatten(record: Mapping[str, Any]) -> dict[str, Any]:
         "rouge_l": _num(get(record, "quality.rouge_l")),
         "rouge_impl": get(record, "quality.rouge_impl"),
         "gen_length": _num(get(record, "quality.gen_length", "quality.gen_len")),
+        **_rouge_by_set(get(record, "quality.rouge_by_set")),
         **_zeroshot(get(record, "quality.zeroshot")),
         "ppl_protocol": get(record, "quality.ppl_protocol"),
         "context_len": _num(get(record, "performance.context_len")),

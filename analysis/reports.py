@@ -55,8 +55,10 @@ def table9(source: dict | str | Path) -> tuple[pd.DataFrame, str]:
     shown["params"] = [f"{p / 1e6:.3f} M" if p is not None and not pd.isna(p) else "–" for p in out["params"]]
     text = ("# Tables 9 / 10: parameters, KV bytes per token, decode throughput (mixSGA vs GQA at "
             f"{100 * float(data.get('budget', 0.5)):g} % KV)\n\n"
-            "Paper configs are counted on the meta device (no timing unless timed on a GPU); zoo / tiny models are "
-            "timed on the device named in each row (p50 over repeats, interleaved). `kv_bytes_per_token`: our cache "
+            "Paper configs are counted on the meta device (no timing unless timed with random weights, source "
+            "`paper config, random weights`); zoo, tiny and the profile's own checkpoints (`checkpoint:` rows, "
+            "source = the checkpoint loaded) are timed on the device named in each row (p50 over repeats, "
+            "interleaved). `kv_bytes_per_token`: our cache "
             "(uint8 expert index per layer); `..._paper_index`: the paper's packed 2-bit index. "
             "`mixsga_vs_gqa_throughput` < 1 means mixSGA decodes slower (the paper: 0.96-0.97). Columns headed "
             "`paper:` are the paper's own numbers.\n\n" + to_markdown(shown.fillna(value=math.nan)))

@@ -98,8 +98,9 @@ def _paper_table6(row: dict) -> dict[str, float]:
     return out
 
 
-_SFT_NOTE = ("Ours: offline instruct set (code -> docstring first sentence), ROUGE-L x100 (MiniLLM convention) "
-             "on its test split after SFT; paper: Dolly-15k SFT, ROUGE-L x100 over DL/SI/VC/SN/UN.")
+_SFT_NOTE = "Paper: Dolly-15k SFT, ROUGE-L x100 on Dolly (DL) and the average over DL/SI/VC/SN/UN."
+#: The paper's short names of the instruction sets (the offline set keeps its name).
+SET_LABELS = {"dolly": "DL", "self_instruct": "SI", "vicuna": "VC", "sni": "SN", "unnatural": "UN"}
 
 #: Experiment name (as in the records' ``experiments``) -> layout.
 LAYOUTS: dict[str, Layout] = {
@@ -113,14 +114,13 @@ LAYOUTS: dict[str, Layout] = {
         "Table 2: continued pretraining at 50 % KV", ("family", "arch"), (PPL, REALIZED), paper=_paper_table2,
         reference=("arch", "gqa"), context=("family",), primary="ppl_token", paper_primary="paper: WikiText-2 ppl",
         zeroshot=True,
-        note="Ours: tiny TinyLlama-shaped model, continued pretraining on identical tokens, held-out perplexity "
-             "and the offline zero-shot tasks (accuracy %); paper: TinyLlama-1.1B on MiniPile, lm-eval zero-shot "
-             "HS/PI/WG/ARC-E/ARC-C average and WikiText-2 perplexity."),
+        note="Every run is continued-pretrained on identical tokens. Paper: TinyLlama-1.1B on MiniPile, lm-eval "
+             "zero-shot HS/PI/WG/ARC-E/ARC-C average and WikiText-2 perplexity."),
     "table3_eviction_stack": Layout(
         "Table 3: H2O keep ratio on top of GQA / mixSGA at 50 % KV", ("family", "keep", "arch"),
         (PPL, REALIZED, BYTES), paper=_paper_table3, reference=("arch", "gqa"), context=("family", "keep"),
         primary="ppl_token", paper_primary="paper: WikiText-2 ppl", zeroshot=True, fill={"keep": 1.0},
-        note="Ours: bounded-cache perplexity (token by token, the evicting cache live); keep 100 % = no eviction "
+        note="Perplexity through the bounded cache (token by token, the evicting cache live); keep 100 % = no eviction "
              "(paper column from Table 2). Paper: labelled Gemma2-2b, numbers match the TinyLlama CPT models."),
     "table4_middle_ratio": Layout(
         "Table 4: middle-expert ratio (mixSGA, 50 % KV)", ("family", "ratio"), (ROUGE, GEN, REALIZED),
@@ -194,6 +194,40 @@ def experiment_runs(table: pd.DataFrame, experiment: str) -> pd.DataFrame:
     return part
 
 
+def _joined(runs: pd.DataFrame, column: str, sep: str | None = None) -> list[str]:
+    """Distinct values of ``column`` (each split at ``sep``), in first-seen order."""
+    seen: list[str] = []
+    for value in runs[column].dropna() if column in runs.columns else []:
+        for part in (str(value).split(sep) if sep else [str(value)]):
+            if part and part not in seen:
+                seen.append(part)
+    return seen
+
+
+def _ours_note(runs: pd.DataFrame, metrics: list[Metric], sets: list[str], tasks: list[str]) -> str:
+    """What *our* numbers are, read from the records (profile, models, recipe, data), not assumed."""
+    columns = {m.column for m in metrics}
+    parts = [f"Ours ({', '.join(_joined(runs, 'profile')) or 'unknown'} profile): "
+             f"{', '.join(sorted(_joined(runs, 'model')))}"]
+    recipes = _joined(runs, "train_recipe")
+    if recipes:
+        parts.append(f"trained with recipe {', '.join(recipes)}")
+    if "ppl_token" in columns:
+        parts.append(f"perplexity on {', '.join(_joined(runs, 'eval_set')) or 'the held-out split'}")
+    if sets:
+        rows = dict(p.split("=", 1) for p in _joined(runs, "instruct_rows", ";") if "=" in p)
+        shown = [f"{n}" + (f" ({rows[n]} rows)" if n in rows else "") for n in sets]
+        text = "ROUGE-L x100 (MiniLLM convention) on " + ", ".join(shown)
+        if "offline" in sets:
+            text += " (offline = the instruct set built here: code -> its docstring's first sentence)"
+        if len(sets) > 1:
+            text += "; `avg ROUGE-L` is their unweighted mean, beside the paper's five-set average"
+        parts.append(text)
+    if tasks:
+        parts.append(f"zero-shot accuracy through lm-eval on {', '.join(tasks)}")
+    return "; ".join(parts) + "."
+
+
 def _fmt_key(column: str, value: Any) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return "–"
@@ -217,12 +251,23 @@ def experiment_table(table: pd.DataFrame | str | Path, experiment: str) -> tuple
         if key not in runs.columns:
             runs[key] = None
     metrics = list(layout.metrics)
+    primary = layout.primary
+    order = list(SET_LABELS)  # the paper's order: DL, SI, VC, SN, UN (others after)
+    sets = sorted(_joined(runs, "instruct_sets", ";"), key=lambda n: order.index(n) if n in order else len(order))
+    sets = sets if ROUGE in metrics else []
+    if len(sets) > 1:
+        # one column per instruction set the records hold, and their mean, compared with the paper's average
+        at = metrics.index(ROUGE)
+        metrics[at:at + 1] = [Metric(f"rouge_l_{n}", f"ROUGE-L {SET_LABELS.get(n, n)} (x100)") for n in sets] + [
+            Metric("rouge_l_avg", "avg ROUGE-L (x100)")]
+        primary = "rouge_l_avg" if primary == "rouge_l" else primary
+    tasks: list[str] = []
     if layout.zeroshot:
         tasks = sorted(c for c in runs.columns if c.startswith("zs_") and c != "zs_avg")
         # Records hold accuracy as a fraction; the paper's columns are percentages.
         metrics += [Metric(c, f"{c[3:]} acc. (%)", digits=1, scale=100.0) for c in tasks]
         if tasks:
-            metrics.append(Metric("zs_avg", "avg acc. (%)", digits=1, scale=100.0))
+            metrics.append(Metric("zs_avg", "avg acc. (%, tasks' acc, not _norm)", digits=1, scale=100.0))
     summary = summarise(runs, layout.keys, [m.column for m in metrics])
     summary = summary.iloc[sorted(range(len(summary)), key=lambda i: tuple(
         _sort_value(k, summary.iloc[i][k]) for k in layout.keys))].reset_index(drop=True)
@@ -234,7 +279,7 @@ def experiment_table(table: pd.DataFrame | str | Path, experiment: str) -> tuple
     for c in paper_cols:
         summary[c] = [v.get(c, math.nan) for v in paper_vals]
     delta_cols: list[str] = []
-    if layout.reference and layout.primary:
+    if layout.reference and primary:
         ref_col, ref_val = layout.reference
         label = f"{ref_val}" if ref_col != "arch" else ref_val.upper()
         ours_col, paper_col = f"delta vs {label} (ours)", f"delta vs {label} (paper)"
@@ -246,7 +291,7 @@ def experiment_table(table: pd.DataFrame | str | Path, experiment: str) -> tuple
                 ours.append(math.nan), theirs.append(math.nan)
                 continue
             j = ref[0]
-            ours.append(summary.at[i, layout.primary] - summary.at[j, layout.primary])
+            ours.append(summary.at[i, primary] - summary.at[j, primary])
             p = summary[layout.paper_primary] if layout.paper_primary in summary else None
             theirs.append(math.nan if p is None else p.iloc[i] - p.iloc[j])
         summary[ours_col], summary[paper_col] = ours, theirs
@@ -254,7 +299,9 @@ def experiment_table(table: pd.DataFrame | str | Path, experiment: str) -> tuple
             None if math.isnan(a) or math.isnan(b) else ("yes" if (a > 0) == (b > 0) else "no")
             for a, b in zip(ours, theirs)]
         delta_cols = [ours_col, paper_col, "same direction"]
-    md = _markdown(layout, experiment, summary, metrics, paper_cols, delta_cols)
+    note = " ".join(t for t in (_ours_note(runs, metrics, sets or _joined(runs, "instruct_sets", ";"),
+                                           [t[3:] for t in tasks if not t.endswith("_norm")]), layout.note) if t)
+    md = _markdown(layout, experiment, summary, metrics, paper_cols, delta_cols, note)
     return summary, md
 
 
@@ -265,7 +312,7 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _markdown(layout: Layout, experiment: str, summary: pd.DataFrame, metrics: list[Metric],
-              paper_cols: list[str], delta_cols: list[str]) -> str:
+              paper_cols: list[str], delta_cols: list[str], note: str) -> str:
     shown = pd.DataFrame({_KEY_LABELS.get(k, k): [_fmt_key(k, v) for v in summary[k]] for k in layout.keys})
     for m in metrics:
         shown[m.label] = [format_ci(a, h, int(n), m.digits, m.scale) for a, h, n in
@@ -284,7 +331,7 @@ def _markdown(layout: Layout, experiment: str, summary: pd.DataFrame, metrics: l
         text += ["`delta vs ...` columns: this row minus the reference row (ours: on the mean; paper: on its "
                  "number); `same direction` says whether the signs agree.", ""]
     body = to_markdown(shown)
-    return "\n".join(text) + "\n" + body + ("\n" + layout.note + "\n" if layout.note else "")
+    return "\n".join(text) + "\n" + body + ("\n" + note + "\n" if note else "")
 
 
 def write_experiment_table(table: pd.DataFrame | str | Path, experiment: str, csv: str | Path,

@@ -59,7 +59,8 @@ CONFIG_CASES = [
                  [r"0\.01", "smallest"], marks=SPECS, id="h2o+mixsga-keeps-no-token"),
     # --- late before issue 14 (after pretraining or training) ---
     ("cpt-total-tokens-below-one-batch", _yaml(training={"cpt": {"overrides": {"total_tokens": 100}}}),
-     [r"training\.cpt\.overrides\.total_tokens", r"\b100\b", r"\b128\b"]),
+     # a profile's overrides replace the default's whole: the recipe's own batch x seq_len is the batch
+     [r"training\.cpt\.overrides\.total_tokens", r"\b100\b", "less than one batch"]),
     ("unknown-recipe", _yaml(training={"sft": {"recipe": "sft_bogus"}}), [r"training\.sft\.recipe", "sft_bogus"]),
     ("recipe-of-the-wrong-kind", _yaml(training={"cpt": {"recipe": "sft_offline"}}),
      [r"training\.cpt\.recipe", "sft_offline"]),
@@ -137,7 +138,7 @@ CONFIG_CASES = [
     ("unknown-family", _yaml(models=[{"name": "a", "family": "gpt9", "size": "tiny"}]), [r"models\[0\]\.family", "gpt9"]),
     ("bad-model-name", _yaml(models=[{"name": "a_b", "family": "llama3", "size": "tiny"}]), [r"models\[0\]\.name", "a_b"]),
     ("rouge-without-sft", _runs({"method": "base"}, evaluate=["rouge"], training="none"), [r"experiments\.main\.evaluate", "ROUGE"]),
-    ("text-path-with-corpus", "eval: {text_path: /x}\n", [r"eval\.text_path"]),
+    ("retired-text-path-key", "eval: {text_path: /x}\n", [r"config key 'eval'", "text_path"]),
     ("unknown-profile", "profile: nope\n", ["profile", "nope"]),
     ("unknown-device", "device: tpu\n", ["device", "tpu"]),
     ("duplicate-seeds", "seeds: [0, 0]\n", ["seeds"]),

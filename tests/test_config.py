@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import yaml
 
@@ -83,7 +85,8 @@ def test_validate_does_not_mutate_its_input():
         ({"models": [{"name": "a", "family": "opt", "size": "tiny", "hub": "facebook/opt-125m"}]},
          "models[0]", "exactly one of 'size'"),
         ({"models": [{"name": "a", "family": "opt"}]}, "models[0]", "exactly one of 'size'"),
-        ({"eval": {"text_path": "/data/x"}}, "eval.text_path", "only used with a hub text set"),
+        ({"datasets": {"dolly": {"path": "/no/such/dolly.jsonl"}}}, "datasets.dolly.path", "local data not found"),
+        ({"eval": {"instruct": {"path": "/data/x"}}}, "eval.instruct", "'path' was unexpected"),
     ],
 )
 def test_bad_config_is_rejected_naming_the_key(override, key, why):
@@ -118,6 +121,60 @@ def test_later_config_files_replace_lists_and_merge_mappings():
     assert paper["data"] == load_config([DEFAULT])["data"]
     merged = merge_config({"a": {"b": 1, "c": 2}, "l": [1, 2]}, {"a": {"b": 3}, "l": [9]})
     assert merged == {"a": {"b": 3, "c": 2}, "l": [9]}
+
+
+def _file(path):
+    return yaml.safe_load(path.read_text())
+
+
+def test_paper_profile_trains_with_the_paper_recipes_and_no_offline_value():
+    from harness.training.recipes import CPT_PAPER, SFT_PAPER_OPT, get_recipe
+
+    offline = _file(DEFAULT)["training"]
+    trains = train_table(load_config([DEFAULT, PAPER]))
+    kinds = {spec["kind"] for spec in trains.values()}
+    assert kinds == {"cpt", "sft"}
+    for train_id, spec in trains.items():
+        paper = CPT_PAPER if spec["kind"] == "cpt" else SFT_PAPER_OPT
+        assert spec["recipe"] == paper.name, train_id
+        assert spec["overrides"] == {}, f"{train_id}: offline overrides leaked into the paper profile"
+        assert get_recipe(spec["recipe"], **spec["overrides"]) == paper
+        # no value of the offline profile's training section survives
+        for key, value in offline[spec["kind"]].items():
+            if key != "overrides":
+                assert spec.get(key) != value or value is None, f"{train_id}: offline {key}={value!r} survives"
+    cpt = get_recipe(CPT_PAPER.name)
+    # Table 7: one epoch of MiniPile (~1.6B tokens) in 256K-token batches at lr 2e-4
+    assert (cpt.lr, cpt.batch_size, cpt.seq_len, cpt.epochs) == (2e-4, 128, 2048, 1.0)
+    sft = get_recipe(SFT_PAPER_OPT.name)
+    assert (sft.lr, sft.batch_size, sft.epochs) == (5e-5, 32, 40.0)
+    assert {s["data"] for s in trains.values()} == {"minipile", "dolly"}
+
+
+def test_gpu_profile_trains_with_its_own_overrides_only():
+    from harness.training.recipes import get_recipe
+
+    gpu, offline = _file(GPU)["training"], _file(DEFAULT)["training"]
+    trains = train_table(load_config([DEFAULT, GPU]))
+    assert {spec["kind"] for spec in trains.values()} == {"cpt", "sft"}
+    for train_id, spec in trains.items():
+        kind = spec["kind"]
+        assert spec["overrides"] == gpu[kind]["overrides"], train_id
+        recipe_name = gpu[kind].get("recipe", offline[kind]["recipe"])
+        assert get_recipe(spec["recipe"], **spec["overrides"]) == get_recipe(recipe_name, **gpu[kind]["overrides"])
+    # the offline CPT lr (2e-4, tuned for 12 steps) does not reach the GPU profile's 256 steps
+    cpt = next(s for s in trains.values() if s["kind"] == "cpt")
+    assert "lr" not in cpt["overrides"] and get_recipe(cpt["recipe"], **cpt["overrides"]).lr == 1e-3
+
+
+def test_recipe_overrides_and_experiments_replace_whole():
+    base = {"training": {"cpt": {"recipe": "a", "overrides": {"lr": 1, "seq_len": 2}}},
+            "experiments": {"x": {"models": ["m"], "evaluate": ["ppl"], "runs": [1]}}, "eval": {"a": 1, "b": 2}}
+    merge_config(base, {"training": {"cpt": {"recipe": "b", "overrides": {"seq_len": 3}}},
+                        "experiments": {"x": {"runs": [2]}}, "eval": {"b": 3}})
+    assert base["training"]["cpt"] == {"recipe": "b", "overrides": {"seq_len": 3}}
+    assert base["experiments"]["x"] == {"runs": [2]}
+    assert base["eval"] == {"a": 1, "b": 3}  # other mappings still merge key by key
 
 
 def test_config_file_must_hold_a_mapping(tmp_path):
@@ -277,7 +334,9 @@ def test_run_spec_holds_what_determines_the_run():
     spec = run_spec(cfg, "opt__cpt__base__kv100__s0")
     assert spec["model"] == {"name": "opt", "family": "opt", "size": "tiny", "pretrain": {"lr": 0.0005}}
     assert spec["pretrain"] == {**cfg["pretrain"], "lr": 0.0005} and spec["tokenizer"] == cfg["tokenizer"]
-    assert spec["eval"] == cfg["eval"] and spec["seed"] == 0 and spec["budget"] == 1.0
+    # only the eval keys a perplexity-only run reads (no instruct / zeroshot sections)
+    assert spec["eval"] == {k: cfg["eval"][k] for k in ("text_set", "split", "seq_len", "batch_size", "max_tokens")}
+    assert spec["seed"] == 0 and spec["budget"] == 1.0
     assert spec["training"]["kind"] == "cpt" and spec["training"]["overrides"] == cfg["training"]["cpt"]["overrides"]
     assert spec["measure"] == cfg["measure"] and spec["evaluate"] == ["ppl"]
     # a hub model does not depend on the local pretraining recipe
@@ -312,3 +371,95 @@ def test_schema_documents_every_top_level_key():
     # the shipped default config sets no key the schema does not know
     raw = yaml.safe_load(DEFAULT.read_text())
     assert set(raw) <= set(schema["properties"])
+
+
+# ----------------------------------------------------------------------------- local datasets
+
+
+def _paper_over(tmp_path, **extra):
+    cfg = merge_config(merge_config(_file(DEFAULT), _file(PAPER)), extra)
+    return cfg
+
+
+def _minillm(path, rows=3):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(yaml.safe_dump({"instruction": f"q{i}", "input": "", "output": f"a{i}"},
+                                           default_flow_style=True).replace("\n", " ") + "\n" for i in range(rows)))
+    return path
+
+
+def test_two_instruction_sets_on_one_file_are_refused(tmp_path):
+    shared = _minillm(tmp_path / "minillm" / "valid.jsonl")
+    cfg = _paper_over(tmp_path, datasets={"self_instruct": {"path": str(shared)},
+                                          "vicuna": {"path": str(tmp_path / "minillm")}})
+    with pytest.raises(ConfigError) as err:
+        validate_config(cfg)
+    assert "'vicuna' and 'self_instruct' both resolve to" in str(err.value) or \
+        "'self_instruct' and 'vicuna' both resolve to" in str(err.value)
+    # each set from its own file: accepted
+    own = _minillm(tmp_path / "vicuna" / "valid.jsonl")
+    cfg["datasets"]["vicuna"]["path"] = str(own.parent)
+    validate_config(cfg)
+
+
+def test_hub_layouts_of_sni_and_unnatural_differ_only_by_directory(tmp_path):
+    sni, uni = _minillm(tmp_path / "sinst" / "11_" / "valid.jsonl"), _minillm(tmp_path / "uinst" / "11_" / "valid.jsonl")
+    ok = _paper_over(tmp_path, datasets={"sni": {"path": str(tmp_path / "sinst")}, "unnatural": {"path": str(tmp_path / "uinst")}})
+    validate_config(ok)
+    bad = _paper_over(tmp_path, datasets={"sni": {"path": str(tmp_path / "sinst")}, "unnatural": {"path": str(sni)}})
+    with pytest.raises(ConfigError, match="both resolve to"):
+        validate_config(bad)
+    assert uni.is_file()
+
+
+def test_dolly_heldout_size_is_config_and_reaches_the_specs():
+    cfg = load_config([DEFAULT, PAPER], overrides={"datasets": {"dolly": {"heldout": 20}}})
+    sft = [s for s in train_table(cfg).values() if s["kind"] == "sft"]
+    assert sft and all(s["dataset"] == {"path": None, "heldout": 20, "seed": 42} for s in sft)
+    rouge = next(r for r in run_table(cfg) if "rouge" in r["evaluate"])
+    assert run_spec(cfg, rouge["run_id"])["datasets"]["dolly"]["heldout"] == 20
+
+
+def test_offline_mode_refuses_a_zero_shot_task_only_the_hub_has(tmp_path):
+    from harness.orchestration.config import check_offline
+
+    models = tmp_path / "m"
+    models.mkdir()
+    cfg = load_config([DEFAULT, PAPER])
+    cfg["models"] = [{**m, "hub": str(models)} for m in cfg["models"]]
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    repos = {t: f"org/{t}" for t in cfg["eval"]["zeroshot"]["tasks"]}
+    with pytest.raises(ConfigError) as err:
+        check_offline(cfg, environ=env, task_datasets=repos)
+    assert "zero-shot task 'hellaswag'" in str(err.value) and "eval.zeroshot.paths.hellaswag" in str(err.value)
+    assert "dataset 'dolly'" in str(err.value) and "model " not in str(err.value)
+    # cached datasets and local task copies pass; online nothing is checked
+    for repo in ["databricks/databricks-dolly-15k", "MiniLLM/self-inst", "MiniLLM/Vicuna", "MiniLLM/sinst",
+                 "MiniLLM/uinst", "JeanKaddour/minipile", "Salesforce/wikitext", *list(repos.values())[1:]]:
+        (tmp_path / "hf" / "datasets" / repo.replace("/", "___")).mkdir(parents=True)
+    cfg["eval"]["zeroshot"]["paths"] = {"hellaswag": str(tmp_path)}
+    check_offline(cfg, environ=env, task_datasets=repos)
+    cfg["eval"]["zeroshot"]["paths"] = {}
+    with pytest.raises(ConfigError, match="'hellaswag'"):
+        check_offline(cfg, environ=env, task_datasets=repos)
+    check_offline(cfg, environ={}, task_datasets=repos)
+
+
+def test_a_run_spec_carries_only_the_eval_keys_it_reads():
+    cfg = load_config([DEFAULT, PAPER])
+    rows = run_table(cfg)
+    changed = copy.deepcopy(cfg)
+    changed["eval"]["zeroshot"]["tasks"] = ["piqa"]
+    changed["eval"]["instruct"]["max_new_tokens"] = 7
+    for row in rows:
+        same = run_spec(cfg, row["run_id"], rows) == run_spec(changed, row["run_id"], rows)
+        touched = {"zeroshot", "rouge"} & set(row["evaluate"])
+        assert same == (not touched), row["run_id"]
+    sft = next(r for r in rows if r["training"] == "sft" and "zeroshot" not in r["evaluate"])
+    assert "zeroshot" not in run_spec(cfg, sft["run_id"], rows)["eval"]
+    cpt_only = next(r for r in rows if r["evaluate"] == ["ppl"])
+    spec = run_spec(cfg, cpt_only["run_id"], rows)
+    assert "instruct" not in spec["eval"] and set(spec["datasets"]) == {"wikitext2"}
+    # a training spec carries only its own kind's section
+    trains = train_table(cfg, rows)
+    assert all("max_rows" not in t for t in trains.values() if t["kind"] == "cpt")

@@ -122,7 +122,7 @@ def test_hub_path_calls_load_dataset_with_the_paper_names(monkeypatch):
         calls.append((repo, config, split, kwargs))
         if repo == "databricks/databricks-dolly-15k":
             return dolly_rows(1200)
-        if repo == "wikitext":
+        if repo == "Salesforce/wikitext":
             return [{"text": line + "\n" if line else ""} for line in WIKI_RAW.split("\n")[:-1]]
         if repo == "JeanKaddour/minipile":
             return [{"text": "doc"}]
@@ -139,6 +139,32 @@ def test_hub_path_calls_load_dataset_with_the_paper_names(monkeypatch):
             load_instruction_set(name)
             assert calls[-1][0] == source.repo
     assert len(load_text_set("wikitext2", split="test")) == 2
-    assert calls[-1] == ("wikitext", "wikitext-2-raw-v1", "test", {})
+    assert calls[-1] == ("Salesforce/wikitext", "wikitext-2-raw-v1", "test", {})
     assert load_text_set("minipile", split="validation") == ["doc"]
     assert calls[-1] == ("JeanKaddour/minipile", None, "validation", {})
+
+
+def test_paper_standins_load_through_every_loader_each_from_its_own_files(tmp_path):
+    """scripts/paper_standins.py writes each dataset in its hub layout; the loaders and the config read them."""
+    import importlib.util
+
+    from conftest import REPO_ROOT
+    from harness.orchestration.config import load_config
+
+    spec = importlib.util.spec_from_file_location("paper_standins", REPO_ROOT / "scripts" / "paper_standins.py")
+    standins = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(standins)
+    paths = standins.build_data(tmp_path)
+    test = {n: load_instruction_set(n, path=paths[n], split="test", eval_size=8)
+            for n in ("dolly", "self_instruct", "vicuna", "sni", "unnatural")}
+    assert len(test["dolly"]) == 8 and len(load_instruction_set("dolly", path=paths["dolly"], split="train",
+                                                                eval_size=8)) == 48 - 16
+    prompts = [tuple(r["prompt"] for r in rows) for rows in test.values()]
+    assert len(set(prompts)) == len(prompts), "two sets hold the same prompts"
+    assert len(load_text_set("wikitext2", path=paths["wikitext2"], split="test")) == 6  # articles at headings
+    assert load_text_set("minipile", path=paths["minipile"], split="train")
+    datasets = {n: {"path": str(paths[n])} for n in ("self_instruct", "vicuna", "sni", "unnatural", "minipile",
+                                                       "wikitext2")}
+    datasets["dolly"] = {"path": str(paths["dolly"]), "heldout": 8}
+    load_config([REPO_ROOT / "config" / "config.yaml", REPO_ROOT / "config" / "paper.yaml"],
+                overrides={"datasets": datasets})

@@ -119,3 +119,25 @@ def test_bad_task_specs_are_named(tok):
     with pytest.raises(ValueError, match="'task' key"):
         evaluate_lm(model, tok, [{"dataset_path": "json"}])
     assert set(PAPER_TASKS) == {"hellaswag", "piqa", "winogrande", "arc_easy", "arc_challenge", "wikitext"}
+
+
+def test_a_builtin_task_reads_a_local_copy_in_the_hub_layout(tok, tmp_path):
+    """arc_easy from ``ai2_arc/ARC-Easy/test-*.parquet`` (no hub): every item scored, accuracy a count / n."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from harness.evaluation.lm_eval_adapter import local_task_config
+
+    (tmp_path / "ai2_arc" / "ARC-Easy").mkdir(parents=True)
+    items = [{"id": f"q{i}", "question": f"what is {i}?", "choices": {"text": ["a", "b", "c"], "label": list("ABC")},
+              "answerKey": "ABC"[i % 3]} for i in range(5)]
+    pq.write_table(pa.Table.from_pylist(items), tmp_path / "ai2_arc" / "ARC-Easy" / "test-00000-of-00001.parquet")
+    cfg = local_task_config("arc_easy", tmp_path / "ai2_arc")
+    assert cfg["dataset_path"] == "parquet" and cfg["dataset_name"] is None
+    assert list(cfg["dataset_kwargs"]["data_files"]) == ["test"] and "training_split" not in cfg
+    out = evaluate_lm(tiny_model("llama", vocab_size=len(tok)), tok, [cfg], batch_size=2)
+    assert out["n_samples"]["arc_easy"]["effective"] == 5
+    assert out["results"]["arc_easy"]["acc"] in {k / 5 for k in range(6)}
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="zero-shot task 'arc_easy': no 'test' split"):
+        local_task_config("arc_easy", tmp_path / "empty")

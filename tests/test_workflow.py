@@ -103,6 +103,36 @@ def test_paper_profile_downloads_instead_of_pretraining(tmp_path):
     assert "pretrain" not in counts and "corpus" not in counts and "tokenizer" not in counts
 
 
+def printed_specs(output: str, command: str) -> list[dict]:
+    """The --spec JSON of every `python -m harness {command}` shell command a `-n -p` run prints."""
+    import json
+    import shlex
+
+    specs = []
+    for line in output.splitlines():
+        if f"python -m harness {command} --spec" in line:
+            words = shlex.split(line)
+            specs.append(json.loads(words[words.index("--spec") + 1]))
+    return specs
+
+
+@pytest.mark.parametrize("profile, recipes", [
+    ("config/paper.yaml", {"cpt": ("cpt_paper", None), "sft": ("sft_paper_opt", None)}),
+    ("config/gpu.yaml", {"cpt": ("cpt_offline", "gpu"), "sft": ("sft_offline", "gpu")}),
+])
+def test_profiles_train_with_their_own_recipes_in_the_workflow(tmp_path, profile, recipes):
+    """What Snakemake itself resolves (not only load_config): a profile's overrides replace the default's."""
+    proc = snakemake("-n", "-p", "--cores", "1", "--configfile", profile, str(override(tmp_path)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    specs = printed_specs(proc.stdout, "train")
+    assert specs and {s["kind"] for s in specs} == {"cpt", "sft"}
+    own = yaml.safe_load((REPO_ROOT / profile).read_text())["training"]
+    for spec in specs:
+        name, overrides_from = recipes[spec["kind"]]
+        assert spec["recipe"] == name, spec["train_id"]
+        assert spec["overrides"] == (own[spec["kind"]]["overrides"] if overrides_from else {}), spec["train_id"]
+
+
 def test_slurm_profile_dry_run(tmp_path):
     pytest.importorskip("snakemake_executor_plugin_slurm", reason="the SLURM executor plugin is not installed")
     proc = snakemake("-n", "--workflow-profile", "workflow/profiles/slurm", "--configfile", "config/paper.yaml",

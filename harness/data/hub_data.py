@@ -18,7 +18,7 @@ name                      hub source                                 local schem
 ``stdlib`` (instructions)  (built here)                               :func:`harness.data.instruct.build_instruct` output
 ``minipile``              ``JeanKaddour/minipile``                   JSONL/JSON/Parquet with ``text``; or a directory with
                                                                      ``{split}.jsonl`` / ``{split}-*.parquet`` files
-``wikitext2``             ``wikitext`` / ``wikitext-2-raw-v1``       ``wiki.{train,valid,test}.raw`` (file or directory),
+``wikitext2``             ``Salesforce/wikitext`` (2-raw-v1)         ``wiki.{train,valid,test}.raw`` (file or directory),
                                                                      or JSONL/Parquet of HF line rows (``text``)
 ``stdlib`` (text)         (built here)                               :func:`harness.data.corpus.build_corpus` output
 ========================  =========================================  ===============================================
@@ -66,7 +66,7 @@ INSTRUCTION_SETS: dict[str, HubSource] = {
 }
 TEXT_SETS: dict[str, HubSource] = {
     "minipile": HubSource("JeanKaddour/minipile", splits=SPLITS),
-    "wikitext2": HubSource("wikitext", config="wikitext-2-raw-v1", splits=SPLITS),
+    "wikitext2": HubSource("Salesforce/wikitext", config="wikitext-2-raw-v1", splits=SPLITS),
 }
 DOLLY_SIZES = {"train": 14000, "validation": 500, "test": 500}
 DOLLY_SEED = 42
@@ -153,7 +153,8 @@ def _instruction_row(raw: dict, *, name: str, index: int) -> dict:
 def _dolly_split(rows: list[dict], split: str, eval_size: int, seed: int) -> list[dict]:
     """Seeded split of Dolly: ``eval_size`` test, ``eval_size`` validation, the rest train (<= 14,000)."""
     if len(rows) < 2 * eval_size + 1:
-        raise ValueError(f"dolly: {len(rows)} rows are too few for two held-out sets of {eval_size}")
+        raise ValueError(f"dolly: {len(rows)} rows are too few for two held-out sets of {eval_size} "
+                         "(config datasets.dolly.heldout)")
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     picks = {"test": order[:eval_size], "validation": order[eval_size : 2 * eval_size],
@@ -161,18 +162,59 @@ def _dolly_split(rows: list[dict], split: str, eval_size: int, seed: int) -> lis
     return [rows[i] for i in sorted(picks)]
 
 
+def local_files(name: str, path: str | os.PathLike, split: str = "test") -> list[Path]:
+    """The local files ``load_instruction_set`` / ``load_text_set`` read for ``name`` at ``path``.
+
+    One function for the loaders and the workflow's check that two datasets do not resolve
+    to the same file. FileNotFoundError (naming the dataset and the layout expected) if none.
+    """
+    p = Path(path)
+    if name in INSTRUCTION_SETS:
+        source = INSTRUCTION_SETS[name]
+        if p.is_file():
+            return [p]
+        if not p.is_dir():
+            raise FileNotFoundError(f"{name}: local data not found: {str(p)!r}")
+        candidates = [p / source.data_files] if source.data_files else []
+        candidates += _split_files(p, source.local_stems)
+        files = [c for c in candidates if c.is_file()]
+        if not files:
+            want = source.data_files or f"{source.local_stems[0]}.jsonl"
+            raise FileNotFoundError(f"{name}: no data file in {str(p)!r} (expected e.g. {want})")
+        return files[:1]
+    if name in TEXT_SETS:
+        if p.is_file():
+            return [p]
+        if not p.is_dir():
+            raise FileNotFoundError(f"{name}: local data not found: {str(p)!r}")
+        config = TEXT_SETS[name].config
+        if config and (p / config).is_dir():
+            p = p / config  # a download of the whole hub repository: its config's folder
+        if name == "wikitext2":
+            raw_file = p / f"wiki.{_WIKI_FILE_SPLIT[split]}.raw"
+            if raw_file.is_file():
+                return [raw_file]
+        stems = (split, _WIKI_FILE_SPLIT[split]) if name == "wikitext2" else (split,)
+        files = _split_files(p, stems)
+        if not files:
+            raise FileNotFoundError(f"{name}: no {split} data in {str(p)!r}")
+        return files
+    raise ValueError(f"unknown dataset {name!r}; known: {sorted([*INSTRUCTION_SETS, *TEXT_SETS])}")
+
+
 def load_instruction_set(
     name: str,
     path: str | os.PathLike | None = None,
     split: str = "test",
     *,
-    eval_size: int = 500,
+    eval_size: int = DOLLY_SIZES["test"],
     seed: int = DOLLY_SEED,
 ) -> list[dict]:
     """Rows ``{"id", "prompt", "references", "source"}`` of an instruction-following set.
 
     ``path`` reads local files (see the module table); without it the hub is used.
-    ``eval_size`` / ``seed`` set Dolly's held-out split (paper: 500 / 500, rest train).
+    ``eval_size`` / ``seed`` set Dolly's held-out split (paper: 500 / 500, rest train;
+    config ``datasets.dolly.heldout`` / ``datasets.dolly.seed``).
     """
     if name == "stdlib":
         from harness.data.instruct import read_instruct
@@ -187,17 +229,7 @@ def load_instruction_set(
     if path is None:
         raw = _hub_rows(source, split)
     else:
-        p = Path(path)
-        if p.is_dir():
-            candidates = [p / source.data_files] if source.data_files else []
-            candidates += _split_files(p, source.local_stems)
-            files = [c for c in candidates if c.is_file()]
-            if not files:
-                raise FileNotFoundError(f"{name}: no data file in {str(p)!r} (expected e.g. valid.jsonl)")
-            p = files[0]
-        elif not p.is_file():
-            raise FileNotFoundError(f"{name}: local data not found: {str(p)!r}")
-        raw = _read_records(p)
+        raw = _read_records(local_files(name, path, split)[0])
     # Ids follow the source order, before any split, so they are stable across splits.
     rows = [_instruction_row(r, name=name, index=i) for i, r in enumerate(raw)]
     if name == "dolly":
@@ -242,20 +274,9 @@ def load_text_set(name: str, path: str | os.PathLike | None = None, split: str =
     if path is None:
         rows = _hub_rows(source, split)
         return _wikitext_from_rows(rows, name) if name == "wikitext2" else _texts(rows, name)
-    p = Path(path)
-    if name == "wikitext2":
-        raw_file = p / f"wiki.{_WIKI_FILE_SPLIT[split]}.raw" if p.is_dir() else p
-        if raw_file.suffix in (".raw", ".txt") and raw_file.is_file():
-            return wikitext_articles(raw_file.read_text(encoding="utf-8"))
-    if p.is_dir():
-        stems = (split, _WIKI_FILE_SPLIT[split]) if name == "wikitext2" else (split,)
-        files = _split_files(p, stems)
-        if not files:
-            raise FileNotFoundError(f"{name}: no {split} data in {str(p)!r}")
-    elif p.is_file():
-        files = [p]
-    else:
-        raise FileNotFoundError(f"{name}: local data not found: {str(p)!r}")
+    files = local_files(name, path, split)
+    if name == "wikitext2" and files[0].suffix in (".raw", ".txt"):
+        return wikitext_articles(files[0].read_text(encoding="utf-8"))
     rows = [row for f in files for row in _read_records(f)]
     return _wikitext_from_rows(rows, name) if name == "wikitext2" else _texts(rows, name)
 

@@ -6,8 +6,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
-def load_eval_texts(eval_cfg: Mapping[str, Any], corpus_dir: str | Path | None) -> list[str]:
-    """The held-out documents to score: the offline corpus split, or a hub text set."""
+def load_eval_texts(eval_cfg: Mapping[str, Any], corpus_dir: str | Path | None,
+                    datasets: Mapping[str, Any] | None = None) -> list[str]:
+    """The held-out documents to score: the offline corpus split, or a hub text set (``datasets``: its local copy)."""
     if eval_cfg["text_set"] == "corpus":
         if corpus_dir is None:
             raise ValueError("eval.text_set 'corpus' needs --corpus (the directory built by 'harness corpus')")
@@ -17,15 +18,19 @@ def load_eval_texts(eval_cfg: Mapping[str, Any], corpus_dir: str | Path | None) 
     else:
         from harness.data.hub_data import load_text_set
 
-        texts = load_text_set(eval_cfg["text_set"], path=eval_cfg["text_path"], split=eval_cfg["split"])
+        source = (datasets or {}).get(eval_cfg["text_set"]) or {}
+        texts = load_text_set(eval_cfg["text_set"], path=source.get("path"), split=eval_cfg["split"])
     if not texts:
         raise ValueError(f"no documents in eval set {eval_cfg['text_set']!r} split {eval_cfg['split']!r}")
     return texts
 
 
-def load_instruction_rows(name: str, split: str, *, instruct_dir: str | Path | None, path: str | None,
-                          max_rows: int | None) -> list[dict]:
-    """Rows ``{"id", "prompt", "references"}`` of the offline set (``name='offline'``) or a hub set."""
+def load_instruction_rows(name: str, split: str, *, instruct_dir: str | Path | None,
+                          source: Mapping[str, Any] | None, max_rows: int | None) -> list[dict]:
+    """Rows ``{"id", "prompt", "references"}`` of the offline set (``name='offline'``) or a hub set.
+
+    ``source``: the set's ``datasets.<name>`` entry (local path; Dolly's held-out size and seed).
+    """
     if name == "offline":
         if instruct_dir is None:
             raise ValueError("the offline instruction set needs --instruct (the directory built by 'harness instruct')")
@@ -35,7 +40,9 @@ def load_instruction_rows(name: str, split: str, *, instruct_dir: str | Path | N
     else:
         from harness.data.hub_data import load_instruction_set
 
-        rows = load_instruction_set(name, path=path, split=split)
+        source = dict(source or {})
+        split_keys = {"eval_size": source["heldout"], "seed": source["seed"]} if "heldout" in source else {}
+        rows = load_instruction_set(name, path=source.get("path"), split=split, **split_keys)
     if not rows:
         raise ValueError(f"instruction set {name!r} split {split!r} has no rows")
     return rows[:max_rows] if max_rows else rows

@@ -31,9 +31,21 @@ def train_tokenizer(
     model_max_length: int = 2048,
 ) -> PreTrainedTokenizerFast:
     """Train on the ``train`` split of ``corpus_dir`` and ``save_pretrained`` to ``out_dir``."""
+    return train_tokenizer_on(read_split(corpus_dir, "train"), out_dir, vocab_size, min_frequency=min_frequency,
+                              model_max_length=model_max_length)
+
+
+def train_tokenizer_on(
+    texts: list[str],
+    out_dir: str | os.PathLike,
+    vocab_size: int = 4096,
+    *,
+    min_frequency: int = 2,
+    model_max_length: int = 2048,
+) -> PreTrainedTokenizerFast:
+    """Train the byte-level BPE on ``texts`` and ``save_pretrained`` it to ``out_dir``."""
     if vocab_size < MIN_VOCAB:
         raise ValueError(f"vocab_size must be >= {MIN_VOCAB} (256 bytes + special tokens), got {vocab_size!r}")
-    texts = read_split(corpus_dir, "train")
     core = Tokenizer(models.BPE())
     core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     core.decoder = decoders.ByteLevel()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -38,6 +38,7 @@ class EvalContext:
     scratch_dir: Path  # per-run scratch (the zero-shot task files), removed after use
     instruct_dir: Path | None = None
     unigram_path: Path | None = None
+    datasets: Mapping[str, Any] = field(default_factory=dict)  # the spec's ``datasets`` entries (local paths)
     log: Callable[[str], None] = _stderr
 
 
@@ -72,8 +73,8 @@ def evaluate_rouge(model, ctx: EvalContext) -> dict[str, Any]:
     fields: dict[str, Any] = {}
     by_set = {}
     for name in ins["sets"]:
-        rows = load_instruction_rows(name, ins["split"], instruct_dir=ctx.instruct_dir, path=ins["path"],
-                                     max_rows=ins["max_rows"])
+        rows = load_instruction_rows(name, ins["split"], instruct_dir=ctx.instruct_dir,
+                                     source=ctx.datasets.get(name), max_rows=ins["max_rows"])
         ctx.log(f"{ctx.run_id}: ROUGE-L on {name} ({len(rows)} rows)")
         got = evaluate_instructions(model, ctx.tokenizer, rows, ctx.predictions_dir / f"{ctx.run_id}.{name}.jsonl",
                                     max_new_tokens=ins["max_new_tokens"], batch_size=ins["batch_size"],
@@ -102,17 +103,19 @@ def evaluate_zeroshot(model, ctx: EvalContext) -> dict[str, Any]:
 def zeroshot_scores(model, tokenizer, texts: list[str], zs_cfg: Mapping[str, Any], tasks_dir: Path,
                     seed: int) -> dict[str, float | None]:
     """``{task: accuracy}`` (and ``{task}_norm``) through lm-eval; ``local`` tasks are written to ``tasks_dir``."""
-    from harness.evaluation.lm_eval_adapter import LOCAL_MC_TASK, build_local_tasks, evaluate_lm
+    from harness.evaluation.lm_eval_adapter import LOCAL_MC_TASK, build_local_tasks, evaluate_lm, local_task_config
 
     tasks: list[Any] = []
     for name in zs_cfg["tasks"]:
         if name == "local":
             configs = build_local_tasks(texts, tasks_dir, seed=0, max_mc_items=zs_cfg["limit"], max_ppl_docs=1)
             tasks += [c for c in configs if c["task"] == LOCAL_MC_TASK]
+        elif name in zs_cfg.get("paths", {}):
+            tasks.append(local_task_config(name, zs_cfg["paths"][name]))  # a local copy of its dataset
         else:
-            tasks.append(name)
+            tasks.append(name)  # the hub, or the datasets cache under HF_HUB_OFFLINE=1
     got = evaluate_lm(model, tokenizer, tasks, batch_size=zs_cfg["batch_size"], limit=zs_cfg["limit"], seed=seed,
-                      allow_hub=any(t != "local" for t in zs_cfg["tasks"]))
+                      allow_hub=any(isinstance(t, str) for t in tasks))
     scores: dict[str, float | None] = {}
     for task, metrics in got["results"].items():
         if "acc" in metrics:

@@ -15,6 +15,10 @@
   documents; acc / acc_norm), and ``heldout_ppl``, rolling log-likelihood perplexity of the
   documents (word / byte perplexity, bits per byte), the WikiText-2 protocol.
 
+* :func:`local_task_config` reads a built-in task (e.g. ``arc_easy``) from a local copy of its
+  dataset in the hub repository's layout, through ``datasets``' packaged ``parquet`` / ``json``
+  builders; :func:`task_datasets` names the hub dataset each task reads (to check the cache).
+
 Nothing here touches the network: the local tasks load JSON files through ``datasets``'
 packaged ``json`` builder and :func:`evaluate_lm` sets ``HF_HUB_OFFLINE`` /
 ``HF_DATASETS_OFFLINE`` unless the caller allows the hub.
@@ -22,6 +26,8 @@ packaged ``json`` builder and :func:`evaluate_lm` sets ``HF_HUB_OFFLINE`` /
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import random
 from collections.abc import Mapping, Sequence
@@ -144,6 +150,82 @@ def build_local_tasks(
         "metadata": {"version": 1.0},
     }
     return [mc, ppl]
+
+
+@functools.lru_cache(maxsize=1)
+def _builtin_tasks():
+    """lm-eval's index of its built-in tasks, built once per process (it reads every task YAML)."""
+    from lm_eval.tasks import TaskManager
+
+    return TaskManager()
+
+
+def _task_config(manager, task: str) -> dict[str, Any]:
+    """The full YAML config of a registered lm-eval task (``include:`` resolved, functions loaded)."""
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = manager.task_index.get(task)
+    if entry is None or entry.yaml_path is None:
+        raise ValueError(f"lm-eval has no task {task!r} defined by a YAML config")
+    return dict(load_yaml(entry.yaml_path, resolve_func=True))
+
+
+def task_datasets(tasks: Sequence[str]) -> dict[str, str | None]:
+    """``{task: hub dataset it reads}`` from lm-eval's task registry (None: unknown task)."""
+    manager = _builtin_tasks()
+    found: dict[str, str | None] = {}
+    for task in tasks:
+        try:
+            found[task] = _task_config(manager, task).get("dataset_path")
+        except ValueError:
+            found[task] = None
+    return found
+
+
+_DATA_EXTENSIONS = {"parquet": "parquet", "jsonl": "json", "json": "json"}
+
+
+def local_task_config(task: str, path: str | os.PathLike, *, manager=None) -> dict[str, Any]:
+    """lm-eval task ``task`` reading its splits from ``path`` instead of the hub.
+
+    ``path``: a file (every split the task reads) or a directory in the hub repository's layout:
+    ``path/<dataset_name>/`` when the task names a dataset config and that folder exists, else
+    ``path``, holding ``{split}.{jsonl,json,parquet}``, ``{split}-*.{ext}`` or ``data/{split}-*.{ext}``.
+    FileNotFoundError naming the task and the split when a split it reads is missing.
+    """
+    cfg = _task_config(manager or _builtin_tasks(), task)
+    root = Path(path)
+    if not root.exists():
+        raise FileNotFoundError(f"zero-shot task {task!r}: local data not found: {str(root)!r}")
+    if root.is_dir() and cfg.get("dataset_name") and (root / cfg["dataset_name"]).is_dir():
+        root = root / cfg["dataset_name"]
+    splits = [cfg[k] for k in ("training_split", "validation_split", "test_split", "fewshot_split") if cfg.get(k)]
+    data_files: dict[str, list[str]] = {}
+    for split in dict.fromkeys(splits):
+        if root.is_file():
+            files = [root]
+        else:
+            files = []
+            for ext in _DATA_EXTENSIONS:
+                files += sorted(root.glob(f"{split}.{ext}")) + sorted(root.glob(f"{split}-*.{ext}"))
+                files += sorted(root.glob(f"data/{split}-*.{ext}"))
+        if files:
+            data_files[split] = [str(f.resolve()) for f in files]
+    evaluated = cfg.get("test_split") or cfg.get("validation_split")
+    if evaluated not in data_files:
+        raise FileNotFoundError(f"zero-shot task {task!r}: no {evaluated!r} split in {str(root)!r} "
+                                f"(expected {evaluated}.jsonl, {evaluated}-*.parquet or data/{evaluated}-*.parquet)")
+    kinds = {_DATA_EXTENSIONS[Path(f).suffix.lstrip(".")] for files in data_files.values() for f in files}
+    if len(kinds) != 1:
+        raise ValueError(f"zero-shot task {task!r}: mixed file types in {str(root)!r}; use one of parquet or json")
+    # splits the task names but the copy lacks (e.g. train for a zero-shot run) are dropped
+    for key in ("training_split", "validation_split", "fewshot_split"):
+        if cfg.get(key) and cfg[key] not in data_files:
+            cfg.pop(key)
+    cfg.update(dataset_path=kinds.pop(), dataset_name=None,
+               dataset_kwargs={**(cfg.get("dataset_kwargs") or {}), "data_files": data_files})
+    cfg.pop("tag", None)  # a local copy is not the registered task's group member
+    return cfg
 
 
 def _compact(results: Mapping[str, Any]) -> dict[str, dict[str, float | None]]:

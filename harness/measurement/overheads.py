@@ -30,7 +30,7 @@ import copy
 import os
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Mapping, Sequence
 
 import torch
 from transformers import AutoModelForCausalLM, Gemma2Config, LlamaConfig, OPTConfig, PretrainedConfig
@@ -245,24 +245,28 @@ class _VocabOnly:
         return self.size
 
 
-def timing_models(zoo: str | os.PathLike | None, families: Sequence[str]) -> list[tuple[str, str, Any]]:
-    """``(label, source, base_model)`` to time: zoo checkpoints when present, else random ``tiny`` configs."""
+def timing_models(zoo: str | os.PathLike | None, families: Sequence[str],
+                  checkpoints: Mapping[str, str] | None = None) -> Iterator[tuple[str, str, Any]]:
+    """``(label, source, base_model)`` to time, one loaded at a time: zoo checkpoints when present, else
+    random ``tiny`` configs, for ``families``; then each of ``checkpoints`` (name -> hub name or local
+    directory: a profile's own models)."""
     from harness.models.zoo import load_base_model
 
-    out = []
     for family in families:
         if family not in FAMILIES:
             raise ValueError(f"unknown family {family!r}; known: {sorted(FAMILIES)}")
         path = Path(zoo) / family / "base" if zoo is not None else None
         if path is not None and (path / "config.json").is_file():
             model, _ = load_base_model(path, dtype=torch.float32, device="cpu")
-            out.append((f"zoo:{family}", str(path), model))
+            yield f"zoo:{family}", str(path), model
         else:
             torch.manual_seed(0)
             config = build_config(family, "tiny", _VocabOnly())
-            out.append((f"tiny:{family}", "random weights (harness.models.zoo tiny config)",
-                        AutoModelForCausalLM.from_config(config).eval()))
-    return out
+            yield (f"tiny:{family}", "random weights (harness.models.zoo tiny config)",
+                   AutoModelForCausalLM.from_config(config).eval())
+    for name, source in (checkpoints or {}).items():
+        model, _ = load_base_model(source, dtype=torch.float32, device="cpu")
+        yield f"checkpoint:{name}", str(source), model
 
 
 def _device_label(device: str | torch.device) -> str:
@@ -300,6 +304,7 @@ def overheads(
     families: Sequence[str] = ("llama3", "tinyllama", "opt", "gemma2"),
     paper_models: Sequence[str] = tuple(PAPER_CONFIGS),
     time_paper_models: Sequence[str] = (),
+    checkpoints: Mapping[str, str] | None = None,
     budget: float = 0.5,
     dtype: str = "float32",
     prompt_tokens: int = 32,
@@ -313,7 +318,8 @@ def overheads(
 
     ``rows`` has one entry per (model, method): the paper's configs (parameters and
     KV bytes; decode timing only for ``time_paper_models``, random weights, meant for
-    a GPU) and the zoo / tiny models of ``families`` (parameters, KV bytes, timing).
+    a GPU), the zoo / tiny models of ``families`` and the ``checkpoints`` (name -> hub name or
+    local directory: the profile's own models) (parameters, KV bytes, timing).
     """
     torch_dtype = getattr(torch, dtype, None)
     if not isinstance(torch_dtype, torch.dtype):
@@ -357,7 +363,7 @@ def overheads(
             for m in METHODS:
                 rows.append(_row(name, "paper config, meta device", m, diff[f"{m}_params"], diff[m], config,
                                  torch_dtype, None, None))
-    for label, source, base in timing_models(zoo, families):
+    for label, source, base in timing_models(zoo, families, checkpoints):
         base = base.to(device=device, dtype=torch_dtype)
         config = copy.deepcopy(base.config)
         built = {m: build_method(config, m, budget=budget, seed=seed, base=base) for m in METHODS}
@@ -409,6 +415,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--families", default="llama3,tinyllama,opt,gemma2", help="zoo / tiny families to time")
     parser.add_argument("--paper-models", default=",".join(PAPER_CONFIGS), help="paper configs to count")
     parser.add_argument("--time-paper-models", default="", help="paper configs to time with random weights (GPU)")
+    parser.add_argument("--checkpoints", default="",
+                        help="name=source,... checkpoints to time (hub names or local directories)")
     parser.add_argument("--budget", type=float, default=0.5)
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--prompt-tokens", type=int, default=32)
@@ -421,7 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     split = lambda text: tuple(s for s in text.split(",") if s)  # noqa: E731
     result = overheads(zoo=args.zoo or None, families=split(args.families), paper_models=split(args.paper_models),
-                       time_paper_models=split(args.time_paper_models), budget=args.budget, dtype=args.dtype,
+                       time_paper_models=split(args.time_paper_models),
+                       checkpoints=dict(item.split("=", 1) for item in split(args.checkpoints)),
+                       budget=args.budget, dtype=args.dtype,
                        prompt_tokens=args.prompt_tokens, new_tokens=args.new_tokens, repeats=args.repeats,
                        warmup=args.warmup, device=args.device, seed=args.seed)
     write_json_atomic(args.out, result)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
@@ -119,15 +120,141 @@ def _check_semantics(cfg: dict) -> None:
         if exp["training"] == "none" and "rouge" in exp["evaluate"]:
             problems.append(f"config key 'experiments.{exp_name}.evaluate': ROUGE-L needs an instruction-tuned "
                             "model (training: sft)")
-    if cfg["eval"]["text_set"] == "corpus" and cfg["eval"]["text_path"] is not None:
-        problems.append("config key 'eval.text_path': only used with a hub text set, not with text_set 'corpus'")
+    for name in cfg["overheads"]["checkpoints"] or []:
+        model = next((m for m in cfg["models"] if m["name"] == name), None)
+        if model is None or "hub" not in model:
+            problems.append(f"config key 'overheads.checkpoints': {name!r} is not a hub model of this config "
+                            f"(hub models: {[m['name'] for m in cfg['models'] if 'hub' in m]})")
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
-    run_table(cfg)  # expansion errors (unknown method, missing budgets, clashing ids) surface here
+    rows = run_table(cfg)  # expansion errors (unknown method, missing budgets, clashing ids) surface here
+    _check_local_data(cfg, rows)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+def datasets_read(cfg: Mapping[str, Any], rows: list[dict] | None = None) -> dict[str, set[str]]:
+    """The hub datasets (``datasets.<name>``) the grid reads, each with the splits it reads."""
+    rows = rows if rows is not None else run_table(cfg)
+    kinds = {r["training"] for r in rows}
+    evaluations = {w for r in rows for w in r["evaluate"]}
+    read: dict[str, set[str]] = {}
+
+    def add(name: str, split: str) -> None:
+        if name in cfg["datasets"]:
+            read.setdefault(name, set()).add(split)
+
+    if "cpt" in kinds:
+        add(cfg["training"]["cpt"]["data"], "train")
+    if "sft" in kinds:
+        add(cfg["training"]["sft"]["data"], "train")
+    add(cfg["eval"]["text_set"], cfg["eval"]["split"])  # every run scores or prompts with it
+    if "rouge" in evaluations:
+        for name in cfg["eval"]["instruct"]["sets"]:
+            add(name, cfg["eval"]["instruct"]["split"])
+    add(cfg["figure1"]["text_set"], "test")
+    return read
+
+
+def _check_local_data(cfg: Mapping[str, Any], rows: list[dict]) -> None:
+    """Every local dataset path holds the files its loader reads, and no two datasets share a file."""
+    from harness.data.hub_data import SPLITS, local_files
+
+    read = datasets_read(cfg, rows)
+    problems, owner = [], {}
+    for name, entry in cfg["datasets"].items():
+        if entry["path"] is None:
+            continue
+        where = f"config key 'datasets.{name}.path'"
+        files: set[Path] = set()
+        missing = []
+        for split in sorted(read.get(name) or SPLITS):
+            try:
+                files.update(f.resolve() for f in local_files(name, entry["path"], split))
+            except FileNotFoundError as err:
+                missing.append(f"{where}: {err}")
+        # a split a job reads must be there; a dataset no job reads needs only some file
+        problems += missing if name in read else missing[:1] if not files else []
+        for f in sorted(files):
+            if f in owner and owner[f] != name:
+                problems.append(f"{where}: {name!r} and {owner[f]!r} both resolve to {str(f)!r}; "
+                                "give each dataset its own file")
+            owner.setdefault(f, name)
+    if problems:
+        raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def hub_offline(environ: Mapping[str, str] | None = None) -> bool:
+    """True when the hub must not be reached (HF_HUB_OFFLINE or HF_DATASETS_OFFLINE set to a true value)."""
+    env = os.environ if environ is None else environ
+    return any(env.get(k, "").strip().upper() in ("1", "ON", "YES", "TRUE") for k in ("HF_HUB_OFFLINE",
+                                                                                      "HF_DATASETS_OFFLINE"))
+
+
+def _cache_dirs(repo: str, kind: str, env: Mapping[str, str]) -> list[Path]:
+    """Where huggingface_hub / datasets would have cached ``repo`` (kind 'model' or 'dataset')."""
+    home = Path(env.get("HF_HOME") or Path(env.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "huggingface")
+    hub = Path(env.get("HF_HUB_CACHE") or env.get("HUGGINGFACE_HUB_CACHE") or home / "hub")
+    dirs = [hub / f"{kind}s--{repo.replace('/', '--')}"]
+    if kind == "dataset":
+        dirs.append(Path(env.get("HF_DATASETS_CACHE") or home / "datasets") / repo.replace("/", "___"))
+    return dirs
+
+
+def check_offline(cfg: Mapping[str, Any], rows: list[dict] | None = None,
+                  environ: Mapping[str, str] | None = None, *, task_datasets=None) -> None:
+    """With the hub offline, refuse (before any job) what only the hub could provide, naming it.
+
+    A hub model whose ``hub`` is not a local directory, a dataset with ``path: null`` and an lm-eval
+    task without ``eval.zeroshot.paths`` entry must then be in the local cache (HF_HOME).
+    ``task_datasets``: task name -> its hub dataset (default: lm-eval's task registry).
+    """
+    env = os.environ if environ is None else environ
+    if not hub_offline(env):
+        return
+    from harness.data.hub_data import INSTRUCTION_SETS, TEXT_SETS
+
+    rows = rows if rows is not None else run_table(cfg)
+    sources = {**INSTRUCTION_SETS, **TEXT_SETS}
+    problems = []
+
+    def cached(repo: str, kind: str) -> bool:
+        return any(d.is_dir() for d in _cache_dirs(repo, kind, env))
+
+    timed = cfg["overheads"]["checkpoints"]
+    timed = [m["name"] for m in cfg["models"] if "hub" in m] if timed is None else timed
+    for name in sorted({r["model"] for r in rows} | set(timed)):
+        hub = model_entry(cfg, name).get("hub")
+        if hub and not Path(hub).is_dir() and not cached(hub, "model"):
+            problems.append(f"model {name!r}: {hub!r} is neither a local directory nor in the hub cache "
+                            f"({_cache_dirs(hub, 'model', env)[0]})")
+    for name in sorted(datasets_read(cfg, rows)):
+        if cfg["datasets"][name]["path"] is None and not cached(sources[name].repo, "dataset"):
+            problems.append(f"dataset {name!r}: config key 'datasets.{name}.path' is null and "
+                            f"{sources[name].repo!r} is not in the datasets cache")
+    zeroshot = [r for r in rows if "zeroshot" in r["evaluate"]]
+    tasks = [t for t in cfg["eval"]["zeroshot"]["tasks"] if t != "local" and t not in cfg["eval"]["zeroshot"]["paths"]]
+    if zeroshot and tasks:
+        if task_datasets is None:
+            from harness.evaluation.lm_eval_adapter import task_datasets as lookup
+
+            task_datasets = lookup(tasks)
+        for task in tasks:
+            repo = task_datasets.get(task)
+            if repo is None or not cached(repo, "dataset"):
+                problems.append(f"zero-shot task {task!r} ({len(zeroshot)} runs): its dataset {repo!r} is not in the "
+                                f"datasets cache; give config key 'eval.zeroshot.paths.{task}' a local copy")
+    if problems:
+        raise ConfigError("HF_HUB_OFFLINE is set, and these would need the hub:\n  " + "\n  ".join(problems))
 
 
 def load_config(paths: str | Path | Iterable[str | Path], overrides: Mapping[str, Any] | None = None) -> dict:
-    """Load YAML config file(s) (later ones merged over earlier ones, as Snakemake does) and validate."""
+    """Load YAML config file(s), later ones over earlier ones by :func:`merge_config`, and validate.
+
+    The workflow resolves its config through this too (``workflow/rules/common.smk``), so that
+    Snakemake and the CLI apply the same profile rule (:data:`REPLACED_WHOLE`).
+    """
     if isinstance(paths, (str, Path)):
         paths = [paths]
     from harness.orchestration.checks import read_config_file  # imports this module
@@ -152,11 +279,30 @@ def resolve_config(configfiles: Iterable[str | Path] = (), overrides: Mapping[st
     return load_config([DEFAULT_CONFIGFILE, *configfiles], overrides)
 
 
-def merge_config(base: dict, update: Mapping[str, Any]) -> dict:
-    """Merge ``update`` into ``base`` in place: mappings key by key, everything else replaced."""
+#: Mappings a later config file replaces whole instead of merging into them key by key ('*':
+#: any key). A profile's recipe overrides are relative to the recipe *it* names, so offline
+#: overrides must not survive under the paper's recipe; an experiment is what its profile says.
+REPLACED_WHOLE: tuple[tuple[str, ...], ...] = (
+    ("training", "cpt", "overrides"),
+    ("training", "sft", "overrides"),
+    ("experiments", "*"),
+)
+
+
+def _replaced_whole(path: tuple[str, ...]) -> bool:
+    return any(len(p) == len(path) and all(a in ("*", b) for a, b in zip(p, path)) for p in REPLACED_WHOLE)
+
+
+def merge_config(base: dict, update: Mapping[str, Any], _path: tuple[str, ...] = ()) -> dict:
+    """Merge ``update`` into ``base`` in place: mappings key by key, everything else replaced.
+
+    Exceptions (:data:`REPLACED_WHOLE`): ``training.{cpt,sft}.overrides`` and each
+    ``experiments.<name>`` entry are replaced whole by a later file that gives them.
+    """
     for key, value in update.items():
-        if isinstance(value, Mapping) and isinstance(base.get(key), dict):
-            merge_config(base[key], value)
+        path = (*_path, str(key))
+        if isinstance(value, Mapping) and isinstance(base.get(key), dict) and not _replaced_whole(path):
+            merge_config(base[key], value, path)
         else:
             base[key] = copy.deepcopy(value)
     return base
@@ -348,13 +494,36 @@ def training_spec(cfg: Mapping[str, Any], row: Mapping[str, Any]) -> dict:
     if row["training"] == "none":
         return {"kind": "none"}
     method, budget, params = architecture_of(row["method"], row["budget"], row["params"])
+    section = cfg["training"][row["training"]]
     return {
         "kind": row["training"],
         "train_id": row["train_id"],
-        **copy.deepcopy(cfg["training"][row["training"]]),
+        **copy.deepcopy(section),
+        # the local copy of its data (null: the hub / cache; corpus and offline are built here)
+        "dataset": copy.deepcopy(cfg["datasets"].get(section["data"])),
         "architecture": {"method": method, "budget": budget, "params": params},
         "seed": row["seed"],
     }
+
+
+#: eval keys every run reads (its texts also give the latency prompts) / only perplexity reads
+_EVAL_ALWAYS = ("text_set", "split")
+_EVAL_PPL = ("seq_len", "batch_size", "max_tokens")
+
+
+def eval_spec(cfg: Mapping[str, Any], row: Mapping[str, Any]) -> tuple[dict, dict]:
+    """(eval keys, datasets entries) one run reads: a key it never reads must not rerun it."""
+    ev = cfg["eval"]
+    spec = {k: copy.deepcopy(ev[k]) for k in _EVAL_ALWAYS}
+    if "ppl" in row["evaluate"]:
+        spec.update({k: copy.deepcopy(ev[k]) for k in _EVAL_PPL})
+    if "rouge" in row["evaluate"]:
+        spec["instruct"] = copy.deepcopy(ev["instruct"])
+    if "zeroshot" in row["evaluate"]:
+        spec["zeroshot"] = copy.deepcopy(ev["zeroshot"])
+    names = [ev["text_set"]] + (list(ev["instruct"]["sets"]) if "rouge" in row["evaluate"] else [])
+    datasets = {n: copy.deepcopy(cfg["datasets"][n]) for n in names if n in cfg["datasets"]}
+    return spec, datasets
 
 
 def run_spec(cfg: Mapping[str, Any], run_id: str, rows: list[dict] | None = None) -> dict:
@@ -367,6 +536,7 @@ def run_spec(cfg: Mapping[str, Any], run_id: str, rows: list[dict] | None = None
         raise ConfigError(f"run id {run_id!r} is not in the grid of this config ({len(index)} runs)")
     row = index[run_id]
     model = model_entry(cfg, row["model"])
+    evaluated, datasets = eval_spec(cfg, row)
     spec = {
         "run_id": run_id,
         "experiments": list(row["experiments"]),
@@ -380,7 +550,8 @@ def run_spec(cfg: Mapping[str, Any], run_id: str, rows: list[dict] | None = None
         "dtype": cfg["dtype"],
         "training": training_spec(cfg, row),
         "evaluate": list(row["evaluate"]),
-        "eval": copy.deepcopy(cfg["eval"]),
+        "eval": evaluated,
+        "datasets": datasets,
         "measure": copy.deepcopy(cfg["measure"]),
     }
     if pretrained_here(model):

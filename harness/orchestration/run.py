@@ -73,11 +73,11 @@ def training_data(spec: Mapping[str, Any], tokenizer, recipe, *, corpus_dir, ins
         else:
             from harness.data.hub_data import load_text_set
 
-            texts = load_text_set(spec["data"], path=spec["data_path"], split="train")
+            texts = load_text_set(spec["data"], path=(spec.get("dataset") or {}).get("path"), split="train")
         # the stream only needs one pass of the recipe's tokens (plus a block); fewer means epochs
         need = recipe.total_tokens + recipe.seq_len if recipe.total_tokens else None
         return cpt_data(tokenizer, texts, recipe.seq_len, max_tokens=need)
-    rows = load_instruction_rows(spec["data"], "train", instruct_dir=instruct_dir, path=spec["data_path"],
+    rows = load_instruction_rows(spec["data"], "train", instruct_dir=instruct_dir, source=spec.get("dataset"),
                                  max_rows=spec["max_rows"])
     return sft_data(tokenizer, rows, recipe.seq_len)
 
@@ -363,14 +363,14 @@ def execute_run(
     device = resolve_device(spec["device"])
     built = build(spec, device=device, model_path=model_path, trained_dir=trained_dir)
 
-    texts = load_eval_texts(spec["eval"], corpus_dir)
+    texts = load_eval_texts(spec["eval"], corpus_dir, spec.get("datasets"))
     work = out.parent.parent
     ctx = EvalContext(
         run_id=spec["run_id"], eval_cfg=spec["eval"], tokenizer=built.tokenizer, texts=texts, device=device,
         seed=seed, evicting=built.evicting, cache_factory=built.cache_factory,
         predictions_dir=Path(predictions_dir) if predictions_dir else work / "predictions",
         scratch_dir=work / "zeroshot_tasks" / spec["run_id"],
-        instruct_dir=instruct_dir, unigram_path=unigram_path, log=log)
+        instruct_dir=instruct_dir, unigram_path=unigram_path, datasets=spec.get("datasets") or {}, log=log)
     quality = evaluate(built.model, ctx, spec["evaluate"])
 
     budget, performance = measure(built, spec, texts, device)

@@ -13,6 +13,7 @@ os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.env
 
 from harness.orchestration.codehash import CodeHashes
 from harness.orchestration.config import (
+    check_offline,
     model_entry,
     pretrain_settings,
     pretrained_here,
@@ -46,6 +47,9 @@ RUN_IDS = list(RUN_INDEX)
 if config["check_records"]:
     check_records(f"{RESULTS}/records", RUN_IDS)
 TRAINS = train_table(config, RUNS)
+# With HF_HUB_OFFLINE=1, a model, dataset or zero-shot task only the hub has stops the workflow
+# here, named, instead of failing (or waiting through retries) inside a job.
+check_offline(config, RUNS)
 EXPERIMENTS = list(config["experiments"])
 PRETRAINED = [m["name"] for m in config["models"] if pretrained_here(m)]
 # The paper's experiments, each with a target rule of its name (workflow/rules/targets.smk).
@@ -169,6 +173,20 @@ def figure1_model():
 
 #: Experiments with a figure of their own (quality against the realized budget).
 FIGURE_EXPERIMENTS = ["figure3_budget_sweep"]
+
+
+def overheads_checkpoints():
+    """The config models whose own checkpoints Table 9 times (default: every model not pretrained here)."""
+    names = config["overheads"]["checkpoints"]
+    if names is None:
+        return [m["name"] for m in config["models"] if not pretrained_here(m)]
+    return list(names)  # validated: hub models of this config
+
+
+def figure1_text_path():
+    """`--text-path` of Figure 1's hub text set when `datasets.<set>.path` gives a local copy."""
+    source = config["datasets"].get(config["figure1"]["text_set"]) or {}
+    return f"--text-path {source['path']}" if source.get("path") else ""
 
 
 def figure1_inputs(wildcards):

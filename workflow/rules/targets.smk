@@ -13,9 +13,7 @@ rule token_importance:
         text_set=config["figure1"]["text_set"],
         model=lambda wildcards, input: input.model if "model" in input.keys() else figure1_model()["hub"],
         text_path=lambda wildcards, input: (
-            "--text-path {}".format(config["figure1"]["text_path"] or input.corpus)
-            if config["figure1"]["text_path"] or "corpus" in input.keys()
-            else ""
+            f"--text-path {input.corpus}" if "corpus" in input.keys() else figure1_text_path()
         ),
         device=config["device"],
         dtype=config["dtype"],
@@ -54,7 +52,9 @@ rule overheads:
         f"{RESULTS}/table9_overheads.json",
     params:
         zoo=lambda wildcards, input: str(Path(input.models[0]).parent.parent) if input.models else "''",
-        families=",".join(sorted({m["family"] for m in config["models"] if pretrained_here(m)})) or "llama3",
+        families=",".join(sorted({m["family"] for m in config["models"] if pretrained_here(m)}))
+        or ("''" if overheads_checkpoints() else "llama3"),
+        checkpoints=",".join(f"{name}={model_entry(config, name)['hub']}" for name in overheads_checkpoints()),
         paper_models=(
             ""
             if config["overheads"]["paper_models"] is None
@@ -74,7 +74,8 @@ rule overheads:
         ENV
     shell:
         "OMP_NUM_THREADS={threads} python -m harness.measurement.overheads --zoo {params.zoo} --families {params.families} "
-        "{params.paper_models} --time-paper-models '{params.time_paper}' --prompt-tokens {params.prompt_tokens} "
+        "{params.paper_models} --time-paper-models '{params.time_paper}' --checkpoints '{params.checkpoints}' "
+        "--prompt-tokens {params.prompt_tokens} "
         "--new-tokens {params.new_tokens} --repeats {params.repeats} --device {params.device} "
         "--dtype {params.dtype} --out {output} > {log} 2>&1"
 
