@@ -128,7 +128,10 @@ class RoutingStats:
 
     def reset(self) -> None:
         self.prefill = [[0] * self.num_experts for _ in range(self.num_layers)]
-        self.decode = [[0] * self.num_experts for _ in range(self.num_layers)]
+        self._decode = [[0] * self.num_experts for _ in range(self.num_layers)]
+        # Decode counts accumulated on the device, ``[num_layers, E]`` per device; folded into
+        # ``decode`` when read, so that decoding never waits on a host read of expert ids.
+        self._pending: dict[torch.device, torch.Tensor] = {}
         self.agree = [0] * self.num_layers
         self.compared = [0] * self.num_layers
 
@@ -151,6 +154,28 @@ class RoutingStats:
         for e in ids:
             if e >= 0:
                 row[e] += 1
+
+    def add_decode_tensor(self, layer: int, expert: torch.Tensor, real: torch.Tensor | None) -> None:
+        """Count decode tokens on the device: ``expert`` ``[B, q]`` ids, ``real`` ``[B, q]`` or None."""
+        pending = self._pending.get(expert.device)
+        if pending is None:
+            pending = self._pending[expert.device] = torch.zeros(
+                (self.num_layers, self.num_experts), dtype=torch.long, device=expert.device
+            )
+        ids = expert.reshape(1, -1)
+        ones = torch.ones_like(ids) if real is None else real.reshape(1, -1).long()
+        pending[layer : layer + 1].scatter_add_(1, ids, ones)
+
+    @property
+    def decode(self) -> list[list[int]]:
+        """Tokens per layer and expert under argmax routing (device counts folded in)."""
+        if self._pending:
+            for pending in self._pending.values():
+                for row, add in zip(self._decode, pending.tolist()):
+                    for e, c in enumerate(add):
+                        row[e] += c
+            self._pending = {}
+        return self._decode
 
     @staticmethod
     def _fractions(rows: list[list[int]]) -> list[float]:
