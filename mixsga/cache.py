@@ -86,6 +86,9 @@ class MixSGALayer(CacheLayerMixin):
         self.experts = [e for e, a in enumerate(self.active) if a]
         self.decode_backend = decode_backend
         self.buffers: list[torch.Tensor] = []  # [expert] -> [2, B, H_kv / g_e, capacity_e, d]
+        # [expert] -> [B, capacity_e]: 0 on filled slots, -inf elsewhere; the decode step adds it to
+        # the logits instead of building length masks (fewer ops per step). Not K/V: reserved only.
+        self.biases: list[torch.Tensor] = []
         self.counts: torch.Tensor | None = None  # [B, E] long: filled slots per sample and expert
         self.index_buf: torch.Tensor | None = None  # [B, capacity_tokens] uint8
         self.ntok: torch.Tensor | None = None  # [B] long: stored tokens per sample
@@ -116,9 +119,23 @@ class MixSGALayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.num_kv_heads, self.head_dim = heads, dim
         self.buffers = [key_states.new_zeros((2, batch, heads // g, 0, dim)) for g in self.group_sizes]
+        self.biases = [key_states.new_zeros((batch, 0)) for _ in self.group_sizes]
+        # One matmul pools a token's K/V to every expert's granularity: rows of ``pool`` are the
+        # experts' pooled heads (mean weights 1/g over contiguous groups), stacked.
+        rows, self._pool_rows = [], []
+        for g in self.group_sizes:
+            start = sum(r.shape[0] for r in rows)
+            rows.append(torch.kron(torch.eye(heads // g), torch.full((1, g), 1.0 / g)))
+            self._pool_rows.append((start, start + heads // g))
+        self._pool = torch.cat(rows).to(device=self.device, dtype=self.dtype)
+        # _step_bias[e_routed, e]: the bias a decode step writes into expert e's next slot
+        self._step_bias = torch.where(
+            torch.eye(len(self.group_sizes), dtype=torch.bool), 0.0, float("-inf")
+        ).to(device=self.device, dtype=self.dtype)
         self.counts = torch.zeros((batch, len(self.group_sizes)), dtype=torch.long, device=self.device)
         self.index_buf = torch.zeros((batch, 0), dtype=INDEX_DTYPE, device=self.device)
         self.ntok = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self._ones = torch.ones((batch, 1), dtype=torch.long, device=self.device)
         self._bound = [0] * len(self.group_sizes)
         self._tok_bound = 0
         self._backend = resolve_backend(self.decode_backend, self.device)
@@ -134,9 +151,13 @@ class MixSGALayer(CacheLayerMixin):
         capacity = buf.shape[3]
         if need <= capacity:
             return
-        new = buf.new_zeros((*buf.shape[:3], self._grown(capacity, need), buf.shape[4]))
+        grown = self._grown(capacity, need)
+        new = buf.new_zeros((*buf.shape[:3], grown, buf.shape[4]))
         new[:, :, :, :capacity] = buf
         self.buffers[e] = new
+        bias = self.biases[e].new_full((buf.shape[1], grown), float("-inf"))
+        bias[:, :capacity] = self.biases[e]
+        self.biases[e] = bias
 
     def _reserve_tokens(self, need: int) -> None:
         capacity = self.index_buf.shape[1]
@@ -180,22 +201,28 @@ class MixSGALayer(CacheLayerMixin):
     ) -> None:
         """Append one token per sample (``k``, ``v``: ``[B, H_kv, 1, d]``): index writes, no host read."""
         batch = k.shape[0]
-        kv = torch.stack((k, v))  # [2, B, H_kv, 1, d]
+        # [2, B, 1, H_kv, d] @ pool^T -> every expert's pooled heads at once
+        pooled = torch.matmul(self._pool, torch.stack((k, v)).view(2, batch, self.num_kv_heads, -1))
         ids = expert.view(batch, 1)
+        bias = self._step_bias[ids.view(batch)]  # [B, E]
+        if real is not None:
+            bias = bias.masked_fill(~real.view(batch, 1), float("-inf"))
         for e in self.experts:
             if self._bound[e] >= self.buffers[e].shape[3]:
                 # The host bound is loose after decode steps: read the true fill (once per growth)
                 # and leave at least a page of room, so that the next read is a page of steps away.
                 self._bound[e] = int(self.counts[:, e].max())
                 self._reserve(e, self._bound[e] + PAGE)
-            pooled = pool_heads(kv, self.group_sizes[e])
-            slot = self.counts[:, e].view(1, batch, 1, 1, 1).expand(pooled.shape)
-            self.buffers[e].scatter_(3, slot, pooled)
+            lo, hi = self._pool_rows[e]
+            part = pooled[:, :, lo:hi].unsqueeze(3)  # [2, B, H_kv / g_e, 1, d]
+            slot = self.counts[:, e : e + 1]
+            self.buffers[e].scatter_(3, slot.view(1, batch, 1, 1, 1).expand(part.shape), part)
+            self.biases[e].scatter_(1, slot, bias[:, e : e + 1])
             self._bound[e] += 1
         self._reserve_tokens(self._tok_bound + 1)
         self.index_buf.scatter_(1, self.ntok.view(batch, 1), ids.to(INDEX_DTYPE))
         if real is None:
-            self.counts.scatter_add_(1, ids, torch.ones_like(ids))
+            self.counts.scatter_add_(1, ids, self._ones[:batch])
             self.ntok += 1
         else:
             step = real.view(batch, 1).long()
@@ -221,6 +248,7 @@ class MixSGALayer(CacheLayerMixin):
             if rows.numel():
                 pooled = pool_heads(kv, self.group_sizes[e])
                 self.buffers[e][:, rows, :, pos[rows, cols]] = pooled[:, rows, :, cols]
+                self.biases[e][rows, pos[rows, cols]] = 0.0
             self.counts[:, e] = total
             self._bound[e] = top
         pos = self.ntok[:, None] + real.long().cumsum(dim=1) - 1
@@ -242,7 +270,7 @@ class MixSGALayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.buffers, self.counts, self.index_buf, self.ntok = [], None, None, None
+        self.buffers, self.biases, self.counts, self.index_buf, self.ntok = [], [], None, None, None
         self._bound, self._tok_bound = [], 0
         self.seen, self.pending, self.is_initialized = 0, None, False
 
@@ -257,6 +285,10 @@ class MixSGALayer(CacheLayerMixin):
         if not self.is_initialized:
             return
         self.buffers = [t.to(device, non_blocking=True) for t in self.buffers]
+        self.biases = [t.to(device, non_blocking=True) for t in self.biases]
+        self._pool = self._pool.to(device, non_blocking=True)
+        self._step_bias = self._step_bias.to(device, non_blocking=True)
+        self._ones = self._ones.to(device, non_blocking=True)
         self.counts = self.counts.to(device, non_blocking=True)
         self.index_buf = self.index_buf.to(device, non_blocking=True)
         self.ntok = self.ntok.to(device, non_blocking=True)
@@ -264,6 +296,8 @@ class MixSGALayer(CacheLayerMixin):
     def _select_samples(self, order: Sequence[int] | torch.Tensor) -> None:
         order = torch.as_tensor(order, dtype=torch.long, device=self.counts.device)
         self.buffers = [t.index_select(1, order) for t in self.buffers]
+        self.biases = [t.index_select(0, order) for t in self.biases]
+        self._ones = torch.ones((order.numel(), 1), dtype=torch.long, device=self.counts.device)
         self.counts = self.counts.index_select(0, order)
         self.index_buf = self.index_buf.index_select(0, order)
         self.ntok = self.ntok.index_select(0, order)
@@ -347,6 +381,8 @@ class MixSGALayer(CacheLayerMixin):
             sel = keep[idx == e]
             kept = self._store(sample, e, sel.numel())[:, :, sel]
             self.buffers[e][:, sample, :, : kept.shape[2]] = kept
+            self.biases[e][sample, : kept.shape[2]] = 0.0
+            self.biases[e][sample, kept.shape[2] :] = float("-inf")
             self.counts[sample, e] = kept.shape[2]
         kept_idx = idx[keep]
         self.index_buf[sample, : kept_idx.numel()] = kept_idx
@@ -371,10 +407,10 @@ class MixSGALayer(CacheLayerMixin):
         return sum(c * p for c, p in zip(counts, per_expert)) + int(self.ntok.sum()) * INDEX_DTYPE.itemsize
 
     def reserved_bytes(self) -> int:
-        """Bytes the preallocated buffers hold (filled or not): K/V buffers, index buffer, fill counters."""
+        """Bytes the preallocated buffers hold (filled or not): K/V, slot masks, index, fill counters."""
         if not self.is_initialized:
             return 0
-        return sum(t.nbytes for t in (*self.buffers, self.index_buf, self.counts, self.ntok))
+        return sum(t.nbytes for t in (*self.buffers, *self.biases, self.index_buf, self.counts, self.ntok))
 
     def tensors(self) -> list[torch.Tensor]:
         return [] if not self.is_initialized else [*self.buffers, self.index_buf, self.counts, self.ntok]
@@ -433,7 +469,9 @@ class MixSGALayer(CacheLayerMixin):
         if starts is not None and len(experts) != len(self.group_sizes):
             starts = starts[:, experts]
         if self.observer is None:
-            return decode_attention(query, keys, values, lengths, starts, scaling, softcap, self._backend)
+            biases = [self.biases[e] for e in experts]
+            return decode_attention(query, keys, values, lengths, starts, scaling, softcap, self._backend,
+                                    biases=biases, empty_rows=False)
         probs: list[torch.Tensor] = []
         out = decode_attention_torch(query, keys, values, lengths, starts, scaling, softcap, probs_out=probs)
         self._observe_step(probs[0], [k.shape[2] for k in keys], starts)

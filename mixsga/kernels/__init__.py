@@ -61,20 +61,24 @@ def decode_attention(
     scaling: float,
     softcap: float | None,
     backend: str = "torch",
+    biases: list[torch.Tensor] | None = None,
+    empty_rows: bool = True,
 ) -> torch.Tensor:
     """One decode query per sample ``[B, H_q, d]`` over the expert stores -> ``[B, H_q, d]``.
 
     ``keys[e]`` / ``values[e]``: ``[B, H_kv / g_e, n_e, d]`` (``n_e`` = the store's
     slots in use, at least ``lengths[:, e].max()``); ``lengths`` ``[B, E]``: filled
     entries per sample and expert; ``starts`` ``[B, E]`` or None: first entry inside a
-    sliding window. A sample with no entry at all gets zeros.
+    sliding window. A sample with no entry at all gets zeros (unless ``empty_rows``
+    is False: then the caller promises there is none). ``biases`` (torch backends
+    only): per-expert additive masks the cache maintains, used instead of ``lengths``.
     """
     if backend == "triton":
         from mixsga.kernels.triton_decode import decode_attention_triton
 
         return decode_attention_triton(query, keys, values, lengths, starts, scaling, softcap)
     fn = _compiled() if backend == "compiled" else decode_attention_torch
-    return fn(query, keys, values, lengths, starts, scaling, softcap)
+    return fn(query, keys, values, lengths, starts, scaling, softcap, None, biases, empty_rows)
 
 
 __all__ = ["BACKENDS", "decode_attention", "decode_attention_torch", "resolve_backend", "triton_available"]
