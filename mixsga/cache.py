@@ -45,6 +45,7 @@ last W *kept* tokens.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -54,11 +55,17 @@ from transformers.cache_utils import Cache, CacheLayerMixin
 from mixsga.config import MixSGAConfig
 from mixsga.experts import pool_heads
 from mixsga.kernels import decode_attention, resolve_backend
-from mixsga.kernels.torch_decode import decode_attention_torch
+from mixsga.kernels.torch_decode import decode_attention_biased, decode_attention_torch
 
 INDEX_DTYPE = torch.uint8
-GROWTH = 1.5  # capacity grows by this factor ...
+GROWTH = 1.125  # capacity grows by this factor (at most 12.5 % of slots reserved but empty) ...
 PAGE = 64  # ... rounded up to whole pages of this many slots
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_biased():
+    # Shapes only change at capacity growth; dynamic=True keeps one graph across growths.
+    return torch.compile(decode_attention_biased, dynamic=True, fullgraph=True)
 
 
 @dataclass
@@ -86,8 +93,9 @@ class MixSGALayer(CacheLayerMixin):
         self.experts = [e for e, a in enumerate(self.active) if a]
         self.decode_backend = decode_backend
         self.buffers: list[torch.Tensor] = []  # [expert] -> [2, B, H_kv / g_e, capacity_e, d]
-        # [expert] -> [B, capacity_e]: 0 on filled slots, -inf elsewhere; the decode step adds it to
-        # the logits instead of building length masks (fewer ops per step). Not K/V: reserved only.
+        # [expert] -> [B, H_kv / g_e, capacity_e]: 0 on filled slots, -inf elsewhere; the decode step
+        # adds it to the logits (inside baddbmm) instead of building length masks. Repeated per
+        # pooled head so that it is one broadcast operand (1 / (2 d) of the K/V; reserved, not live).
         self.biases: list[torch.Tensor] = []
         self.counts: torch.Tensor | None = None  # [B, E] long: filled slots per sample and expert
         self.index_buf: torch.Tensor | None = None  # [B, capacity_tokens] uint8
@@ -119,7 +127,7 @@ class MixSGALayer(CacheLayerMixin):
         self.dtype, self.device = key_states.dtype, key_states.device
         self.num_kv_heads, self.head_dim = heads, dim
         self.buffers = [key_states.new_zeros((2, batch, heads // g, 0, dim)) for g in self.group_sizes]
-        self.biases = [key_states.new_zeros((batch, 0)) for _ in self.group_sizes]
+        self.biases = [key_states.new_zeros((batch, heads // g, 0)) for g in self.group_sizes]
         # One matmul pools a token's K/V to every expert's granularity: rows of ``pool`` are the
         # experts' pooled heads (mean weights 1/g over contiguous groups), stacked.
         rows, self._pool_rows = [], []
@@ -128,6 +136,7 @@ class MixSGALayer(CacheLayerMixin):
             rows.append(torch.kron(torch.eye(heads // g), torch.full((1, g), 1.0 / g)))
             self._pool_rows.append((start, start + heads // g))
         self._pool = torch.cat(rows).to(device=self.device, dtype=self.dtype)
+        self._views_valid = False
         # _step_bias[e_routed, e]: the bias a decode step writes into expert e's next slot
         self._step_bias = torch.where(
             torch.eye(len(self.group_sizes), dtype=torch.bool), 0.0, float("-inf")
@@ -155,9 +164,25 @@ class MixSGALayer(CacheLayerMixin):
         new = buf.new_zeros((*buf.shape[:3], grown, buf.shape[4]))
         new[:, :, :, :capacity] = buf
         self.buffers[e] = new
-        bias = self.biases[e].new_full((buf.shape[1], grown), float("-inf"))
-        bias[:, :capacity] = self.biases[e]
+        bias = self.biases[e].new_full((*buf.shape[1:3], grown), float("-inf"))
+        bias[:, :, :capacity] = self.biases[e]
         self.biases[e] = bias
+        self._views_valid = False
+
+    def _refresh_views(self) -> None:
+        """Views the decode step reuses until the next growth or re-batching (views cost ops too)."""
+        batch = self.batch_size
+        self._k_t, self._v, self._bias3, self._slot3, self._slot5 = [], [], [], [], []
+        for e, (buf, bias) in enumerate(zip(self.buffers, self.biases)):
+            _, _, heads, cap, dim = buf.shape
+            self._k_t.append(buf[0].view(batch * heads, cap, dim).transpose(1, 2))
+            self._v.append(buf[1].view(batch * heads, cap, dim))
+            self._bias3.append(bias.view(batch * heads, 1, cap))
+            column = self.counts[:, e : e + 1]
+            self._slot3.append(column.view(batch, 1, 1).expand(batch, heads, 1))
+            self._slot5.append(column.view(1, batch, 1, 1, 1).expand(2, batch, heads, 1, dim))
+        self._tok_slot = self.ntok.view(batch, 1)
+        self._views_valid = True
 
     def _reserve_tokens(self, need: int) -> None:
         capacity = self.index_buf.shape[1]
@@ -213,14 +238,15 @@ class MixSGALayer(CacheLayerMixin):
                 # and leave at least a page of room, so that the next read is a page of steps away.
                 self._bound[e] = int(self.counts[:, e].max())
                 self._reserve(e, self._bound[e] + PAGE)
+        if not self._views_valid:
+            self._refresh_views()
+        for e in self.experts:
             lo, hi = self._pool_rows[e]
-            part = pooled[:, :, lo:hi].unsqueeze(3)  # [2, B, H_kv / g_e, 1, d]
-            slot = self.counts[:, e : e + 1]
-            self.buffers[e].scatter_(3, slot.view(1, batch, 1, 1, 1).expand(part.shape), part)
-            self.biases[e].scatter_(1, slot, bias[:, e : e + 1])
+            self.buffers[e].scatter_(3, self._slot5[e], pooled[:, :, lo:hi].unsqueeze(3))
+            self.biases[e].scatter_(2, self._slot3[e], bias[:, e : e + 1, None].expand(self._slot3[e].shape))
             self._bound[e] += 1
         self._reserve_tokens(self._tok_bound + 1)
-        self.index_buf.scatter_(1, self.ntok.view(batch, 1), ids.to(INDEX_DTYPE))
+        self.index_buf.scatter_(1, self._tok_slot, ids.to(INDEX_DTYPE))
         if real is None:
             self.counts.scatter_add_(1, ids, self._ones[:batch])
             self.ntok += 1
@@ -248,7 +274,7 @@ class MixSGALayer(CacheLayerMixin):
             if rows.numel():
                 pooled = pool_heads(kv, self.group_sizes[e])
                 self.buffers[e][:, rows, :, pos[rows, cols]] = pooled[:, rows, :, cols]
-                self.biases[e][rows, pos[rows, cols]] = 0.0
+                self.biases[e][rows, :, pos[rows, cols]] = 0.0
             self.counts[:, e] = total
             self._bound[e] = top
         pos = self.ntok[:, None] + real.long().cumsum(dim=1) - 1
@@ -257,7 +283,7 @@ class MixSGALayer(CacheLayerMixin):
         self._reserve_tokens(top)
         rows, cols = real.nonzero(as_tuple=True)
         self.index_buf[rows, pos[rows, cols]] = expert[rows, cols].to(INDEX_DTYPE)
-        self.ntok = ntok
+        self.ntok.copy_(ntok)
         self._tok_bound = top
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
@@ -292,6 +318,7 @@ class MixSGALayer(CacheLayerMixin):
         self.counts = self.counts.to(device, non_blocking=True)
         self.index_buf = self.index_buf.to(device, non_blocking=True)
         self.ntok = self.ntok.to(device, non_blocking=True)
+        self._views_valid = False
 
     def _select_samples(self, order: Sequence[int] | torch.Tensor) -> None:
         order = torch.as_tensor(order, dtype=torch.long, device=self.counts.device)
@@ -301,6 +328,7 @@ class MixSGALayer(CacheLayerMixin):
         self.counts = self.counts.index_select(0, order)
         self.index_buf = self.index_buf.index_select(0, order)
         self.ntok = self.ntok.index_select(0, order)
+        self._views_valid = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -381,8 +409,8 @@ class MixSGALayer(CacheLayerMixin):
             sel = keep[idx == e]
             kept = self._store(sample, e, sel.numel())[:, :, sel]
             self.buffers[e][:, sample, :, : kept.shape[2]] = kept
-            self.biases[e][sample, : kept.shape[2]] = 0.0
-            self.biases[e][sample, kept.shape[2] :] = float("-inf")
+            self.biases[e][sample, :, : kept.shape[2]] = 0.0
+            self.biases[e][sample, :, kept.shape[2] :] = float("-inf")
             self.counts[sample, e] = kept.shape[2]
         kept_idx = idx[keep]
         self.index_buf[sample, : kept_idx.numel()] = kept_idx
@@ -462,16 +490,22 @@ class MixSGALayer(CacheLayerMixin):
     ) -> torch.Tensor:
         """Every sample's single decode query ``[B, H_q, d]`` over its stores, in one batched step."""
         experts = self.experts
+        starts = self._window_starts(window)
+        if self.observer is None and starts is None and self._backend in ("torch", "compiled"):
+            # hot path: whole-buffer views and additive slot masks, the same views every step
+            if not self._views_valid:
+                self._refresh_views()
+            fn = decode_attention_biased if self._backend == "torch" else _compiled_biased()
+            return fn(query, [self._k_t[e] for e in experts], [self._v[e] for e in experts],
+                      [self._bias3[e] for e in experts], scaling, softcap)
         keys = [self.buffers[e][0, :, :, : self._bound[e]] for e in experts]
         values = [self.buffers[e][1, :, :, : self._bound[e]] for e in experts]
         lengths = self.counts if len(experts) == len(self.group_sizes) else self.counts[:, experts]
-        starts = self._window_starts(window)
         if starts is not None and len(experts) != len(self.group_sizes):
             starts = starts[:, experts]
         if self.observer is None:
-            biases = [self.biases[e] for e in experts]
             return decode_attention(query, keys, values, lengths, starts, scaling, softcap, self._backend,
-                                    biases=biases, empty_rows=False)
+                                    empty_rows=False)
         probs: list[torch.Tensor] = []
         out = decode_attention_torch(query, keys, values, lengths, starts, scaling, softcap, probs_out=probs)
         self._observe_step(probs[0], [k.shape[2] for k in keys], starts)

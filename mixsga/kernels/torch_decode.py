@@ -81,3 +81,43 @@ def decode_attention_torch(
         out = part if out is None else out + part
         start += n
     return out
+
+
+def decode_attention_biased(
+    query: torch.Tensor,
+    keys_t: list[torch.Tensor],
+    values: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    scaling: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """The cache's hot path: like ``decode_attention_torch`` with the masks given as additive biases.
+
+    Per expert, with ``G = B * H_kv / g_e`` (sample x pooled head, flattened):
+    ``keys_t[e]`` ``[G, d, cap_e]`` (transposed views of the whole buffers),
+    ``values[e]`` ``[G, cap_e, d]``, ``biases[e]`` ``[G, 1, cap_e]``: 0 on filled slots,
+    -inf on the rest. Shapes are constant between capacity growths, so the cache hands
+    the same views every step (and ``torch.compile`` sees static shapes). 3-D
+    ``baddbmm`` / ``bmm`` rather than 4-D ``matmul``: same kernels, fewer view ops.
+    Every sample must have a filled slot.
+    """
+    batch, heads, dim = query.shape
+    parts = []
+    for kt, bias in zip(keys_t, biases):
+        groups = kt.shape[0]
+        q = query.view(groups, -1, dim)  # query head h reads pooled head h // (H_q / H_e): a reshape
+        if softcap is None:
+            logit = torch.baddbmm(bias, q, kt, alpha=scaling)
+        else:
+            logit = torch.bmm(q, kt) * scaling
+            logit = torch.tanh(logit / softcap) * softcap + bias
+        parts.append(logit.view(batch, heads, -1))
+    scores = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    out, start = None, 0
+    for v in values:
+        groups, n = v.shape[0], v.shape[1]
+        p = probs[..., start : start + n].view(groups, -1, n)
+        out = torch.bmm(p, v) if out is None else torch.baddbmm(out.view(groups, -1, dim), p, v)
+        start += n
+    return out.view(batch, heads, dim)
