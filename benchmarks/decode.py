@@ -309,32 +309,66 @@ def context_ids(vocab: int, batch: int, context: int, seed: int, device) -> torc
     return torch.randint(3, vocab, (batch, context + 1), generator=gen).to(device)
 
 
-def headline(label: str, base, contexts, batch, opts: dict) -> dict:
-    """Base / GQA / mixSGA on one model at every context, interleaved."""
-    out = {"model": label, "batch": batch, "contexts": {}}
+def repeat_entry(entry: Entry, batch: int) -> Entry:
+    """The entry at ``batch``: its batch-1 prefilled cache repeated ``batch`` times (see the module docstring)."""
+    cache = copy.deepcopy(entry.prefilled)
+    cache.batch_repeat_interleave(batch)
+    result = copy.deepcopy(entry.result)
+    kv = result["kv_bytes"]
+    kv["after_prefill"] = int(entry.method.live_bytes(cache))
+    kv["analytic_after_prefill"] *= batch
+    kv["base_after_prefill"] *= batch
+    if hasattr(cache, "reserved_bytes"):
+        kv["reserved_after_prefill"] = int(cache.reserved_bytes())
+    return Entry(entry.spec, entry.method, entry.params, entry.model, cache, result, entry.base_config)
+
+
+def ratios(rows: list[dict]) -> dict:
+    """The headline ratios of one (model, batch, context) group."""
+    by = {r["label"]: r for r in rows}
+    mix, gqa, full, static = by["mixsga-3:1:6@50%"], by["gqa@50%"], by["base"], by["gqa-static@50%"]
+    fastest = max(med(gqa), med(static))
+    return {
+        "mixsga_vs_gqa_decode_tps": med(mix) / med(gqa),
+        "mixsga_vs_gqa_static_decode_tps": med(mix) / med(static),
+        "mixsga_vs_fastest_gqa_decode_tps": med(mix) / fastest,
+        "gqa_static_vs_gqa_decode_tps": med(static) / med(gqa),
+        "mixsga_vs_base_decode_tps": med(mix) / med(full),
+        "gqa_vs_base_decode_tps": med(gqa) / med(full),
+        "mixsga_vs_gqa_prefill_ms": med(mix, "prefill_ms") / med(gqa, "prefill_ms"),
+        "mixsga_kv_fraction_final": mix["kv_bytes"]["fraction_of_base_final"],
+        "gqa_kv_fraction_final": gqa["kv_bytes"]["fraction_of_base_final"],
+    }
+
+
+def headline(label: str, base, contexts, batches, opts: dict) -> list[dict]:
+    """Base / GQA (two ways) / mixSGA on one model at every context and batch, interleaved.
+
+    Each context is prefilled once per method (batch 1); larger batches repeat that cache.
+    Returns one block per batch size.
+    """
+    blocks = {batch: {"model": label, "batch": batch, "contexts": {}} for batch in batches}
+    prep = {k: opts[k] for k in ("prefill_repeats", "chunk", "seed", "device", "new_tokens")}
     for ctx in contexts:
-        log.info("%s ctx=%d batch=%d", label, ctx, batch)
-        ids = context_ids(base.config.vocab_size, batch, ctx, opts["seed"], opts["device"])
-        rows = run_group(base, HEADLINE, ids, **opts)
-        by = {r["label"]: r for r in rows}
-        mix, gqa, full = by["mixsga-3:1:6@50%"], by["gqa@50%"], by["base"]
-        static = by["gqa-static@50%"]
-        fastest = max(med(gqa), med(static))
-        out["contexts"][str(ctx)] = {
-            "rows": rows,
-            "ratios": {
-                "mixsga_vs_gqa_decode_tps": med(mix) / med(gqa),
-                "mixsga_vs_gqa_static_decode_tps": med(mix) / med(static),
-                "mixsga_vs_fastest_gqa_decode_tps": med(mix) / fastest,
-                "gqa_static_vs_gqa_decode_tps": med(static) / med(gqa),
-                "mixsga_vs_base_decode_tps": med(mix) / med(full),
-                "gqa_vs_base_decode_tps": med(gqa) / med(full),
-                "mixsga_vs_gqa_prefill_ms": med(mix, "prefill_ms") / med(gqa, "prefill_ms"),
-                "mixsga_kv_fraction_final": mix["kv_bytes"]["fraction_of_base_final"],
-                "gqa_kv_fraction_final": gqa["kv_bytes"]["fraction_of_base_final"],
-            },
-        }
-    return out
+        ids = context_ids(base.config.vocab_size, 1, ctx, opts["seed"], opts["device"])
+        entries = []
+        for spec in HEADLINE:
+            log.info("%s ctx=%d: prepare %s", label, ctx, spec.label)
+            got = prepare(spec, base, ids, **prep)
+            if isinstance(got, dict):
+                raise RuntimeError(f"{spec.label} infeasible on {label}: {got['infeasible']}")
+            entries.append(got)
+        for batch in batches:
+            log.info("%s ctx=%d batch=%d: decode", label, ctx, batch)
+            group = entries if batch == 1 else [repeat_entry(e, batch) for e in entries]
+            time_interleaved(group, ids.repeat(batch, 1), new_tokens=opts["new_tokens"], repeats=opts["repeats"],
+                             device=opts["device"])
+            rows = [e.result for e in group]
+            blocks[batch]["contexts"][str(ctx)] = {"rows": rows, "ratios": ratios(rows)}
+            if batch != 1:
+                release(group)
+        release(entries)
+    return [blocks[b] for b in batches]
 
 
 def all_methods(label: str, base, context: int, opts: dict) -> dict:
@@ -512,8 +546,7 @@ def main(argv: list[str] | None = None) -> int:
     tables: dict[str, list] = {"headline": [], "all_methods": [], "batched": []}
     for shape in shapes:
         base, label = shaped(shape, max(contexts))
-        for batch in batches:
-            tables["headline"].append(headline(label, base, contexts, batch, opts))
+        tables["headline"].extend(headline(label, base, contexts, batches, opts))
         del base
         gc.collect()
     for label, base in zoo_models(args, dtype, device):
@@ -521,8 +554,7 @@ def main(argv: list[str] | None = None) -> int:
         if not usable:
             log.warning("skipping %s: no context fits its %d positions", label, base.config.max_position_embeddings)
             continue
-        for batch in batches:
-            tables["headline"].append(headline(label, base, usable, batch, opts))
+        tables["headline"].extend(headline(label, base, usable, batches, opts))
         del base
         gc.collect()
     if all_target:
@@ -534,7 +566,7 @@ def main(argv: list[str] | None = None) -> int:
     if batched_target:
         shape, ctx, batch = batched_target
         base, label = shaped(shape, ctx)
-        tables["batched"].append(headline(label, base, [ctx], batch, opts))
+        tables["batched"].extend(headline(label, base, [ctx], [batch], opts))
         del base
         gc.collect()
 
@@ -542,11 +574,16 @@ def main(argv: list[str] | None = None) -> int:
         "benchmark": "decode",
         "protocol": {
             "prefill": "one forward over context[:-1] (logits_to_keep=1); eviction methods in chunks",
-            "decode": "generate(new_tokens, greedy) from a deep copy of the prefilled cache; tokens/s per sequence "
-                      "= new_tokens / seconds (all_sequences: x batch); methods of one group interleaved per "
-                      "repeat with alternating order after one warm-up each; ratios are of medians",
-            "kv_bytes": "method.live_bytes(cache) (summed nbytes of the stored K/V, mixSGA's expert index "
-                        "included) next to method.analytic_bytes_per_token x tokens; base = full K/V",
+            "decode": "generate_exactly(new_tokens, greedy) from a deep copy of the prefilled cache; tokens/s per "
+                      "sequence = new_tokens / seconds (all_sequences: x batch); methods of one group interleaved "
+                      "(harness.measurement.measure.interleaved: one warm-up each, alternating order); ratios are "
+                      "of medians; batch > 1 caches are the batch-1 prefill repeated (batch_repeat_interleave)",
+            "references": "gqa@50%: transformers SDPA + DynamicCache; gqa-static@50%: SDPA over a preallocated "
+                          "cache (benchmarks.fast_gqa.StaticViewCache); fastest GQA = the faster of the two",
+            "mixsga_backend": RUNTIME["mixsga_backend"], "compile": RUNTIME["compile"],
+            "kv_bytes": "method.live_bytes(cache) (the filled K/V, mixSGA's expert index included) next to "
+                        "method.analytic_bytes_per_token x tokens; base = full K/V; reserved_* = the preallocated "
+                        "buffers (mixSGA, static GQA)",
             "new_tokens": args.new_tokens, "repeats": args.repeats, "prefill_repeats": args.prefill_repeats,
             "prefill_chunk": args.prefill_chunk, "dtype": args.dtype, "layers": args.layers, "seed": args.seed,
             "command": " ".join(["python -m benchmarks.decode"] + (argv if argv is not None else sys.argv[1:])),
