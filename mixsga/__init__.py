@@ -13,7 +13,10 @@ Public API::
   router="learned"|"random", seed=0)``; ``.validate_for(model_config)``, ``.budget``, ``.to_dict()``.
 * ``convert_to_mixsga(model, cfg)``; ``load_mixsga(path, **from_pretrained_kwargs)`` reloads a
   converted model saved with ``model.save_pretrained(path)``.
-* ``MixSGACache(config)``: ``kv_bytes()``, ``expert_counts()``, ``expert_fractions()``,
+* ``MixSGACache(config, decode_backend="auto"|"torch"|"compiled"|"triton")``: preallocated
+  per-expert stores and one batched decode step per layer (``mixsga.kernels``: torch, or the
+  fused Triton kernel on CUDA); ``kv_bytes()`` (filled, = the ledger), ``reserved_bytes()``
+  (allocated), ``expert_counts()``, ``expert_fractions()``,
   ``expert_index(layer, sample)``, ``num_tokens(sample)``, ``keep_tokens(keep, layer_idx=None, sample=0)``
   and ``set_observer(fn)`` (token-order attention probabilities at prefill and decode) for token
   eviction stacked on top; ``generate(..., past_key_values=MixSGACache(model.config))`` to keep it.
@@ -27,7 +30,8 @@ Public API::
   ``mixsga_kv_bytes_for_counts`` (exact bytes of a realised routing = ``MixSGACache.kv_bytes()``).
 
 Module map: ``config`` (MixSGAConfig), ``routing`` (router, expert-choice, argmax, aux loss,
-statistics), ``experts`` (head pooling), ``cache`` (MixSGACache and decode attention),
+statistics), ``experts`` (head pooling), ``cache`` (MixSGACache), ``kernels`` (the batched decode
+attention: torch reference and Triton kernel),
 ``attention`` (the registered ``"mixsga"`` attention and mask functions), ``convert``
 (conversion, hooks, loading), ``budget`` (the ledger), ``eviction`` (token eviction on top).
 """
