@@ -200,3 +200,21 @@ def test_decode_steps_read_no_expert_id_on_the_host(monkeypatch):
     monkeypatch.undo()
     assert calls == []
     assert cache.get_seq_length() == 15
+
+
+@pytest.mark.slow
+def test_compiled_backend_captures_the_decode_step_and_matches_eager():
+    """``torch.compile(fullgraph=True)`` of the hot path (no graph break), equal to eager, through generate."""
+    _, model = converted("llama", ratios=(3, 1, 6))
+    ids, mask = left_padded(batch=2, length=8, pad=(3, 0), seed=6)
+    outs = {}
+    for backend in ("torch", "compiled"):
+        with torch.no_grad():
+            outs[backend] = model.generate(
+                ids, attention_mask=mask, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0,
+                past_key_values=MixSGACache(model.config, decode_backend=backend), return_dict_in_generate=True,
+                output_logits=True,
+            )
+    assert torch.equal(outs["torch"].sequences, outs["compiled"].sequences)
+    torch.testing.assert_close(torch.stack(outs["compiled"].logits), torch.stack(outs["torch"].logits),
+                               atol=1e-5, rtol=1e-5)
