@@ -3,7 +3,10 @@
 * incremental decoding through the compact cache equals a full forward under the
   routing the cache realised (fp32, tiny TinyLlama-shaped model, batch 2);
 * H2O stacked on mixSGA generates and compresses on the GPU;
-* a bf16 mixSGA model generates.
+* a bf16 mixSGA model generates;
+* the decode backends agree on CUDA: the fused Triton kernel (the default there when
+  Triton is installed), eager torch and ``torch.compile`` give the same tokens, and
+  logits within fp32 (bf16) rounding.
 
 ``PYTHONPATH=. python3 benchmarks/cuda_check.py`` prints ``CUDA CHECK OK`` or raises.
 """
@@ -24,6 +27,7 @@ def main() -> None:
     model = convert_to_mixsga(tiny_model("tinyllama"), MixSGAConfig(ratios=(3, 1, 6))).to(dev)
     ids = torch.randint(3, 97, (2, 14), generator=torch.Generator().manual_seed(5)).to(dev)
     cache = MixSGACache(model.config)
+    print(f"decode backend on cuda: {cache.layers[0].decode_backend} -> resolved at first use")
     with torch.no_grad():
         outs = [model(input_ids=ids[:, :6], past_key_values=cache, use_cache=True).logits]
         for t in range(6, 14):
@@ -55,6 +59,23 @@ def main() -> None:
     with torch.no_grad():
         out = bf16.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert out.shape == (2, 18)
+
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
+        m = convert_to_mixsga(tiny_model("tinyllama"), MixSGAConfig(ratios=(3, 1, 6))).to(dev, dtype)
+        got = {}
+        for backend in ("torch", "triton", "compiled"):
+            with torch.no_grad():
+                got[backend] = m.generate(
+                    ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0,
+                    past_key_values=MixSGACache(m.config, decode_backend=backend),
+                    return_dict_in_generate=True, output_logits=True,
+                )
+        ref = torch.stack(got["torch"].logits).float()
+        for backend in ("triton", "compiled"):
+            d = (torch.stack(got[backend].logits).float() - ref).abs().max().item()
+            print(f"{dtype} decode backend {backend} vs torch: max abs logit diff {d:.2e}")
+            if d > tol:
+                raise AssertionError(f"{backend} decode differs from torch by {d} in {dtype}")
     print("CUDA CHECK OK")
 
 

@@ -12,18 +12,24 @@ def _p50(row: dict, key: str = "decode_tokens_per_s") -> float:
 
 
 def headline_table(blocks: list[dict]) -> list[str]:
-    lines = ["| model | batch | context | base tok/s | GQA tok/s | mixSGA tok/s | mixSGA / GQA | mixSGA / base "
-             "| GQA / base | mixSGA KV | GQA KV | prefill mixSGA / GQA |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| model | batch | context | base tok/s | GQA tok/s | static GQA tok/s | mixSGA tok/s "
+             "| mixSGA / GQA | mixSGA / fastest GQA | mixSGA / base | mixSGA KV | GQA KV | mixSGA reserved / live "
+             "| prefill mixSGA / GQA |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for block in blocks:
         for ctx, entry in block["contexts"].items():
             by = {r["label"]: r for r in entry["rows"]}
             r = entry["ratios"]
+            mix = by["mixsga-3:1:6@50%"]
+            kv = mix["kv_bytes"]
+            reserved = kv.get("reserved_final")
+            res = f"{reserved / kv['final']:.2f}" if reserved else "-"
+            static = by.get("gqa-static@50%")
             lines.append(
                 f"| {block['model']} | {block['batch']} | {ctx} | {_p50(by['base']):.2f} | {_p50(by['gqa@50%']):.2f} "
-                f"| {_p50(by['mixsga-3:1:6@50%']):.2f} | **{r['mixsga_vs_gqa_decode_tps']:.3f}** "
-                f"| {r['mixsga_vs_base_decode_tps']:.3f} | {r['gqa_vs_base_decode_tps']:.3f} "
-                f"| {r['mixsga_kv_fraction_final']:.3f} | {r['gqa_kv_fraction_final']:.3f} "
+                f"| {_p50(static):.2f} | {_p50(mix):.2f} | **{r['mixsga_vs_gqa_decode_tps']:.3f}** "
+                f"| **{r['mixsga_vs_fastest_gqa_decode_tps']:.3f}** | {r['mixsga_vs_base_decode_tps']:.3f} "
+                f"| {r['mixsga_kv_fraction_final']:.3f} | {r['gqa_kv_fraction_final']:.3f} | {res} "
                 f"| {r['mixsga_vs_gqa_prefill_ms']:.2f} |")
     return lines
 
@@ -46,7 +52,8 @@ def methods_table(block: dict) -> list[str]:
 
 def report(payload: dict) -> str:
     env = payload["environment"]
-    out = [f"Measured on {env['device']} ({env.get('gpu', env['processor'])}), torch {env['torch']}, "
+    out = [f"Measured on {env['device']} ({env.get('gpu', env.get('cpu_model') or env['processor'])}), "
+           f"torch {env['torch']}, "
            f"{env['threads']} threads, load average {env['load_average_start']} -> {env['load_average_end']}, "
            f"{env['wall_seconds']} s.", "", "Headline (median decode tokens/s per sequence):", ""]
     out += headline_table(payload["headline"])

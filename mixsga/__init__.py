@@ -18,7 +18,10 @@ Public API::
   ``AutoModelForCausalLM.from_pretrained(path)`` returns the converted model (and
   ``trust_remote_code=True`` does without the import; plain transformers refuses).
   ``save_converted(model, out_dir, tokenizer=None)`` checks the conversion is recorded, then saves.
-* ``MixSGACache(config)``: ``kv_bytes()``, ``expert_counts()``, ``expert_fractions()``,
+* ``MixSGACache(config, decode_backend="auto"|"torch"|"compiled"|"triton")``: preallocated
+  per-expert stores and one batched decode step per layer (``mixsga.kernels``: torch, or the
+  fused Triton kernel on CUDA); ``kv_bytes()`` (filled, = the ledger), ``reserved_bytes()``
+  (allocated), ``expert_counts()``, ``expert_fractions()``,
   ``expert_index(layer, sample)``, ``num_tokens(sample)``, ``keep_tokens(keep, layer_idx=None, sample=0)``
   and ``set_observer(fn)`` (token-order attention probabilities at prefill and decode) for token
   eviction stacked on top; ``generate(..., past_key_values=MixSGACache(model.config))`` to keep it.
@@ -32,7 +35,8 @@ Public API::
   ``mixsga_kv_bytes_for_counts`` (exact bytes of a realised routing = ``MixSGACache.kv_bytes()``).
 
 Module map: ``config`` (MixSGAConfig), ``routing`` (router, expert-choice, argmax, aux loss,
-statistics), ``experts`` (head pooling), ``cache`` (MixSGACache and decode attention),
+statistics), ``experts`` (head pooling), ``cache`` (MixSGACache), ``kernels`` (the batched decode
+attention: torch reference and Triton kernel),
 ``attention`` (the registered ``"mixsga"`` attention and mask functions), ``convert``
 (conversion, hooks, loading), ``budget`` (the ledger), ``eviction`` (token eviction on top),
 ``hf`` (checkpoint types, Auto-class registration, remote-code shim, ``save_converted``).

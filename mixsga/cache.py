@@ -1,41 +1,39 @@
-"""The per-expert compact KV cache and the decode attention that reads it.
+"""The per-expert KV cache (preallocated stores) and the decode attention that reads it.
 
-Layout (per layer): for every sample b and expert e one store of shape
-``[2, H_kv / g_e, n_{b,e}, d]`` holding, in token order, the K (``[0]``) and V
-(``[1]``) of the sample's tokens routed to e, already pooled to that expert's
-granularity; plus a ``uint8`` expert index of shape ``[n_b]`` (one entry per
-stored token, token order). K and V live in one tensor so that a decode step
-pools and appends them with one op each. Padding is never stored and nothing is
-preallocated: per-sample stores are ragged, hold no padding or spare slots, and
-``kv_bytes()`` (summed tensor ``nbytes``) equals the ledger's figure for the
-realised routing (``mixsga.budget.mixsga_kv_bytes_for_counts``).
+Layout (per layer): for every expert e one preallocated buffer
+``[2, B, H_kv / g_e, capacity_e, d]`` (K at ``[0]``, V at ``[1]``: pooled and
+written with one op each), per-sample fill counts ``counts`` ``[B, E]`` (device),
+and the per-token ``uint8`` expert index ``[B, capacity_tokens]`` with per-sample
+lengths ``ntok`` ``[B]``. Sample b's tokens routed to e are, in token order, the
+first ``counts[b, e]`` slots of e's buffer. Padding is never stored.
 
-Appends use ``torch.cat``, like transformers' ``DynamicCache``; a decode step
-appends one token to one expert store per sample, so it copies only that store
-(fewer bytes than a GQA cache at the same budget copies, which is why mixSGA
-decode overtakes GQA at long contexts on CPU).
+Capacity grows geometrically (x ``GROWTH``, rounded up to ``PAGE`` slots), never per
+token. A decode step writes every sample's pooled K/V into slot ``counts[b, e]`` of
+*every* expert's buffer (one ``scatter_`` per expert, the same for every sample),
+then advances only the count of the expert the sample was routed to: the writes to
+other experts land beyond their fill and are overwritten later. So appends need no
+Python loop over samples and no host read of the expert ids; routing stays on the
+device. The host keeps only upper bounds of the fills (each step adds at most one
+token per expert), and reads the true fills once per capacity growth.
 
-Decode attention never re-expands heads: for each expert the queries are
-grouped onto that expert's pooled heads (a reshape: query head h reads pooled
-head ``h // (H_q / H_kv * g_e)``), logits are computed against the compact
-store, and the per-expert partial softmaxes are merged exactly. The merge is the
-log-sum-exp merge of the per-expert partials, done in one op: a single softmax
-over the concatenated per-expert logits divides every expert's exponentials by
-the same normaliser ``exp(LSE)`` with ``LSE = logsumexp_e LSE_e``. Each
-expert's probabilities then multiply its own value store, accumulated in place
-(``baddbmm``). Gemma 2 soft-capping is applied to the logits. For a
-sliding-window layer the window's tokens are the tail of each store: the last W
-entries of the expert index say how many each expert holds, so no positions
-are stored. Sliding layers keep all tokens (unlike ``DynamicSlidingWindowLayer``)
-so that bytes follow the ledger on every layer.
+Bytes: ``kv_bytes()`` is what is *filled* (the ledger's figure for the realised
+routing, ``mixsga.budget.mixsga_kv_bytes_for_counts``: pooled K/V plus one index byte
+per stored token); ``reserved_bytes()`` is what the buffers hold, like a paged
+cache's allocated pages.
 
-Cost of one decode token per layer and sample (no window, no observer):
-router matmul + argmax, one host read of the expert id (the store to append to
-is chosen on the host; on CUDA this is the one sync per layer the ragged layout
-needs, made asynchronous: the id is copied to pinned memory right after the
-router and read at the cache update, once the Q/K/V projections are queued), K/V fuse + pool + append, index append, then one logits matmul per
-expert holding tokens, one concatenation, one softmax and one value matmul per
-expert. Batches > 1 loop over samples (the stores are ragged).
+Decode attention (``mixsga.kernels.decode_attention``) is one batched step per
+layer: per-expert logits over each store's filled slots (length masks), the exact
+log-sum-exp merge of the per-expert partials, the value merge; never re-expanding
+heads. Gemma 2 soft-capping is applied to the logits. For a sliding-window layer
+the window's tokens are the tail of each store: per sample, the expert index's
+last W entries say how many each expert holds (computed on the device). Sliding
+layers keep all tokens (unlike ``DynamicSlidingWindowLayer``) so that bytes follow
+the ledger on every layer. Backends: ``"torch"`` (eager), ``"compiled"``
+(``torch.compile`` of the same code), ``"triton"`` (the fused kernel; the default on
+CUDA when Triton is installed).
+
+Multi-token chunks on a non-empty cache (chunked prefill) loop over samples; they
+are not the decode hot path.
 
 Token eviction can be stacked on top: ``MixSGACache.set_observer`` hands a policy
 each chunk's attention probabilities over the stored tokens in token order (prefill
@@ -47,54 +45,63 @@ last W *kept* tokens.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
 from mixsga.config import MixSGAConfig
 from mixsga.experts import pool_heads
+from mixsga.kernels import decode_attention, resolve_backend
+from mixsga.kernels.torch_decode import decode_attention_biased, decode_attention_torch
 
 INDEX_DTYPE = torch.uint8
+GROWTH = 1.125  # capacity grows by this factor (at most 12.5 % of slots reserved but empty) ...
+PAGE = 64  # ... rounded up to whole pages of this many slots
+
+
+@functools.lru_cache(maxsize=1)
+def _compiled_biased():
+    # Shapes only change at capacity growth; dynamic=True keeps one graph across growths.
+    return torch.compile(decode_attention_biased, dynamic=True, fullgraph=True)
 
 
 @dataclass
 class Route:
-    """The routing decision of one attention layer for the current chunk."""
+    """The routing decision of one attention layer for the current chunk (device tensors only)."""
 
     expert: torch.Tensor  # [B, q] long
     real: torch.Tensor | None  # [B, q] bool, None = every token real
     decode: bool  # the chunk continues a non-empty cache (argmax routing, compact attention)
-    # Single-token decode: each sample's expert id, -1 where the sample's token is padding.
-    ids: list[int] | None = None
     cache_layer: "MixSGALayer | None" = None
-    # On CUDA the ids travel to the host asynchronously; ``resolve`` waits for them. The cache
-    # update calls it after the layer's Q/K/V projections are queued, so the GPU has work while
-    # the host waits instead of idling through a sync right after the router.
-    fetch: Callable[[], list[int]] | None = None
-
-    def resolve(self) -> None:
-        if self.fetch is not None:
-            self.ids, self.fetch = self.fetch(), None
 
 
 class MixSGALayer(CacheLayerMixin):
-    """One layer's per-expert compact stores (see the module docstring)."""
+    """One layer's preallocated per-expert stores (see the module docstring)."""
 
     is_sliding = False
     is_compileable = False
     is_croppable = True
     supports_early_init = False
 
-    def __init__(self, group_sizes: Sequence[int], active: Sequence[bool]) -> None:
+    def __init__(self, group_sizes: Sequence[int], active: Sequence[bool], decode_backend: str = "auto") -> None:
         super().__init__()
         self.group_sizes = tuple(int(g) for g in group_sizes)
         self.active = tuple(bool(a) for a in active)
         self.experts = [e for e, a in enumerate(self.active) if a]
-        self.stores: list[list[torch.Tensor]] = []  # [sample][expert] -> [2, H_kv / g_e, n, d]
-        self.index: list[torch.Tensor] = []
-        self._expert_ids: list[torch.Tensor] = []  # one-element index entries, appended at decode
+        self.decode_backend = decode_backend
+        self.buffers: list[torch.Tensor] = []  # [expert] -> [2, B, H_kv / g_e, capacity_e, d]
+        # [expert] -> [B, H_kv / g_e, capacity_e]: 0 on filled slots, -inf elsewhere; the decode step
+        # adds it to the logits (inside baddbmm) instead of building length masks. Repeated per
+        # pooled head so that it is one broadcast operand (1 / (2 d) of the K/V; reserved, not live).
+        self.biases: list[torch.Tensor] = []
+        self.counts: torch.Tensor | None = None  # [B, E] long: filled slots per sample and expert
+        self.index_buf: torch.Tensor | None = None  # [B, capacity_tokens] uint8
+        self.ntok: torch.Tensor | None = None  # [B] long: stored tokens per sample
+        self._bound: list[int] = []  # host upper bound of counts[:, e].max()
+        self._tok_bound = 0  # host upper bound of ntok.max()
         self.seen = 0  # positions processed, padding included (drives positions and masks)
         self.pending: Route | None = None
         # Optional ``observer(layer, sample, probs)``: attention probabilities ``[H_q, q_b, n_b]``
@@ -103,24 +110,95 @@ class MixSGALayer(CacheLayerMixin):
         self.observer = None
         self.layer_idx = -1
 
-    # ------------------------------------------------------------------ transformers' layer API
+    # ------------------------------------------------------------------ storage
+    @property
+    def batch_size(self) -> int:
+        return 0 if self.counts is None else int(self.counts.shape[0])
+
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, heads, _, dim = key_states.shape
         if value_states.shape[-1] != dim:
             raise ValueError(
                 f"mixSGA stores K and V together and needs equal head sizes, got {dim} and {value_states.shape[-1]}"
             )
+        bad = [g for g in self.group_sizes if heads % g]
+        if bad:
+            raise ValueError(f"group sizes {tuple(bad)} do not divide the layer's {heads} KV heads")
         self.dtype, self.device = key_states.dtype, key_states.device
         self.num_kv_heads, self.head_dim = heads, dim
-        self.stores = [
-            [key_states.new_empty((2, heads // g, 0, dim)) for g in self.group_sizes] for _ in range(batch)
-        ]
-        self.index = [torch.empty(0, dtype=INDEX_DTYPE, device=self.device) for _ in range(batch)]
-        self._expert_ids = [
-            torch.full((1,), e, dtype=INDEX_DTYPE, device=self.device) for e in range(len(self.group_sizes))
-        ]
+        self.buffers = [key_states.new_zeros((2, batch, heads // g, 0, dim)) for g in self.group_sizes]
+        self.biases = [key_states.new_zeros((batch, heads // g, 0)) for g in self.group_sizes]
+        # One matmul pools a token's K/V to every expert's granularity: rows of ``pool`` are the
+        # experts' pooled heads (mean weights 1/g over contiguous groups), stacked.
+        rows, self._pool_rows = [], []
+        for g in self.group_sizes:
+            start = sum(r.shape[0] for r in rows)
+            rows.append(torch.kron(torch.eye(heads // g), torch.full((1, g), 1.0 / g)))
+            self._pool_rows.append((start, start + heads // g))
+        self._pool = torch.cat(rows).to(device=self.device, dtype=self.dtype)
+        self._views_valid = False
+        # _step_bias[e_routed, e]: the bias a decode step writes into expert e's next slot
+        self._step_bias = torch.where(
+            torch.eye(len(self.group_sizes), dtype=torch.bool), 0.0, float("-inf")
+        ).to(device=self.device, dtype=self.dtype)
+        self.counts = torch.zeros((batch, len(self.group_sizes)), dtype=torch.long, device=self.device)
+        self.index_buf = torch.zeros((batch, 0), dtype=INDEX_DTYPE, device=self.device)
+        self.ntok = torch.zeros(batch, dtype=torch.long, device=self.device)
+        self._ones = torch.ones((batch, 1), dtype=torch.long, device=self.device)
+        self._bound = [0] * len(self.group_sizes)
+        self._tok_bound = 0
+        self._backend = resolve_backend(self.decode_backend, self.device)
         self.is_initialized = True
 
+    @staticmethod
+    def _grown(capacity: int, need: int) -> int:
+        return -(-max(need, int(capacity * GROWTH)) // PAGE) * PAGE
+
+    def _reserve(self, e: int, need: int) -> None:
+        """Make expert ``e``'s buffer hold ``need`` slots per sample (geometric growth, whole pages)."""
+        buf = self.buffers[e]
+        capacity = buf.shape[3]
+        if need <= capacity:
+            return
+        grown = self._grown(capacity, need)
+        new = buf.new_zeros((*buf.shape[:3], grown, buf.shape[4]))
+        new[:, :, :, :capacity] = buf
+        self.buffers[e] = new
+        bias = self.biases[e].new_full((*buf.shape[1:3], grown), float("-inf"))
+        bias[:, :, :capacity] = self.biases[e]
+        self.biases[e] = bias
+        self._views_valid = False
+
+    def _refresh_views(self) -> None:
+        """Views the decode step reuses until the next growth or re-batching (views cost ops too)."""
+        batch = self.batch_size
+        self._k_t, self._v, self._bias3, self._slot3, self._slot5 = [], [], [], [], []
+        for e, (buf, bias) in enumerate(zip(self.buffers, self.biases)):
+            _, _, heads, cap, dim = buf.shape
+            self._k_t.append(buf[0].view(batch * heads, cap, dim).transpose(1, 2))
+            self._v.append(buf[1].view(batch * heads, cap, dim))
+            self._bias3.append(bias.view(batch * heads, 1, cap))
+            column = self.counts[:, e : e + 1]
+            self._slot3.append(column.view(batch, 1, 1).expand(batch, heads, 1))
+            self._slot5.append(column.view(1, batch, 1, 1, 1).expand(2, batch, heads, 1, dim))
+        self._tok_slot = self.ntok.view(batch, 1)
+        self._views_valid = True
+
+    def _reserve_tokens(self, need: int) -> None:
+        capacity = self.index_buf.shape[1]
+        if need <= capacity:
+            return
+        new = self.index_buf.new_zeros((self.index_buf.shape[0], self._grown(capacity, need)))
+        new[:, :capacity] = self.index_buf
+        self.index_buf = new
+
+    def _store(self, b: int, e: int, n: int | None = None) -> torch.Tensor:
+        """Sample ``b``'s filled part of expert ``e``'s store, ``[2, H_kv / g_e, n, d]`` (a view)."""
+        if n is None:
+            n = int(self.counts[b, e])
+        return self.buffers[e][:, b, :, :n]
+
+    # ------------------------------------------------------------------ transformers' layer API
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,43 +211,80 @@ class MixSGALayer(CacheLayerMixin):
             )
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        route.resolve()
         batch, _, q, _ = key_states.shape
-        if batch != len(self.index):
-            raise ValueError(f"cache holds {len(self.index)} samples but got a batch of {batch}")
-        if route.ids is not None:
-            if batch == 1:
-                if route.ids[0] >= 0:
-                    self._append_token(0, route.ids[0], key_states, value_states)
-            else:
-                for b, e in enumerate(route.ids):
-                    if e >= 0:
-                        self._append_token(b, e, key_states[b : b + 1], value_states[b : b + 1])
+        if batch != self.batch_size:
+            raise ValueError(f"cache holds {self.batch_size} samples but got a batch of {batch}")
+        if q == 1:
+            self._append_step(key_states, value_states, route.expert, route.real)
         else:
-            kv = torch.stack((key_states, value_states), dim=1)  # [B, 2, H_kv, q, d]
-            for b in range(batch):
-                self._append_chunk(b, kv[b], route.expert[b], None if route.real is None else route.real[b])
+            self._append_chunk(key_states, value_states, route.expert, route.real)
         self.seen += q
         return key_states, value_states
 
-    def _append_token(self, b: int, e: int, k: torch.Tensor, v: torch.Tensor) -> None:
-        """Append one token (``k``, ``v``: ``[1, H_kv, 1, d]``) to expert ``e``'s store of sample ``b``."""
-        row = self.stores[b]
-        row[e] = torch.cat((row[e], pool_heads(torch.cat((k, v)), self.group_sizes[e])), dim=2)
-        self.index[b] = torch.cat((self.index[b], self._expert_ids[e]))
-
-    def _append_chunk(self, b: int, kv: torch.Tensor, expert: torch.Tensor, real: torch.Tensor | None) -> None:
-        """Append a chunk (``kv``: ``[2, H_kv, q, d]``) of one sample, each token to its expert's store."""
-        row = self.stores[b]
+    def _append_step(
+        self, k: torch.Tensor, v: torch.Tensor, expert: torch.Tensor, real: torch.Tensor | None
+    ) -> None:
+        """Append one token per sample (``k``, ``v``: ``[B, H_kv, 1, d]``): index writes, no host read."""
+        batch = k.shape[0]
+        # [2, B, 1, H_kv, d] @ pool^T -> every expert's pooled heads at once
+        pooled = torch.matmul(self._pool, torch.stack((k, v)).view(2, batch, self.num_kv_heads, -1))
+        ids = expert.view(batch, 1)
+        bias = self._step_bias[ids.view(batch)]  # [B, E]
+        if real is not None:
+            bias = bias.masked_fill(~real.view(batch, 1), float("-inf"))
         for e in self.experts:
-            hit = expert == e if real is None else (expert == e) & real
-            sel = hit.nonzero().squeeze(1)
-            if sel.numel() == 0:
-                continue
-            new = pool_heads(kv.index_select(2, sel), self.group_sizes[e])
-            row[e] = new if row[e].shape[2] == 0 else torch.cat((row[e], new), dim=2)
-        tokens = expert if real is None else expert[real]
-        self.index[b] = torch.cat((self.index[b], tokens.to(INDEX_DTYPE)))
+            if self._bound[e] >= self.buffers[e].shape[3]:
+                # The host bound is loose after decode steps: read the true fill (once per growth)
+                # and leave at least a page of room, so that the next read is a page of steps away.
+                self._bound[e] = int(self.counts[:, e].max())
+                self._reserve(e, self._bound[e] + PAGE)
+        if not self._views_valid:
+            self._refresh_views()
+        for e in self.experts:
+            lo, hi = self._pool_rows[e]
+            self.buffers[e].scatter_(3, self._slot5[e], pooled[:, :, lo:hi].unsqueeze(3))
+            self.biases[e].scatter_(2, self._slot3[e], bias[:, e : e + 1, None].expand(self._slot3[e].shape))
+            self._bound[e] += 1
+        self._reserve_tokens(self._tok_bound + 1)
+        self.index_buf.scatter_(1, self._tok_slot, ids.to(INDEX_DTYPE))
+        if real is None:
+            self.counts.scatter_add_(1, ids, self._ones[:batch])
+            self.ntok += 1
+        else:
+            step = real.view(batch, 1).long()
+            self.counts.scatter_add_(1, ids, step)
+            self.ntok += step.view(batch)
+        self._tok_bound += 1
+
+    def _append_chunk(
+        self, k: torch.Tensor, v: torch.Tensor, expert: torch.Tensor, real: torch.Tensor | None
+    ) -> None:
+        """Append a chunk (``k``, ``v``: ``[B, H_kv, q, d]``), each real token to its expert's store."""
+        batch, _, q, _ = k.shape
+        kv = torch.stack((k, v))  # [2, B, H_kv, q, d]
+        real = torch.ones((batch, q), dtype=torch.bool, device=k.device) if real is None else real
+        for e in self.experts:
+            hit = (expert == e) & real
+            new = hit.sum(dim=1)
+            pos = self.counts[:, e : e + 1] + hit.long().cumsum(dim=1) - 1
+            total = self.counts[:, e] + new
+            top = int(total.max()) if batch else 0
+            self._reserve(e, top)
+            rows, cols = hit.nonzero(as_tuple=True)
+            if rows.numel():
+                pooled = pool_heads(kv, self.group_sizes[e])
+                self.buffers[e][:, rows, :, pos[rows, cols]] = pooled[:, rows, :, cols]
+                self.biases[e][rows, :, pos[rows, cols]] = 0.0
+            self.counts[:, e] = total
+            self._bound[e] = top
+        pos = self.ntok[:, None] + real.long().cumsum(dim=1) - 1
+        ntok = self.ntok + real.sum(dim=1)
+        top = int(ntok.max()) if batch else 0
+        self._reserve_tokens(top)
+        rows, cols = real.nonzero(as_tuple=True)
+        self.index_buf[rows, pos[rows, cols]] = expert[rows, cols].to(INDEX_DTYPE)
+        self.ntok.copy_(ntok)
+        self._tok_bound = top
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         return self.seen + query_length, 0
@@ -181,7 +296,8 @@ class MixSGALayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.stores, self.index = [], []
+        self.buffers, self.biases, self.counts, self.index_buf, self.ntok = [], [], None, None, None
+        self._bound, self._tok_bound = [], 0
         self.seen, self.pending, self.is_initialized = 0, None, False
 
     def offload(self) -> None:
@@ -192,38 +308,68 @@ class MixSGALayer(CacheLayerMixin):
             self._move(self.device)
 
     def _move(self, device) -> None:
-        self.stores = [[t.to(device, non_blocking=True) for t in row] for row in self.stores]
-        self.index = [t.to(device, non_blocking=True) for t in self.index]
-        self._expert_ids = [t.to(device, non_blocking=True) for t in self._expert_ids]
+        if not self.is_initialized:
+            return
+        self.buffers = [t.to(device, non_blocking=True) for t in self.buffers]
+        self.biases = [t.to(device, non_blocking=True) for t in self.biases]
+        self._pool = self._pool.to(device, non_blocking=True)
+        self._step_bias = self._step_bias.to(device, non_blocking=True)
+        self._ones = self._ones.to(device, non_blocking=True)
+        self.counts = self.counts.to(device, non_blocking=True)
+        self.index_buf = self.index_buf.to(device, non_blocking=True)
+        self.ntok = self.ntok.to(device, non_blocking=True)
+        self._views_valid = False
 
-    def _select_samples(self, order: Sequence[int]) -> None:
-        self.stores = [list(self.stores[i]) for i in order]
-        self.index = [self.index[i] for i in order]
+    def _select_samples(self, order: Sequence[int] | torch.Tensor) -> None:
+        order = torch.as_tensor(order, dtype=torch.long, device=self.counts.device)
+        self.buffers = [t.index_select(1, order) for t in self.buffers]
+        self.biases = [t.index_select(0, order) for t in self.biases]
+        self._ones = torch.ones((order.numel(), 1), dtype=torch.long, device=self.counts.device)
+        self.counts = self.counts.index_select(0, order)
+        self.index_buf = self.index_buf.index_select(0, order)
+        self.ntok = self.ntok.index_select(0, order)
+        self._views_valid = False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
-            self._select_samples(beam_idx.tolist())
+            self._select_samples(beam_idx)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self.is_initialized:
-            self._select_samples([i for i in range(len(self.index)) for _ in range(repeats)])
+            self._select_samples([i for i in range(self.batch_size) for _ in range(repeats)])
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         if self.is_initialized:
-            self._select_samples(torch.as_tensor(indices).tolist())
+            self._select_samples(indices)
 
     def crop(self, tokens_to_remove: int) -> None:
         """Drop the last ``-tokens_to_remove`` tokens (negative), or keep the first ``tokens_to_remove`` positions."""
         drop = -tokens_to_remove if tokens_to_remove < 0 else max(self.seen - tokens_to_remove, 0)
         if drop == 0 or not self.is_initialized:
             return
-        for b, idx in enumerate(self.index):
-            keep = torch.ones(idx.numel(), dtype=torch.bool, device=idx.device)
-            keep[max(idx.numel() - drop, 0):] = False
+        for b in range(self.batch_size):
+            n = self.num_tokens(b)
+            keep = torch.ones(n, dtype=torch.bool, device=self.device)
+            keep[max(n - drop, 0):] = False
             self.keep_tokens(keep, sample=b)
         self.seen -= drop
 
     # ------------------------------------------------------------------ mixSGA API
+    @property
+    def index(self) -> list[torch.Tensor]:
+        """Per sample, the expert index of its stored tokens in token order (views, uint8)."""
+        if not self.is_initialized:
+            return []
+        return [self.index_buf[b, :n] for b, n in enumerate(self.ntok.tolist())]
+
+    @property
+    def stores(self) -> list[list[torch.Tensor]]:
+        """Per sample and expert, the filled K/V ``[2, H_kv / g_e, n, d]`` (views into the buffers)."""
+        if not self.is_initialized:
+            return []
+        counts = self.counts.tolist()
+        return [[self._store(b, e, n) for e, n in enumerate(row)] for b, row in enumerate(counts)]
+
     @property
     def key_stores(self) -> list[list[torch.Tensor]]:
         """Per sample and expert, the pooled keys ``[H_kv / g_e, n, d]`` (views into the stores)."""
@@ -233,6 +379,13 @@ class MixSGALayer(CacheLayerMixin):
     def value_stores(self) -> list[list[torch.Tensor]]:
         """Per sample and expert, the pooled values ``[H_kv / g_e, n, d]`` (views into the stores)."""
         return [[s[1] for s in row] for row in self.stores]
+
+    def set_keys(self, sample: int, expert: int, keys: torch.Tensor) -> None:
+        """Overwrite the filled keys of one sample's expert store (e.g. re-rotated by eviction)."""
+        n = int(self.counts[sample, expert])
+        if keys.shape != (self.num_kv_heads // self.group_sizes[expert], n, self.head_dim):
+            raise ValueError(f"keys of shape {tuple(keys.shape)} do not fit the store's {n} tokens")
+        self.buffers[expert][0, sample, :, :n] = keys
 
     def keep_tokens(self, keep: torch.Tensor, sample: int = 0) -> None:
         """Keep only some stored tokens of one sample, in every expert store.
@@ -252,25 +405,45 @@ class MixSGALayer(CacheLayerMixin):
             keep = mask
         elif keep.shape != (n,):
             raise ValueError(f"keep mask must have shape ({n},), got {tuple(keep.shape)}")
-        row = self.stores[sample]
         for e in self.experts:
-            row[e] = row[e][:, :, keep[idx == e]]
-        self.index[sample] = idx[keep]
+            sel = keep[idx == e]
+            kept = self._store(sample, e, sel.numel())[:, :, sel]
+            self.buffers[e][:, sample, :, : kept.shape[2]] = kept
+            self.biases[e][sample, :, : kept.shape[2]] = 0.0
+            self.biases[e][sample, :, kept.shape[2] :] = float("-inf")
+            self.counts[sample, e] = kept.shape[2]
+        kept_idx = idx[keep]
+        self.index_buf[sample, : kept_idx.numel()] = kept_idx
+        self.ntok[sample] = kept_idx.numel()
 
     def num_tokens(self, sample: int = 0) -> int:
-        return int(self.index[sample].numel()) if self.is_initialized else 0
+        return int(self.ntok[sample]) if self.is_initialized else 0
 
     def expert_counts(self) -> list[int]:
         """Stored tokens per expert, summed over samples."""
-        counts = [0] * len(self.group_sizes)
-        for row in self.stores:
-            for e, t in enumerate(row):
-                counts[e] += t.shape[2]
-        return counts
+        if not self.is_initialized:
+            return [0] * len(self.group_sizes)
+        return self.counts.sum(dim=0).tolist()
+
+    def live_bytes(self) -> int:
+        """Bytes of what is filled: pooled K/V of every stored token plus its index byte."""
+        if not self.is_initialized:
+            return 0
+        unit = 2 * self.head_dim * self.buffers[0].element_size()
+        per_expert = [unit * (self.num_kv_heads // g) for g in self.group_sizes]
+        counts = self.counts.sum(dim=0).tolist()
+        return sum(c * p for c, p in zip(counts, per_expert)) + int(self.ntok.sum()) * INDEX_DTYPE.itemsize
+
+    def reserved_bytes(self) -> int:
+        """Bytes the preallocated buffers hold (filled or not): K/V, slot masks, index, fill counters."""
+        if not self.is_initialized:
+            return 0
+        return sum(t.nbytes for t in (*self.buffers, *self.biases, self.index_buf, self.counts, self.ntok))
 
     def tensors(self) -> list[torch.Tensor]:
-        return [t for row in self.stores for t in row] + list(self.index)
+        return [] if not self.is_initialized else [*self.buffers, self.index_buf, self.counts, self.ntok]
 
+    # ------------------------------------------------------------------ attention
     def attend(
         self,
         query: torch.Tensor,
@@ -285,89 +458,80 @@ class MixSGALayer(CacheLayerMixin):
         ``[B, q, H_q, d]``; padded query rows are zero.
         """
         batch, heads, q, dim = query.shape
-        route.resolve()
-        if route.ids is not None:
-            if batch == 1:
-                if route.ids[0] < 0:
-                    return query.new_zeros(1, 1, heads, dim)
-                return self._decode_token(0, query.reshape(heads, dim), scaling, softcap, sliding_window).view(
-                    1, 1, heads, dim
-                )
-            rows = [
-                self._decode_token(b, query[b].reshape(heads, dim), scaling, softcap, sliding_window)
-                if e >= 0
-                else query.new_zeros(heads, dim)
-                for b, e in enumerate(route.ids)
-            ]
-            return torch.stack(rows).view(batch, 1, heads, dim)
+        if q == 1:
+            out = self._decode_step(query.view(batch, heads, dim), scaling, softcap, sliding_window)
+            if route.real is not None:
+                out = torch.where(route.real.view(batch, 1, 1), out, 0)
+            return out.view(batch, 1, heads, dim)
         out = query.new_zeros(batch, heads, q, dim)
         for b in range(batch):
             real = torch.arange(q, device=query.device) if route.real is None else route.real[b].nonzero().squeeze(1)
             if real.numel() == 0:
                 continue
-            n = self.index[b].numel()
+            n = self.num_tokens(b)
             qpos = torch.arange(n - real.numel(), n, device=query.device)
             out[b, :, real] = self._attend_chunk(b, query[b][:, real], scaling, softcap, sliding_window, qpos)
         return out.transpose(1, 2)
 
-    def _window_tail(self, b: int, window: int | None) -> list[int] | None:
-        """Tokens per expert among the sample's last ``window`` stored tokens; None when all are in the window."""
-        idx = self.index[b]
-        if window is None or idx.numel() <= window:
+    def _window_starts(self, window: int | None) -> torch.Tensor | None:
+        """Per sample and expert, the first store slot inside the last ``window`` stored tokens (device)."""
+        if window is None or self._tok_bound <= window:
             return None
-        return torch.bincount(idx[-window:], minlength=len(self.group_sizes)).tolist()
+        n = self._tok_bound
+        pos = torch.arange(n, device=self.device)
+        inside = (pos >= (self.ntok - window)[:, None]) & (pos < self.ntok[:, None])  # [B, n]
+        idx = self.index_buf[:, :n].long().masked_fill(~inside, len(self.group_sizes))
+        tail = torch.zeros((self.batch_size, len(self.group_sizes) + 1), dtype=torch.long, device=self.device)
+        tail.scatter_add_(1, idx, torch.ones_like(idx))
+        return self.counts - tail[:, :-1]
 
-    def _observe(self, b: int, probs: torch.Tensor, tail: list[int] | None) -> None:
-        """Hand the observer ``probs`` re-ordered from expert-store order to token order."""
-        idx = self.index[b]
-        cols = []
-        for e in self.experts:
-            where = (idx == e).nonzero().squeeze(1)
-            if tail is not None:
-                where = where[where.numel() - tail[e] :]
-            cols.append(where)
-        order = torch.cat(cols)
-        full = probs.new_zeros(*probs.shape[:-1], idx.numel())
-        full[..., order] = probs
-        self.observer(self, b, full)
-
-    def _decode_token(
-        self, b: int, query: torch.Tensor, scaling: float, softcap: float | None, window: int | None
+    def _decode_step(
+        self, query: torch.Tensor, scaling: float, softcap: float | None, window: int | None
     ) -> torch.Tensor:
-        """One sample's single decode query ``[H_q, d]`` over its stores -> ``[H_q, d]``."""
-        heads, dim = query.shape
-        query = query * scaling
-        tail = self._window_tail(b, window)
-        logits, values = [], []
-        for e in self.experts:
-            store = self.stores[b][e]
-            if tail is not None:
-                store = store[:, :, store.shape[2] - tail[e] :]
-            n = store.shape[2]
-            if n == 0:
-                continue
-            groups = store.shape[1]
-            # torch.bmm, not torch.matmul: same kernel, half the dispatch overhead at decode sizes
-            logits.append(torch.bmm(query.view(groups, heads // groups, dim), store[0].transpose(1, 2)).view(heads, n))
-            values.append(store[1])
-        scores = logits[0] if len(logits) == 1 else torch.cat(logits, dim=1)
-        if softcap is not None:
-            scores = torch.tanh(scores / softcap) * softcap
-        probs = torch.softmax(scores, dim=-1, dtype=torch.float32)
-        if probs.dtype != query.dtype:
-            probs = probs.to(query.dtype)
-        if self.observer is not None:
-            self._observe(b, probs.unsqueeze(1), tail)
-        out, start = None, 0
-        for vals in values:
-            groups, n = vals.shape[0], vals.shape[1]
-            part = probs[:, start : start + n].view(groups, heads // groups, n)
-            if out is None:
-                out = torch.bmm(part, vals)
-            else:
-                out = torch.baddbmm(out.view(groups, heads // groups, dim), part, vals)
-            start += n
-        return out.view(heads, dim)
+        """Every sample's single decode query ``[B, H_q, d]`` over its stores, in one batched step."""
+        experts = self.experts
+        starts = self._window_starts(window)
+        if self.observer is None and starts is None and self._backend in ("torch", "compiled"):
+            # hot path: whole-buffer views and additive slot masks, the same views every step
+            if not self._views_valid:
+                self._refresh_views()
+            fn = decode_attention_biased if self._backend == "torch" else _compiled_biased()
+            return fn(query, [self._k_t[e] for e in experts], [self._v[e] for e in experts],
+                      [self._bias3[e] for e in experts], scaling, softcap)
+        keys = [self.buffers[e][0, :, :, : self._bound[e]] for e in experts]
+        values = [self.buffers[e][1, :, :, : self._bound[e]] for e in experts]
+        lengths = self.counts if len(experts) == len(self.group_sizes) else self.counts[:, experts]
+        if starts is not None and len(experts) != len(self.group_sizes):
+            starts = starts[:, experts]
+        if self.observer is None:
+            return decode_attention(query, keys, values, lengths, starts, scaling, softcap, self._backend,
+                                    empty_rows=False)
+        probs: list[torch.Tensor] = []
+        out = decode_attention_torch(query, keys, values, lengths, starts, scaling, softcap, probs_out=probs)
+        self._observe_step(probs[0], [k.shape[2] for k in keys], starts)
+        return out
+
+    def _observe_step(self, probs: torch.Tensor, widths: list[int], starts: torch.Tensor | None) -> None:
+        """Hand the observer each sample's decode probabilities re-ordered to token order."""
+        offsets = [0]
+        for w in widths:
+            offsets.append(offsets[-1] + w)
+        counts = self.counts.tolist()
+        first = starts.tolist() if starts is not None else None
+        for b, idx in enumerate(self.index):
+            cols, where = [], []
+            for i, e in enumerate(self.experts):
+                lo = first[b][e] if first is not None else 0
+                hi = counts[b][e]
+                if hi <= lo:
+                    continue
+                cols.append(torch.arange(offsets[i] + lo, offsets[i] + hi, device=probs.device))
+                pos = (idx == e).nonzero().squeeze(1)
+                where.append(pos[lo:hi])
+            full = probs.new_zeros(probs.shape[1], 1, idx.numel())
+            if cols:
+                full[:, 0, torch.cat(where)] = probs[b][:, torch.cat(cols)]
+            self.observer(self, b, full)
 
     def _attend_chunk(
         self,
@@ -386,16 +550,18 @@ class MixSGALayer(CacheLayerMixin):
         heads, nq, dim = query.shape
         query = query * scaling
         idx = self.index[b]
-        logits, values, masks = [], [], []
+        counts = self.counts[b].tolist()
+        logits, values, masks, where = [], [], [], []
         for e in self.experts:
-            store = self.stores[b][e]
-            n = store.shape[2]
+            n = counts[e]
             if n == 0:
                 continue
+            store = self._store(b, e, n)
             groups = store.shape[1]
             logits.append(torch.matmul(query.reshape(groups, -1, dim), store[0].transpose(1, 2)).view(heads, nq, n))
             values.append(store[1])
             kpos = (idx == e).nonzero().squeeze(1)
+            where.append(kpos)
             allowed = kpos[None, :] <= qpos[:, None]
             if window is not None:
                 allowed &= kpos[None, :] > qpos[:, None] - window
@@ -407,7 +573,9 @@ class MixSGALayer(CacheLayerMixin):
         scores = scores.masked_fill(~allowed, float("-inf"))
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
         if self.observer is not None:
-            self._observe(b, probs, None)
+            full = probs.new_zeros(heads, nq, idx.numel())
+            full[..., torch.cat(where)] = probs
+            self.observer(self, b, full)
         out, start = None, 0
         for vals in values:
             groups, n = vals.shape[0], vals.shape[1]
@@ -416,7 +584,6 @@ class MixSGALayer(CacheLayerMixin):
             start += n
         return out
 
-
 class MixSGACache(Cache):
     """A transformers ``Cache`` of ``MixSGALayer``s, one per decoder layer.
 
@@ -424,7 +591,7 @@ class MixSGACache(Cache):
     ``past_key_values=MixSGACache(model.config)`` to hold on to it.
     """
 
-    def __init__(self, config, mixsga_config: MixSGAConfig | None = None) -> None:
+    def __init__(self, config, mixsga_config: MixSGAConfig | None = None, decode_backend: str = "auto") -> None:
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         if mixsga_config is None:
             spec = getattr(text, "mixsga", None)
@@ -433,21 +600,18 @@ class MixSGACache(Cache):
             mixsga_config = MixSGAConfig.from_dict(spec)
         self.mixsga_config = mixsga_config
         layers = [
-            MixSGALayer(mixsga_config.group_sizes, mixsga_config.active)
+            MixSGALayer(mixsga_config.group_sizes, mixsga_config.active, decode_backend)
             for _ in range(int(text.num_hidden_layers))
         ]
         super().__init__(layers=layers)
 
     def kv_bytes(self) -> int:
-        """Bytes the cache holds: summed ``nbytes`` of every store and index (shared tensors once)."""
-        seen, total = set(), 0
-        for layer in self.layers:
-            for t in layer.tensors():
-                key = (t.data_ptr(), t.nbytes)
-                if t.nbytes and key not in seen:
-                    seen.add(key)
-                    total += t.nbytes
-        return total
+        """Live bytes: the filled K/V of every stored token plus its index byte (the ledger's figure)."""
+        return sum(layer.live_bytes() for layer in self.layers)
+
+    def reserved_bytes(self) -> int:
+        """Bytes the preallocated buffers occupy, filled or not (index buffer and fill counters included)."""
+        return sum(layer.reserved_bytes() for layer in self.layers)
 
     def set_observer(self, observer) -> None:
         """Call ``observer(layer, sample, probs)`` after every attention of every layer.

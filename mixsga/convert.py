@@ -111,7 +111,6 @@ class LayerSpec:
     runtime: MixSGARuntime
     route: Route | None = field(default=None, repr=False)
     experts: tuple[int, ...] = field(init=False)  # the active experts' ids
-    host_ids: torch.Tensor | None = field(default=None, repr=False)  # pinned buffer for decode ids (CUDA)
 
     def __post_init__(self) -> None:
         self.experts = tuple(e for e, a in enumerate(self.active) if a)
@@ -157,22 +156,9 @@ def _attention_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         else:
             # Ranking logits equals ranking sigmoid scores, minus sigmoid's ties at saturation.
             expert = expert_choice(logits.detach().float(), _real_or_all(real, batch, q, hidden.device), cfg.ratios)
-    ids = fetch = None
     if decode:
-        if q == 1:
-            if single and real is None:
-                ids = [spec.experts[0]] * batch
-                rt.stats.add_decode(spec.layer_idx, ids)
-            else:
-                # The one host read of a decode step: the expert id picks the store to append to.
-                flat = expert.view(-1) if real is None else expert.view(-1).masked_fill(~real.view(-1), -1)
-                if flat.is_cuda:
-                    fetch = _fetch_ids_async(spec, flat)
-                else:
-                    ids = flat.tolist()
-                    rt.stats.add_decode(spec.layer_idx, ids)
-        else:
-            rt.stats.add_decode(spec.layer_idx, (expert if real is None else expert[real]).view(-1).tolist())
+        # Decode statistics are counted on the device (no host read of expert ids per step).
+        rt.stats.add_decode_tensor(spec.layer_idx, expert, real)
     else:
         mask = _real_or_all(real, batch, q, hidden.device)
         learned = logits is not None and rt.forced is None
@@ -180,28 +166,10 @@ def _attention_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         rt.stats.add_expert_choice(spec.layer_idx, expert, argmax, mask)
         if learned:
             rt._aux.append(aux_loss(logits, expert, mask, cfg.aux_loss))
-    route = Route(expert=expert, real=real, decode=decode, ids=ids, cache_layer=layer_cache, fetch=fetch)
+    route = Route(expert=expert, real=real, decode=decode, cache_layer=layer_cache)
     spec.route = route
     if layer_cache is not None:
         layer_cache.pending = route
-
-
-def _fetch_ids_async(spec: "LayerSpec", flat: torch.Tensor) -> Callable[[], list[int]]:
-    """Start copying decode expert ids to pinned host memory; the returned function waits and reads them."""
-    buf = spec.host_ids
-    if buf is None or buf.numel() != flat.numel():
-        buf = spec.host_ids = torch.empty(flat.numel(), dtype=flat.dtype, pin_memory=True)
-    buf.copy_(flat, non_blocking=True)
-    done = torch.cuda.Event()
-    done.record()
-
-    def fetch() -> list[int]:
-        done.synchronize()
-        ids = buf.tolist()
-        spec.runtime.stats.add_decode(spec.layer_idx, ids)
-        return ids
-
-    return fetch
 
 
 def _real_or_all(real: torch.Tensor | None, batch: int, q: int, device) -> torch.Tensor:

@@ -193,6 +193,5 @@ class MixSGAEvictionCache(MixSGACache):
             if store.shape[2] == 0:
                 continue
             shift = delta[idx == e][None, None].expand(1, store.shape[1], -1)
-            keys = self.rotate(store[0][None], shift)[0]
-            row[e] = torch.stack((keys, store[1]))
+            layer.set_keys(b, e, self.rotate(store[0][None], shift)[0])
         st.rope_pos = target

@@ -128,7 +128,10 @@ class RoutingStats:
 
     def reset(self) -> None:
         self.prefill = [[0] * self.num_experts for _ in range(self.num_layers)]
-        self.decode = [[0] * self.num_experts for _ in range(self.num_layers)]
+        self._decode = [[0] * self.num_experts for _ in range(self.num_layers)]
+        # Decode expert ids not yet counted: (layer, expert, real) device tensors, folded into
+        # ``decode`` when read, so that decoding never waits on a host read of expert ids.
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []
         self.agree = [0] * self.num_layers
         self.compared = [0] * self.num_layers
 
@@ -151,6 +154,37 @@ class RoutingStats:
         for e in ids:
             if e >= 0:
                 row[e] += 1
+
+    def add_decode_tensor(self, layer: int, expert: torch.Tensor, real: torch.Tensor | None) -> None:
+        """Count decode tokens without a host read: ``expert`` ``[B, q]`` ids, ``real`` ``[B, q]`` or None.
+
+        The tensors are kept (no op on the hot path) and counted when ``decode`` is read, or
+        every ``PENDING_LIMIT`` entries so that a long generation does not pile them up.
+        """
+        self._pending.append((layer, expert, real))
+        if len(self._pending) >= self.PENDING_LIMIT:
+            self._fold()
+
+    PENDING_LIMIT = 4096
+
+    def _fold(self) -> None:
+        pending, self._pending = self._pending, []
+        by_layer: dict[int, list[tuple[torch.Tensor, torch.Tensor | None]]] = {}
+        for layer, expert, real in pending:
+            by_layer.setdefault(layer, []).append((expert, real))
+        for layer, items in by_layer.items():
+            ids = torch.cat([(e if r is None else e.masked_fill(~r, -1)).reshape(-1) for e, r in items])
+            counts = torch.bincount(ids[ids >= 0], minlength=self.num_experts).tolist()
+            row = self._decode[layer]
+            for e, c in enumerate(counts):
+                row[e] += c
+
+    @property
+    def decode(self) -> list[list[int]]:
+        """Tokens per layer and expert under argmax routing (pending device counts folded in)."""
+        if self._pending:
+            self._fold()
+        return self._decode
 
     @staticmethod
     def _fractions(rows: list[list[int]]) -> list[float]:
