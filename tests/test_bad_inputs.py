@@ -4,9 +4,9 @@ Config cases are a YAML overlay given after the CI config (as ``snakemake --conf
 .test/config/config.yaml overlay.yaml`` would merge it); each must raise ConfigError whose
 message matches every listed pattern (the offending key, file or value), and leave the
 work and results trees (both in a tmp dir) unmade. API and CLI cases check the same for
-loaders and commands. Cases marked ``xfail(strict=True)`` wait for the per-method specs
-(issue 11); they flip to passing when those land. A few Snakemake dry runs prove the
-workflow shares the checks.
+loaders and commands. Method params are checked by each method's torch-free spec
+(``harness.methods``) as the config expands. A few Snakemake dry runs prove the workflow
+shares the checks.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from harness.orchestration.config import ConfigError, resolve_config, run_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CI_CONFIG = REPO_ROOT / ".test" / "config" / "config.yaml"
-SPECS = pytest.mark.xfail(strict=True, reason="needs method specs (issue 11)")
 
 
 def _runs(*runs: dict, name: str = "main", **exp) -> str:
@@ -52,11 +51,11 @@ CONFIG_CASES = [
     ("experiment-named-all", _runs({"method": "base"}, name="all"), [r"experiments\.all"]),
     ("experiment-named-like-a-rule", _runs({"method": "base"}, name="collate_all"), [r"experiments\.collate_all"]),
     pytest.param("h2o-keeps-no-token", _runs({"method": "h2o", "budgets": [0.0001]}), [r"0\.0001", "smallest"],
-                 marks=SPECS, id="h2o-keeps-no-token"),
+                 id="h2o-keeps-no-token"),
     pytest.param("streamingllm-no-recent-window", _runs({"method": "streamingllm", "budgets": [0.05]}),
-                 [r"0\.05", "smallest"], marks=SPECS, id="streamingllm-no-recent-window"),
+                 [r"0\.05", "smallest"], id="streamingllm-no-recent-window"),
     pytest.param("h2o+mixsga-keeps-no-token", _runs({"method": "h2o+mixsga", "budgets": [0.01]}),
-                 [r"0\.01", "smallest"], marks=SPECS, id="h2o+mixsga-keeps-no-token"),
+                 [r"0\.01", "smallest"], id="h2o+mixsga-keeps-no-token"),
     # --- late before issue 14 (after pretraining or training) ---
     ("cpt-total-tokens-below-one-batch", _yaml(training={"cpt": {"overrides": {"total_tokens": 100}}}),
      # a profile's overrides replace the default's whole: the recipe's own batch x seq_len is the batch
@@ -82,23 +81,23 @@ CONFIG_CASES = [
                  [r"runs\[0\]\.params", "foo"], id="gqa-unknown-param"),
     pytest.param("mixsga-ratios-contradict-budget",
                  _runs({"method": "mixsga", "budgets": [0.25], "params": {"ratios": [3, 1, 6]}}),
-                 [r"runs\[0\]", "ratios", r"0\.25"], marks=SPECS, id="mixsga-ratios-contradict-budget"),
+                 [r"runs\[0\]", "ratios", r"0\.25"], id="mixsga-ratios-contradict-budget"),
     pytest.param("h2o+mixsga-above-inner-budget", _runs({"method": "h2o+mixsga", "budgets": [0.6]}),
-                 [r"runs\[0\]", "inner", r"0\.6"], marks=SPECS, id="h2o+mixsga-above-inner-budget"),
+                 [r"runs\[0\]", "inner", r"0\.6"], id="h2o+mixsga-above-inner-budget"),
     pytest.param("mixsga-budget-without-derivable-ratios",
                  _runs({"method": "mixsga", "budgets": [0.2], "params": {"group_sizes": [1, 2]}}),
-                 [r"runs\[0\]", r"0\.2", "ratios"], marks=SPECS, id="mixsga-budget-without-derivable-ratios"),
+                 [r"runs\[0\]", r"0\.2", "ratios"], id="mixsga-budget-without-derivable-ratios"),
     pytest.param("negative-ratios-with-budgets",
                  _runs({"method": "mixsga", "budgets": [0.5], "params": {"ratios": [-1, 1, 2]}}),
-                 [r"params\.ratios", "negative"], marks=SPECS, id="negative-ratios-with-budgets"),
+                 [r"params\.ratios", "negative"], id="negative-ratios-with-budgets"),
     pytest.param("unsorted-group-sizes",
                  _runs({"method": "mixsga", "params": {"ratios": [3, 1, 6], "group_sizes": [4, 2, 1]}}),
-                 [r"params\.group_sizes", "increasing"], marks=SPECS, id="unsorted-group-sizes"),
+                 [r"params\.group_sizes", "increasing"], id="unsorted-group-sizes"),
     pytest.param("unknown-router", _runs({"method": "mixsga", "budgets": [0.5], "params": {"router": "foo"}}),
-                 [r"params\.router", "foo"], marks=SPECS, id="unknown-router"),
+                 [r"params\.router", "foo"], id="unknown-router"),
     pytest.param("snapkv-window-beyond-context",
                  _runs({"method": "snapkv", "budgets": [0.5], "params": {"window": 64}}),
-                 [r"params\.window", r"\b64\b", r"\b32\b"], marks=SPECS, id="snapkv-window-beyond-context"),
+                 [r"params\.window", r"\b64\b", r"\b32\b"], id="snapkv-window-beyond-context"),
     # --- unclear before issue 14 ---
     ("all-zero-ratios", _runs({"method": "mixsga", "params": {"ratios": [0, 0, 0]}}),
      [r"experiments\.main\.runs\[0\]\.params\.ratios", "all zero"]),
@@ -286,7 +285,6 @@ def test_mixsga_config_refuses_ratios_that_are_not_numbers(ratios):
         MixSGAConfig(ratios=ratios)
 
 
-@SPECS
 def test_eviction_policy_refuses_a_bool_keep():
     from baselines.eviction import EvictionPolicy
 
