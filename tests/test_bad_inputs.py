@@ -197,6 +197,46 @@ def test_budgets_apart_by_more_than_the_id_precision_stay_two_runs(tmp_path):
     assert len(ids) == len(set(ids)) == 2
 
 
+@pytest.mark.parametrize("method, params, smallest", [
+    ("h2o", {}, 1 / 32),  # one token of the 32-token measured prompt (CI: measure.context_lengths [32])
+    ("tova", {}, 1 / 32),
+    ("streamingllm", {}, 5 / 32),  # 4 sinks + 1 recent token
+    ("streamingllm", {"sink_tokens": 1}, 2 / 32),
+    ("h2o+gqa", {}, 0.5 / 32),  # keep = budget / 0.5 of equal-cost GQA tokens
+    ("h2o+mixsga", {}, 1 / 32),  # 3:1:6 routes tokens to the full-head expert: one costs a whole base token
+    ("h2o+mixsga", {"inner_budget": 0.25}, 0.25 / 32),  # 0:0:1: every token costs 1/4
+    ("pyramidkv", {"policy": "streamingllm"}, 5 / 32),
+])
+def test_the_smallest_feasible_budget_named_is_feasible(tmp_path, method, params, smallest):
+    run = {"method": method, "budgets": [round(smallest * 0.9, 6)], "params": params}
+    with pytest.raises(ConfigError, match="smallest feasible budget there is ") as info:
+        resolve_config(_config_files(tmp_path, _runs(run)))
+    named = float(re.search(r"smallest feasible budget there is ([0-9.e-]+)", str(info.value)).group(1))
+    assert named == pytest.approx(smallest, abs=1e-6) and named >= smallest
+    cfg = resolve_config(_config_files(tmp_path, _runs({**run, "budgets": [named]})))
+    assert any(r["method"] == method and r["budget"] == named for r in run_table(cfg))
+
+
+def test_eviction_contexts_are_the_measured_prompts_and_the_ppl_windows(tmp_path):
+    # no perplexity: the 64-token eval windows do not count, the 128-token measured prompt does
+    overlay = yaml.safe_load(_runs({"method": "snapkv", "budgets": [0.5], "params": {"window": 64}}, evaluate=["rouge"],
+                                   training="sft"))
+    overlay["measure"] = {"context_lengths": [128]}
+    resolve_config(_config_files(tmp_path, yaml.safe_dump(overlay)))
+    overlay["experiments"]["main"]["evaluate"] = ["ppl"]
+    with pytest.raises(ConfigError, match=r"params\.window'.*\(64 tokens, eval\.seq_len\)"):
+        resolve_config(_config_files(tmp_path, yaml.safe_dump(overlay)))
+
+
+def test_stacked_inner_params_are_checked_by_the_inner_spec(tmp_path):
+    run = {"method": "h2o+mixsga", "budgets": [0.2], "params": {"inner": {"ratios": [3, 1, 6], "router": "foo"}}}
+    with pytest.raises(ConfigError, match=r"runs\[0\]\.params\.inner\.router': .*'foo'"):
+        resolve_config(_config_files(tmp_path, _runs(run)))
+    run["params"] = {"inner": {"ratios": [1, 1, 0]}}  # stores 75 %, not the default inner budget 0.5
+    with pytest.raises(ConfigError, match=r"runs\[0\]\.params\.inner\.ratios'.*not the budget 0\.5"):
+        resolve_config(_config_files(tmp_path, _runs(run)))
+
+
 def test_named_paper_experiments_are_not_reserved():
     from harness.orchestration.checks import reserved_experiment_names
 
@@ -285,11 +325,48 @@ def test_mixsga_config_refuses_ratios_that_are_not_numbers(ratios):
         MixSGAConfig(ratios=ratios)
 
 
+@pytest.mark.parametrize("name, fields", [("h2o", {}), ("tova", {}), ("streamingllm", {}),
+                                          ("streamingllm", {"sink_tokens": 1}), ("snapkv", {}),
+                                          ("snapkv", {"window": 8})])
+def test_eviction_specs_refuse_what_their_policies_cannot_do(name, fields):
+    """The spec's config-time rule (torch-free) against the policy itself, over contexts and keeps."""
+    import math
+
+    from baselines.policies import EvictionPolicy
+    from harness.methods import get_spec
+
+    for n in (4, 8, 16, 20, 32, 33, 64):
+        for keep in (0.01, 0.05, 0.1, 0.125, 0.2, 0.25, 0.5, 1.0):
+            policy = EvictionPolicy(name, keep, **fields)
+            try:  # the policy's own guard, and at least one token kept (``capacity``)
+                policy.check_context(n)
+                works = math.floor(keep * n + 1e-9) >= 1
+            except ValueError:
+                works = False
+            try:
+                get_spec(name).check_run(keep, fields, {"measure.context_lengths[0]": n})
+                accepted = True
+            except ValueError:
+                accepted = False
+            assert accepted == works, (name, fields, n, keep)
+
+
+def test_eviction_spec_defaults_are_the_policy_defaults():
+    import dataclasses
+
+    from baselines.policies import EvictionPolicy
+    from harness.methods.eviction import POLICY_DEFAULTS
+
+    defaults = {f.name: f.default for f in dataclasses.fields(EvictionPolicy)}
+    assert {k: defaults[k] for k in POLICY_DEFAULTS} == POLICY_DEFAULTS
+
+
 def test_eviction_policy_refuses_a_bool_keep():
     from baselines.eviction import EvictionPolicy
 
-    with pytest.raises(ValueError, match="keep"):
+    with pytest.raises(ValueError, match="keep fraction must be a number in .*got True"):
         EvictionPolicy(method="h2o", keep=True)
+    assert EvictionPolicy(method="h2o", keep=1).keep == 1  # an int is a number
 
 
 def _tiny_llama():
