@@ -64,13 +64,6 @@ def _numbers(value) -> bool:
         isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
 
 
-def active_group_sizes(params) -> list[int]:
-    """Group sizes of the experts that take tokens (ratio > 0) for explicit ``params`` (default ratios: None)."""
-    group_sizes = [int(g) for g in params.get("group_sizes", DEFAULT_GROUP_SIZES)]
-    ratios = params.get("ratios")
-    return group_sizes if ratios is None else [g for g, r in zip(group_sizes, ratios) if r > 0]
-
-
 class MixSGASpec(MethodSpec):
     name, label = "mixsga", "mixSGA"
     color, marker = "tab:red", "o"
@@ -142,10 +135,10 @@ class MixSGASpec(MethodSpec):
                                        "(leave out the budgets to derive them from the ratios)")
 
     def token_share(self, budget, params):
-        # a token routed to the expert with the fewest heads pooled keeps 1 / its group size of the K/V
-        sizes = active_group_sizes({"ratios": default_ratios(budget, params.get("group_sizes", DEFAULT_GROUP_SIZES)),
-                                    **params} if "ratios" not in params else params)
-        return 1.0 / min(sizes)
+        # a token routed to the active expert (ratio > 0) with the smallest group keeps 1 / that size of the heads
+        group_sizes = [int(g) for g in params.get("group_sizes", DEFAULT_GROUP_SIZES)]
+        ratios = params["ratios"] if "ratios" in params else default_ratios(budget, group_sizes)
+        return 1.0 / min(g for g, r in zip(group_sizes, ratios) if r > 0)
 
     def fields(self, params):
         router, aux_weight = params.get("router"), params.get("aux_loss_weight")
@@ -166,19 +159,16 @@ class MixSGA(Method):
 
     def params_for_budget(self, config, budget, **explicit):
         from mixsga import MixSGAConfig
-        from mixsga.budget import kv_budget, mixsga_kv_bytes_per_token
+        from mixsga.budget import mixsga_kv_bytes_per_token
 
         self.spec.parse_params(explicit)
         budget = check_budget(budget)
+        self.spec.check_run(budget, explicit, {})  # ratios storing another share than the budget, or none for it
         group_sizes = [int(g) for g in explicit.get("group_sizes", DEFAULT_GROUP_SIZES)]
         if "ratios" in explicit:
             ratios = [float(r) for r in explicit["ratios"]]
         else:
             ratios = default_ratios(budget, group_sizes)
-        got = kv_budget(ratios, group_sizes)
-        if not same(got, budget):
-            raise ValueError(f"mixSGA ratios {ratios} with group sizes {group_sizes} store {got:.2%}, "
-                             f"not the budget {budget:.2%}")
         # Raises for group sizes that do not divide the model's K/V heads.
         mixsga_kv_bytes_per_token(config, ratios, group_sizes)
         knobs = {k: explicit[k] for k in MIXSGA_KNOBS if k in explicit}

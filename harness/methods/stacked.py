@@ -101,10 +101,9 @@ class Stacked(Method):
                           inner: dict | None = None, **explicit):
         budget = check_budget(budget)
         inner_budget = check_budget(inner_budget)
+        # a total above the inner budget, the inner params against it (no contexts: the run's are unknown here)
+        self.spec.check_run(budget, {**explicit, "inner_budget": inner_budget, "inner": inner or {}}, {})
         keep = budget / inner_budget
-        if keep > 1 + 1e-9:
-            raise ValueError(f"{self.name}: total budget {budget:.2%} exceeds the inner {self.inner.name} budget "
-                             f"{inner_budget:.2%} (keep fraction {keep:.3f} > 1)")
         inner_params = self.inner.params_for_budget(config, inner_budget, **(inner or {}))
         evict_params = self.eviction.params_for_budget(config, min(keep, 1.0), **explicit)
         return {"inner": inner_params, "inner_budget": inner_budget, "eviction": evict_params}
