@@ -55,8 +55,9 @@ class EvictionPolicy:
     def __post_init__(self) -> None:
         if self.method != self.name:
             raise ValueError(f"{type(self).__name__} is the {self.name!r} policy, not {self.method!r}")
-        if not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
-            raise ValueError(f"keep fraction must be in (0, 1], got {self.keep!r}")
+        # a bool is an int to isinstance: keep=True would silently mean keep everything
+        if isinstance(self.keep, bool) or not isinstance(self.keep, (int, float)) or not 0 < self.keep <= 1:
+            raise ValueError(f"keep fraction must be a number in (0, 1], got {self.keep!r}")
         if not 0 <= self.recent_fraction <= 1:
             raise ValueError(f"recent_fraction must be in [0, 1], got {self.recent_fraction!r}")
         if self.sink_tokens < 0:

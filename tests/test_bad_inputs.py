@@ -4,9 +4,9 @@ Config cases are a YAML overlay given after the CI config (as ``snakemake --conf
 .test/config/config.yaml overlay.yaml`` would merge it); each must raise ConfigError whose
 message matches every listed pattern (the offending key, file or value), and leave the
 work and results trees (both in a tmp dir) unmade. API and CLI cases check the same for
-loaders and commands. Cases marked ``xfail(strict=True)`` wait for the per-method specs
-(issue 11); they flip to passing when those land. A few Snakemake dry runs prove the
-workflow shares the checks.
+loaders and commands. Method params are checked by each method's torch-free spec
+(``harness.methods``) as the config expands. A few Snakemake dry runs prove the workflow
+shares the checks.
 """
 
 from __future__ import annotations
@@ -25,7 +25,6 @@ from harness.orchestration.config import ConfigError, resolve_config, run_table
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CI_CONFIG = REPO_ROOT / ".test" / "config" / "config.yaml"
-SPECS = pytest.mark.xfail(strict=True, reason="needs method specs (issue 11)")
 
 
 def _runs(*runs: dict, name: str = "main", **exp) -> str:
@@ -52,11 +51,11 @@ CONFIG_CASES = [
     ("experiment-named-all", _runs({"method": "base"}, name="all"), [r"experiments\.all"]),
     ("experiment-named-like-a-rule", _runs({"method": "base"}, name="collate_all"), [r"experiments\.collate_all"]),
     pytest.param("h2o-keeps-no-token", _runs({"method": "h2o", "budgets": [0.0001]}), [r"0\.0001", "smallest"],
-                 marks=SPECS, id="h2o-keeps-no-token"),
+                 id="h2o-keeps-no-token"),
     pytest.param("streamingllm-no-recent-window", _runs({"method": "streamingllm", "budgets": [0.05]}),
-                 [r"0\.05", "smallest"], marks=SPECS, id="streamingllm-no-recent-window"),
+                 [r"0\.05", "smallest"], id="streamingllm-no-recent-window"),
     pytest.param("h2o+mixsga-keeps-no-token", _runs({"method": "h2o+mixsga", "budgets": [0.01]}),
-                 [r"0\.01", "smallest"], marks=SPECS, id="h2o+mixsga-keeps-no-token"),
+                 [r"0\.01", "smallest"], id="h2o+mixsga-keeps-no-token"),
     # --- late before issue 14 (after pretraining or training) ---
     ("cpt-total-tokens-below-one-batch", _yaml(training={"cpt": {"overrides": {"total_tokens": 100}}}),
      # a profile's overrides replace the default's whole: the recipe's own batch x seq_len is the batch
@@ -82,23 +81,23 @@ CONFIG_CASES = [
                  [r"runs\[0\]\.params", "foo"], id="gqa-unknown-param"),
     pytest.param("mixsga-ratios-contradict-budget",
                  _runs({"method": "mixsga", "budgets": [0.25], "params": {"ratios": [3, 1, 6]}}),
-                 [r"runs\[0\]", "ratios", r"0\.25"], marks=SPECS, id="mixsga-ratios-contradict-budget"),
+                 [r"runs\[0\]", "ratios", r"0\.25"], id="mixsga-ratios-contradict-budget"),
     pytest.param("h2o+mixsga-above-inner-budget", _runs({"method": "h2o+mixsga", "budgets": [0.6]}),
-                 [r"runs\[0\]", "inner", r"0\.6"], marks=SPECS, id="h2o+mixsga-above-inner-budget"),
+                 [r"runs\[0\]", "inner", r"0\.6"], id="h2o+mixsga-above-inner-budget"),
     pytest.param("mixsga-budget-without-derivable-ratios",
                  _runs({"method": "mixsga", "budgets": [0.2], "params": {"group_sizes": [1, 2]}}),
-                 [r"runs\[0\]", r"0\.2", "ratios"], marks=SPECS, id="mixsga-budget-without-derivable-ratios"),
+                 [r"runs\[0\]", r"0\.2", "ratios"], id="mixsga-budget-without-derivable-ratios"),
     pytest.param("negative-ratios-with-budgets",
                  _runs({"method": "mixsga", "budgets": [0.5], "params": {"ratios": [-1, 1, 2]}}),
-                 [r"params\.ratios", "negative"], marks=SPECS, id="negative-ratios-with-budgets"),
+                 [r"params\.ratios", "negative"], id="negative-ratios-with-budgets"),
     pytest.param("unsorted-group-sizes",
                  _runs({"method": "mixsga", "params": {"ratios": [3, 1, 6], "group_sizes": [4, 2, 1]}}),
-                 [r"params\.group_sizes", "increasing"], marks=SPECS, id="unsorted-group-sizes"),
+                 [r"params\.group_sizes", "increasing"], id="unsorted-group-sizes"),
     pytest.param("unknown-router", _runs({"method": "mixsga", "budgets": [0.5], "params": {"router": "foo"}}),
-                 [r"params\.router", "foo"], marks=SPECS, id="unknown-router"),
+                 [r"params\.router", "foo"], id="unknown-router"),
     pytest.param("snapkv-window-beyond-context",
                  _runs({"method": "snapkv", "budgets": [0.5], "params": {"window": 64}}),
-                 [r"params\.window", r"\b64\b", r"\b32\b"], marks=SPECS, id="snapkv-window-beyond-context"),
+                 [r"params\.window", r"\b64\b", r"\b32\b"], id="snapkv-window-beyond-context"),
     # --- unclear before issue 14 ---
     ("all-zero-ratios", _runs({"method": "mixsga", "params": {"ratios": [0, 0, 0]}}),
      [r"experiments\.main\.runs\[0\]\.params\.ratios", "all zero"]),
@@ -198,6 +197,46 @@ def test_budgets_apart_by_more_than_the_id_precision_stay_two_runs(tmp_path):
     assert len(ids) == len(set(ids)) == 2
 
 
+@pytest.mark.parametrize("method, params, smallest", [
+    ("h2o", {}, 1 / 32),  # one token of the 32-token measured prompt (CI: measure.context_lengths [32])
+    ("tova", {}, 1 / 32),
+    ("streamingllm", {}, 5 / 32),  # 4 sinks + 1 recent token
+    ("streamingllm", {"sink_tokens": 1}, 2 / 32),
+    ("h2o+gqa", {}, 0.5 / 32),  # keep = budget / 0.5 of equal-cost GQA tokens
+    ("h2o+mixsga", {}, 1 / 32),  # 3:1:6 routes tokens to the full-head expert: one costs a whole base token
+    ("h2o+mixsga", {"inner_budget": 0.25}, 0.25 / 32),  # 0:0:1: every token costs 1/4
+    ("pyramidkv", {"policy": "streamingllm"}, 5 / 32),
+])
+def test_the_smallest_feasible_budget_named_is_feasible(tmp_path, method, params, smallest):
+    run = {"method": method, "budgets": [round(smallest * 0.9, 6)], "params": params}
+    with pytest.raises(ConfigError, match="smallest feasible budget there is ") as info:
+        resolve_config(_config_files(tmp_path, _runs(run)))
+    named = float(re.search(r"smallest feasible budget there is ([0-9.e-]+)", str(info.value)).group(1))
+    assert named == pytest.approx(smallest, abs=1e-6) and named >= smallest
+    cfg = resolve_config(_config_files(tmp_path, _runs({**run, "budgets": [named]})))
+    assert any(r["method"] == method and r["budget"] == named for r in run_table(cfg))
+
+
+def test_eviction_contexts_are_the_measured_prompts_and_the_ppl_windows(tmp_path):
+    # no perplexity: the 64-token eval windows do not count, the 128-token measured prompt does
+    overlay = yaml.safe_load(_runs({"method": "snapkv", "budgets": [0.5], "params": {"window": 64}}, evaluate=["rouge"],
+                                   training="sft"))
+    overlay["measure"] = {"context_lengths": [128]}
+    resolve_config(_config_files(tmp_path, yaml.safe_dump(overlay)))
+    overlay["experiments"]["main"]["evaluate"] = ["ppl"]
+    with pytest.raises(ConfigError, match=r"params\.window'.*\(64 tokens, eval\.seq_len\)"):
+        resolve_config(_config_files(tmp_path, yaml.safe_dump(overlay)))
+
+
+def test_stacked_inner_params_are_checked_by_the_inner_spec(tmp_path):
+    run = {"method": "h2o+mixsga", "budgets": [0.2], "params": {"inner": {"ratios": [3, 1, 6], "router": "foo"}}}
+    with pytest.raises(ConfigError, match=r"runs\[0\]\.params\.inner\.router': .*'foo'"):
+        resolve_config(_config_files(tmp_path, _runs(run)))
+    run["params"] = {"inner": {"ratios": [1, 1, 0]}}  # stores 75 %, not the default inner budget 0.5
+    with pytest.raises(ConfigError, match=r"runs\[0\]\.params\.inner\.ratios'.*not the budget 0\.5"):
+        resolve_config(_config_files(tmp_path, _runs(run)))
+
+
 def test_named_paper_experiments_are_not_reserved():
     from harness.orchestration.checks import reserved_experiment_names
 
@@ -286,12 +325,48 @@ def test_mixsga_config_refuses_ratios_that_are_not_numbers(ratios):
         MixSGAConfig(ratios=ratios)
 
 
-@SPECS
+@pytest.mark.parametrize("name, fields", [("h2o", {}), ("tova", {}), ("streamingllm", {}),
+                                          ("streamingllm", {"sink_tokens": 1}), ("snapkv", {}),
+                                          ("snapkv", {"window": 8})])
+def test_eviction_specs_refuse_what_their_policies_cannot_do(name, fields):
+    """The spec's config-time rule (torch-free) against the policy itself, over contexts and keeps."""
+    import math
+
+    from baselines.policies import EvictionPolicy
+    from harness.methods import get_spec
+
+    for n in (4, 8, 16, 20, 32, 33, 64):
+        for keep in (0.01, 0.05, 0.1, 0.125, 0.2, 0.25, 0.5, 1.0):
+            policy = EvictionPolicy(name, keep, **fields)
+            try:  # the policy's own guard, and at least one token kept (``capacity``)
+                policy.check_context(n)
+                works = math.floor(keep * n + 1e-9) >= 1
+            except ValueError:
+                works = False
+            try:
+                get_spec(name).check_run(keep, fields, {"measure.context_lengths[0]": n})
+                accepted = True
+            except ValueError:
+                accepted = False
+            assert accepted == works, (name, fields, n, keep)
+
+
+def test_eviction_spec_defaults_are_the_policy_defaults():
+    import dataclasses
+
+    from baselines.policies import EvictionPolicy
+    from harness.methods.eviction import POLICY_DEFAULTS
+
+    defaults = {f.name: f.default for f in dataclasses.fields(EvictionPolicy)}
+    assert {k: defaults[k] for k in POLICY_DEFAULTS} == POLICY_DEFAULTS
+
+
 def test_eviction_policy_refuses_a_bool_keep():
     from baselines.eviction import EvictionPolicy
 
-    with pytest.raises(ValueError, match="keep"):
+    with pytest.raises(ValueError, match="keep fraction must be a number in .*got True"):
         EvictionPolicy(method="h2o", keep=True)
+    assert EvictionPolicy(method="h2o", keep=1).keep == 1  # an int is a number
 
 
 def _tiny_llama():

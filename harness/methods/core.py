@@ -25,6 +25,26 @@ def same(a: float, b: float) -> bool:
     return abs(a - b) < 1e-9
 
 
+class ParamError(ValueError):
+    """A method param that is wrong on its own; ``key`` is its dotted path in the params (``inner.ratios``).
+
+    The config expansion names it as ``experiments.<name>.runs[i].params.<key>``.
+    """
+
+    def __init__(self, key: str, message: str):
+        super().__init__(message)
+        self.key = key
+
+    def under(self, prefix: str) -> "ParamError":
+        """The same error for params nested under ``prefix`` (a stacked method's ``inner``)."""
+        return ParamError(f"{prefix}.{self.key}", str(self))
+
+
+def round_up(value: float, digits: int = 6) -> float:
+    """``value`` rounded up at ``digits`` decimals: a smallest feasible budget that is itself feasible."""
+    return math.ceil(value * 10**digits - 1e-6) / 10**digits
+
+
 class MethodSpec:
     """The torch-free facts of one method (see the module docstring).
 
@@ -70,6 +90,23 @@ class MethodSpec:
 
     def check_feasible(self, budget: float, params: Mapping[str, Any], kv_heads: int) -> None:
         """ValueError (naming the feasible budgets) when a model with ``kv_heads`` K/V heads cannot store ``budget``."""
+
+    def check_run(self, budget: float, params: Mapping[str, Any], contexts: Mapping[str, int]) -> None:
+        """ValueError when a run at ``budget`` with these explicit ``params`` cannot work on any model.
+
+        Params contradicting the budget, or a budget that keeps fewer tokens than the method
+        needs at one of the token counts the run processes (``contexts``: config key -> tokens,
+        e.g. ``{"eval.seq_len": 256, "measure.context_lengths[0]": 128}``), naming the smallest
+        feasible budget. A :class:`ParamError` names the param at fault.
+        """
+
+    def token_share(self, budget: float, params: Mapping[str, Any]) -> float:
+        """K/V bytes of the most expensive token the method stores, over the base model's bytes per token.
+
+        Every token costs ``budget`` of a base token unless the method mixes granularities
+        (mixSGA: a token routed to the full-head expert costs a whole base token).
+        """
+        return float(budget)
 
     def train_key(self, budget: float, params: Mapping[str, Any]) -> tuple[str, float, dict]:
         """``(method, budget, explicit params)`` of the weights the runs use; runs sharing it share a checkpoint."""

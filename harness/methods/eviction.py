@@ -6,13 +6,18 @@ in ``baselines.policies``, the evicting cache in ``baselines.eviction``.
 
 from __future__ import annotations
 
-from harness.methods.core import Method, MethodSpec, check_budget
+import math
+from typing import Any, Mapping
+
+from harness.methods.core import Method, MethodSpec, ParamError, check_budget, round_up
 
 #: Fields of ``baselines.policies.EvictionPolicy`` a config may set.
 POLICY_FIELDS = ("recent_fraction", "sink_tokens", "window", "kernel", "compress_question", "question_tokens",
                  "reposition")
 #: Each policy's colour (a stacked run draws it with its architecture's marker).
 POLICY_STYLE = {"h2o": "tab:orange", "streamingllm": "tab:brown", "snapkv": "tab:pink", "tova": "tab:olive"}
+#: The ``EvictionPolicy`` defaults the config-time checks read (torch-free; tests/test_methods.py holds them equal).
+POLICY_DEFAULTS = {"sink_tokens": 4, "window": 32}
 
 
 class EvictionSpec(MethodSpec):
@@ -27,6 +32,48 @@ class EvictionSpec(MethodSpec):
 
     def train_key(self, budget, params):
         return "base", 1.0, {}  # eviction runs on the base model's weights
+
+    def min_tokens(self, params: Mapping[str, Any]) -> tuple[int, str]:
+        """``(tokens, why)``: the fewest tokens a cache of this policy must keep to do what the policy says."""
+        if self.name == "streamingllm":
+            sinks = int(params.get("sink_tokens", POLICY_DEFAULTS["sink_tokens"]))
+            return sinks + 1, f"its {sinks} sink tokens and at least one recent token"
+        return 1, "at least one token"
+
+    def check_run(self, budget, params, contexts):
+        self.check_keep(budget, params, contexts)
+
+    def check_keep(self, budget: float, params: Mapping[str, Any], contexts: Mapping[str, int], *,
+                   inner: MethodSpec | None = None, inner_budget: float = 1.0,
+                   inner_params: Mapping[str, Any] | None = None) -> None:
+        """ValueError when total ``budget`` leaves the policy too few tokens at the shortest of ``contexts``.
+
+        A cache keeps ``floor(keep x n)`` of ``n`` tokens seen; on an ``inner`` architecture at
+        ``inner_budget`` (``keep = budget / inner_budget``) it keeps ``keep`` x the inner cache's
+        bytes, and a token may cost up to the inner spec's ``token_share`` of a base token. The
+        fewest tokens are kept at the shortest context; the error names it and the smallest
+        total budget that keeps ``min_tokens`` of its most expensive tokens there.
+        """
+        if not contexts:
+            return
+        if self.name == "snapkv":
+            window = params.get("window", POLICY_DEFAULTS["window"])
+            too_short = {k: n for k, n in contexts.items() if window >= n}
+            if too_short:
+                key, n = min(too_short.items(), key=lambda item: item[1])
+                raise ParamError("window", f"SnapKV observation window ({window}) is not shorter than the context "
+                                           f"({n} tokens, {key})")
+        share = inner.token_share(inner_budget, inner_params or {}) if inner is not None else 1.0
+        key, n = min(contexts.items(), key=lambda item: item[1])
+        need, why = self.min_tokens(params)
+        # tokens of the most expensive kind that keep x the inner cache's bytes hold (budget x n base tokens)
+        kept = math.floor(budget * n / share + 1e-9)
+        if kept < need:
+            smallest = round_up(need * share / n)
+            on = (f" ({inner.name} at {inner_budget:g}, keep {budget / inner_budget:.4g}; one of its tokens may cost "
+                  f"{share:.4g} of a base token)") if inner is not None else ""
+            raise ValueError(f"budget {budget:g}{on} keeps {kept} of the {n} tokens of {key}, and {self.name} "
+                             f"needs {need}: {why}; the smallest feasible budget there is {smallest:g}")
 
     def fields(self, params):
         return {"architecture": "base", "eviction": self.name, "keep": float(params["keep"]), "variant": None,

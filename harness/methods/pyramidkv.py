@@ -22,7 +22,7 @@ from __future__ import annotations
 import functools
 import math
 
-from harness.methods.core import Method, MethodSpec
+from harness.methods.core import Method, MethodSpec, ParamError
 from harness.methods.eviction import POLICY_FIELDS, POLICY_STYLE, Eviction, EvictionSpec
 
 DEFAULT_POLICY = "snapkv"
@@ -86,11 +86,18 @@ class PyramidKVSpec(MethodSpec):
     def parse_params(self, params):
         params = super().parse_params(params)
         if params.get("policy", DEFAULT_POLICY) not in POLICY_STYLE:
-            raise ValueError(f"pyramidkv policy must be one of {list(POLICY_STYLE)}, got {params['policy']!r}")
+            raise ParamError("policy", f"pyramidkv policy must be one of {list(POLICY_STYLE)}, "
+                                       f"got {params['policy']!r}")
         beta = params.get("beta", DEFAULT_BETA)
         if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta >= 1:
-            raise ValueError(f"pyramidkv beta must be a number >= 1 (top layer keeps keep / beta), got {beta!r}")
+            raise ParamError("beta", f"pyramidkv beta must be a number >= 1 (top layer keeps keep / beta), "
+                                     f"got {beta!r}")
         return params
+
+    def check_run(self, budget, params, contexts):
+        # the policy's needs at the same total keep (the layers share floor(keep x n x layers) tokens)
+        policy = {k: v for k, v in params.items() if k not in ("policy", "beta")}
+        EvictionSpec(params.get("policy", DEFAULT_POLICY)).check_keep(budget, policy, contexts)
 
     def train_key(self, budget, params):
         return "base", 1.0, {}

@@ -12,7 +12,7 @@ the inner model's checkpoint.
 from __future__ import annotations
 
 from harness.methods import eviction, gqa, mixsga
-from harness.methods.core import Method, MethodSpec, check_budget
+from harness.methods.core import Method, MethodSpec, ParamError, check_budget
 from harness.methods.eviction import EvictionSpec
 
 DEFAULT_INNER_BUDGET = 0.5
@@ -36,8 +36,47 @@ class StackedSpec(MethodSpec):
     def inner_budget(self, params) -> float:
         return float(params.get("inner_budget", DEFAULT_INNER_BUDGET))
 
+    def parse_params(self, params):
+        """The explicit params; ``inner`` checked by the inner method's spec (ParamError naming ``inner.<key>``)."""
+        params = super().parse_params(params)
+        if "inner_budget" in params:
+            value = params["inner_budget"]
+            try:
+                if isinstance(value, bool):
+                    raise ValueError(f"budget must be in (0, 1], got {value!r}")
+                check_budget(value)
+            except (TypeError, ValueError) as err:
+                raise ParamError("inner_budget", str(err)) from None
+        inner = params.get("inner")
+        if inner is not None:
+            if not isinstance(inner, dict):
+                raise ParamError("inner", f"{inner!r} is not a mapping of {self.inner.name} params")
+            try:
+                self.inner.parse_params(inner)
+            except ParamError as err:
+                raise err.under("inner") from None
+            except ValueError as err:
+                raise ParamError("inner", str(err)) from None
+        return params
+
     def check_feasible(self, budget, params, kv_heads):
         self.inner.check_feasible(self.inner_budget(params), dict(params.get("inner") or {}), kv_heads)
+
+    def check_run(self, budget, params, contexts):
+        inner_budget, inner_params = self.inner_budget(params), dict(params.get("inner") or {})
+        if budget > inner_budget + 1e-9:
+            raise ValueError(f"total budget {budget:g} exceeds the inner {self.inner.name} budget {inner_budget:g} "
+                             f"(params.inner_budget; keep fraction {budget / inner_budget:.4g} > 1): a stacked "
+                             "method's budget is the total, eviction on top of the inner model")
+        try:
+            self.inner.check_run(inner_budget, inner_params, contexts)
+        except ParamError as err:
+            raise err.under("inner") from None
+        except ValueError as err:
+            raise ValueError(f"inner {self.inner.name} at {inner_budget:g}: {err}") from None
+        evict = {k: v for k, v in params.items() if k not in ("inner", "inner_budget")}
+        self.eviction.check_keep(budget, evict, contexts, inner=self.inner, inner_budget=inner_budget,
+                                 inner_params=inner_params)
 
     def train_key(self, budget, params):
         return self.inner.train_key(self.inner_budget(params), dict(params.get("inner") or {}))
@@ -62,10 +101,9 @@ class Stacked(Method):
                           inner: dict | None = None, **explicit):
         budget = check_budget(budget)
         inner_budget = check_budget(inner_budget)
+        # a total above the inner budget, the inner params against it (no contexts: the run's are unknown here)
+        self.spec.check_run(budget, {**explicit, "inner_budget": inner_budget, "inner": inner or {}}, {})
         keep = budget / inner_budget
-        if keep > 1 + 1e-9:
-            raise ValueError(f"{self.name}: total budget {budget:.2%} exceeds the inner {self.inner.name} budget "
-                             f"{inner_budget:.2%} (keep fraction {keep:.3f} > 1)")
         inner_params = self.inner.params_for_budget(config, inner_budget, **(inner or {}))
         evict_params = self.eviction.params_for_budget(config, min(keep, 1.0), **explicit)
         return {"inner": inner_params, "inner_budget": inner_budget, "eviction": evict_params}

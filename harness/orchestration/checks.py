@@ -18,7 +18,6 @@ from typing import Any, Iterable, Mapping
 import yaml
 
 from harness.orchestration.config import REPO_ROOT, ConfigError
-from kvledger import kv_budget
 
 #: Experiments with a target rule of their own name (workflow/rules/targets.smk): allowed.
 _EXPERIMENT_TARGET = re.compile(r"^rule (\w+):\s*\n\s+input:\s*\n\s+experiment_outputs\(\"\1\"\),?\s*$", re.M)
@@ -77,7 +76,7 @@ def reserved_experiment_names() -> frozenset[str]:
 
 def check_config(cfg: Mapping[str, Any]) -> None:
     """Every rule below on a schema-valid config with defaults; ConfigError listing all problems."""
-    problems = [*_experiment_names(cfg), *_paths(cfg), *_recipes(cfg), *_positions(cfg), *_derived_ratios(cfg)]
+    problems = [*_experiment_names(cfg), *_paths(cfg), *_recipes(cfg), *_positions(cfg)]
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -145,29 +144,6 @@ def _positions(cfg: Mapping[str, Any]) -> Iterable[str]:
             if length > positions:
                 yield (f"config key '{key}': {how}{length} tokens exceed the {positions} positions of model "
                        f"{model['name']!r} (models[{i}], {model['family']} {model['size']})")
-
-
-def _derived_ratios(cfg: Mapping[str, Any]) -> Iterable[str]:
-    """mixSGA ratios that a budget is derived from: name the key and say what is wrong with them."""
-    for exp_name, exp in cfg["experiments"].items():
-        for i, entry in enumerate(exp["runs"]):
-            params = entry.get("params") or {}
-            if entry["method"] != "mixsga" or entry.get("budgets") is not None or "ratios" not in params:
-                continue
-            where = f"config key 'experiments.{exp_name}.runs[{i}].params.ratios'"
-            ratios = params["ratios"]
-            if not isinstance(ratios, list) or not all(
-                    isinstance(r, (int, float)) and not isinstance(r, bool) for r in ratios):
-                yield f"{where}: {ratios!r} is not a list of numbers"
-            elif any(r < 0 for r in ratios):
-                yield f"{where}: {ratios} has a negative ratio (capacity shares are >= 0)"
-            elif not any(r > 0 for r in ratios):
-                yield f"{where}: {ratios} are all zero (no expert would take a token)"
-            else:
-                try:
-                    kv_budget(ratios, params.get("group_sizes", (1, 2, 4)))
-                except (ConfigError, TypeError, ValueError) as exc:
-                    yield f"{where}: {exc}"
 
 
 def check_records(records_dir: str | Path, run_ids: Iterable[str]) -> None:

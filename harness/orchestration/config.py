@@ -364,16 +364,43 @@ def _method_spec(where: str, method: str):
         raise ConfigError(f"{where[:-1]}.method': {err}") from None
 
 
+def _spec_error(where: str, err: ValueError, model: Mapping[str, Any] | None = None) -> ConfigError:
+    """The ConfigError of a spec's ValueError: a ParamError names ``...runs[i].params.<key>``."""
+    from harness.methods.core import ParamError
+
+    if isinstance(err, ParamError):
+        return ConfigError(f"{where[:-1]}.params.{err.key}': {err}")
+    on = f", model {model['name']!r}" if model is not None else ""
+    return ConfigError(f"{where}{on}: {err}")
+
+
+def run_contexts(cfg: Mapping[str, Any], exp: Mapping[str, Any]) -> dict[str, int]:
+    """The token counts an experiment's runs process, by config key: its perplexity windows and measured prompts.
+
+    Each run is measured at every ``measure.context_lengths`` prompt; ``eval.seq_len`` is the
+    window its cache sees when it scores perplexity. (ROUGE prompts vary by row: not known here.)
+    """
+    contexts = {f"measure.context_lengths[{i}]": int(n) for i, n in enumerate(cfg["measure"]["context_lengths"])}
+    if "ppl" in exp["evaluate"]:
+        contexts["eval.seq_len"] = int(cfg["eval"]["seq_len"])
+    return contexts
+
+
 def _check_feasible(where: str, model: Mapping[str, Any], method: str, budget: float,
-                    params: Mapping[str, Any]) -> None:
-    """Reject, before any job runs, a budget the model's K/V heads cannot store (when they are known)."""
+                    params: Mapping[str, Any], contexts: Mapping[str, int]) -> None:
+    """Reject, before any job runs, a budget the model's K/V heads cannot store (when they are known), and
+    a run the method's spec refuses whatever the model (``MethodSpec.check_run``)."""
+    spec = _method_spec(where, method)
     heads = model_kv_heads(model)
-    if heads is None:
-        return
     try:
-        _method_spec(where, method).check_feasible(budget, params, heads)
+        if heads is not None:
+            spec.check_feasible(budget, params, heads)
     except ValueError as err:
-        raise ConfigError(f"{where}, model {model['name']!r}: {err}") from None
+        raise _spec_error(where, err, model) from None
+    try:
+        spec.check_run(budget, params, contexts)
+    except ValueError as err:
+        raise _spec_error(where, err) from None
 
 
 def model_entry(cfg: Mapping[str, Any], name: str) -> dict:
@@ -432,14 +459,20 @@ def run_table(cfg: Mapping[str, Any]) -> list[dict]:
         seeds = exp.get("seeds") or cfg["seeds"]
         for i, entry in enumerate(exp["runs"]):
             where = f"config key 'experiments.{exp_name}.runs[{i}]'"
-            try:  # validates the method name and its params
+            try:  # validates the method name and its params (the method's spec)
                 params = _method_spec(where, entry["method"]).parse_params(entry.get("params"))
+            except ConfigError:
+                raise
             except ValueError as err:
-                raise ConfigError(f"{where[:-1]}.params': {err}") from None
+                from harness.methods.core import ParamError
+
+                key = f".{err.key}" if isinstance(err, ParamError) else ""
+                raise ConfigError(f"{where[:-1]}.params{key}': {err}") from None
+            contexts = run_contexts(cfg, exp)
             for model_name in models:
                 model = model_entry(cfg, model_name)
                 for budget in _run_budgets(where, entry, model):
-                    _check_feasible(where, model, entry["method"], budget, params)
+                    _check_feasible(where, model, entry["method"], budget, params, contexts)
                     for seed in seeds:
                         run_id = make_run_id(model_name, entry["method"], budget, seed,
                                              training=exp["training"], params=params)
