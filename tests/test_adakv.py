@@ -154,7 +154,8 @@ def test_decode_matches_masked_attention_over_each_heads_kept_tokens(family):
     layers = range(config.num_hidden_layers)
     with torch.no_grad():
         for i in layers:  # the prefill sees its own chunk in full, causally
-            _ALLOWED[i] = torch.ones(prompt, prompt, dtype=torch.bool).tril()[None, None]
+            causal = torch.ones(prompt, prompt, dtype=torch.bool).tril()
+            _ALLOWED[i] = causal.expand(2, config.num_key_value_heads, -1, -1)
         got = model(ids[:, :prompt], past_key_values=cache, use_cache=True).logits
         want = reference(ids[:, :prompt], past_key_values=full, use_cache=True).logits
         assert torch.allclose(got, want, atol=1e-5)
