@@ -234,3 +234,22 @@ def test_config_expands_adakv_on_the_base_weights():
     rows = run_table(cfg)
     assert [r["run_id"] for r in rows] == ["llama3__cpt__adakv__kv25__s0", "llama3__cpt__adakv-alpha0.5__kv50__s0"]
     assert {r["train_id"] for r in rows} == {"llama3__cpt__base__kv100__s0"}
+
+
+@pytest.mark.parametrize("family", ("opt", "gemma2"))
+def test_other_families_keep_the_budget_token_by_token(family):
+    """OPT (learned positions, MHA) and Gemma 2 (sliding-window layers: a window can hold fewer than the cap)."""
+    model, config, method, params = _adakv(family, 0.4, window=4)
+    ids = torch.randint(3, 97, (2, 30), generator=torch.Generator().manual_seed(6))
+    cache = method.new_cache(model, params)
+    heads = config.num_key_value_heads if family == "gemma2" else config.num_attention_heads
+    with torch.no_grad():
+        for t in range(ids.shape[1]):
+            model(ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+            for layer in cache.layers:
+                total = layer.kept_tokens().sum(-1)
+                cap = heads * int(0.4 * (t + 1) + 1e-9)
+                assert bool((total <= cap).all()) and (layer.sliding_window is not None or bool((total == cap).all()))
+    full = full_kv_bytes_per_token(config, torch.float32)
+    assert method.live_bytes(cache) <= 0.4 * full * ids.numel()
+    assert any(layer.sliding_window is not None for layer in cache.layers) == (family == "gemma2")
