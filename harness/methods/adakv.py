@@ -48,7 +48,7 @@ class AdaptiveHeads:
         self.alpha = float(alpha)
 
     def select(self, policy, score, valid, slots, cap, prompt_end):
-        """Keep mask ``[B, H, S]``: each head's best ``floor(alpha cap)``, then the best of all heads, ``H cap`` in all."""
+        """Keep mask ``[B, H, S]``: each head's best ``floor(alpha cap)``, then the best of all heads (``H cap``)."""
         import torch
 
         tier, value = policy.priority(score, valid, slots, cap, prompt_end)
