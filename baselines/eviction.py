@@ -27,6 +27,16 @@ in full (the standard prefill-then-compress behaviour). A cache given a
 layer-wise ``budget`` (a ``baselines.policies.UniformBudget`` subclass, e.g.
 PyramidKV's) keeps that layer's token count instead, per sample as well.
 
+Head-wise budgets: a cache given ``heads`` (a ``baselines.policies.EqualHeads``
+subclass, e.g. AdaKV's) keeps the same ``kv_heads x cap`` tokens per layer and
+sample but lets the heads' shares differ. Its layers are
+:class:`PackedEvictionLayer`: between forward passes the kept K/V is stored
+packed, ``[N, head_dim]`` with ``N`` the kept tokens summed over samples and
+heads and ``lengths [B, kv_heads]``, so no head is padded to the longest and the
+stored bytes are exactly the kept tokens' (no filler slots at all, even across a
+padded batch). A forward pass unpacks it into the rectangular layout (filler
+masked) as the attention's working memory and packs again after eviction.
+
 Storage is at K/V-head granularity ``[batch, kv_heads, kept, head_dim]``, never
 per query head. A group's query heads share one stored K/V, so H2O and SnapKV
 sum their attention over the group's query heads into one score per K/V head
@@ -72,12 +82,12 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from baselines.attention import decoder_layers
-from baselines.policies import METHODS, POLICIES, QUERY_AWARE, EvictionPolicy, UniformBudget, capacity
+from baselines.policies import METHODS, POLICIES, QUERY_AWARE, EqualHeads, EvictionPolicy, UniformBudget, capacity
 
 ATTENTION_NAME = "kv_eviction"
 __all__ = ["ATTENTION_NAME", "METHODS", "POLICIES", "QUERY_AWARE", "EvictionCache", "EvictionLayer", "EvictionPolicy",
            "UniformBudget", "capacity", "enable_eviction_attention", "eviction_cache_factory", "forward_in_chunks",
-           "grouped_attention", "rope_inv_freq", "rotate_keys"]
+           "grouped_attention", "rope_inv_freq", "rotate_keys", "EqualHeads", "PackedEvictionLayer"]
 
 _PENDING = threading.local()
 
@@ -94,10 +104,12 @@ class EvictionLayer(DynamicLayer):
     is_croppable = False
 
     def __init__(self, policy: EvictionPolicy, layer_idx: int, sliding_window: int | None = None,
-                 inv_freq: torch.Tensor | None = None, budget: UniformBudget | None = None):
+                 inv_freq: torch.Tensor | None = None, budget: UniformBudget | None = None,
+                 heads: EqualHeads | None = None):
         super().__init__()
         self.policy = policy
         self.budget = budget if budget is not None else UniformBudget(policy.keep)
+        self.heads = heads if heads is not None else EqualHeads()
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
         self.is_sliding = sliding_window is not None
@@ -246,8 +258,7 @@ class EvictionLayer(DynamicLayer):
             # The next query (token index n_seen) sees only slots > n_seen - window; older ones are dead.
             valid = valid & (self.slots > self.n_seen - self.sliding_window)
         cap = self.budget.tokens(self.layer_idx, self.n_real)[:, None, None]
-        rank = policy.rank(self.score, valid, self.slots, cap, self.prompt_end)
-        keep = valid & (rank < cap)
+        keep = self.heads.select(policy, self.score, valid, self.slots, cap, self.prompt_end)
         total = keep.shape[-1]
         new_len = int(keep.sum(-1).max()) if total else 0
         if new_len == total:
@@ -278,6 +289,85 @@ class EvictionLayer(DynamicLayer):
         self.rope_pos = torch.where(self.valid, target, self.rope_pos)
 
 
+class PackedEvictionLayer(EvictionLayer):
+    """An :class:`EvictionLayer` whose K/V heads keep different numbers of tokens, stored packed.
+
+    Between forward passes (``packed``): ``keys`` / ``values`` ``[N, D]``, ``slots`` /
+    ``score`` / ``rope_pos`` ``[N]``, sample-major, then head, then storage order, and
+    ``lengths [B, kv_heads]`` (``valid`` is None: every stored slot is a kept token).
+    ``update`` unpacks into the base layer's rectangular layout, filler slots invalid,
+    and eviction packs again, so the rectangle exists only inside a forward pass.
+    """
+
+    _PACKED = ("keys", "values", "slots", "score", "rope_pos")
+
+    def _clear(self) -> None:
+        super()._clear()
+        self.lengths: torch.Tensor | None = None
+        self.packed = False
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.packed:
+            self._unpack()
+        return super().update(key_states, value_states, *args, **kwargs)
+
+    def _evict(self, position_ids: torch.Tensor | None) -> None:
+        super()._evict(position_ids)
+        self._pack()
+
+    def _pack(self) -> None:
+        keep = self.valid
+        self.lengths = keep.sum(-1)
+        for name in self._PACKED:  # boolean indexing keeps (sample, head, storage) order
+            setattr(self, name, getattr(self, name)[keep])
+        self.valid, self.packed = None, True
+
+    def _unpack(self) -> None:
+        bsz, heads = self.lengths.shape
+        width = int(self.lengths.max()) if self.lengths.numel() else 0
+        valid = torch.arange(width, device=self.device) < self.lengths[..., None]
+        for name in self._PACKED:
+            flat = getattr(self, name)
+            rect = flat.new_zeros((bsz, heads, width, *flat.shape[1:]))
+            rect[valid] = flat
+            setattr(self, name, rect)
+        self.valid, self.lengths, self.packed = valid, None, False
+
+    def _rectangular(self, op: Callable[[], None]) -> None:
+        """Run a batch operation of the base layer on the unpacked layout, then pack again."""
+        was_packed = self.packed
+        if was_packed:
+            self._unpack()
+        op()
+        if was_packed:
+            self._pack()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._rectangular(lambda: super(PackedEvictionLayer, self).reorder_cache(beam_idx))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._rectangular(lambda: super(PackedEvictionLayer, self).batch_repeat_interleave(repeats))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._rectangular(lambda: super(PackedEvictionLayer, self).batch_select_indices(indices))
+
+    def metadata_bytes(self) -> int:
+        if not self.packed:
+            return super().metadata_bytes()
+        return sum(getattr(self, n).nbytes for n in ("slots", "score", "rope_pos", "lengths"))
+
+    def kept_tokens(self) -> torch.Tensor:
+        return self.lengths.clone() if self.packed else super().kept_tokens()
+
+    def per_head(self, name: str = "slots") -> list[list[torch.Tensor]]:
+        """A packed per-slot tensor (``slots``, ``keys``, ...) split as ``[sample][head]``."""
+        if not self.packed:
+            raise RuntimeError("per_head reads the packed store, between forward passes")
+        parts = torch.split(getattr(self, name), self.lengths.flatten().tolist())
+        heads = self.lengths.shape[1]
+        return [list(parts[b * heads:(b + 1) * heads]) for b in range(self.lengths.shape[0])]
+
+
 def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Move RoPE-rotated ``keys`` ``[B, H, S, D]`` by ``delta`` ``[B, H, S]`` positions (Llama / Gemma half-split RoPE)."""
     angles = delta.to(torch.float64)[..., None] * inv_freq.to(device=keys.device, dtype=torch.float64)
@@ -297,15 +387,17 @@ class EvictionCache(Cache):
     """
 
     def __init__(self, config, policy: EvictionPolicy, inv_freq: torch.Tensor | None = None,
-                 budget: UniformBudget | None = None):
+                 budget: UniformBudget | None = None, heads: EqualHeads | None = None):
         text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
         layers = int(text.num_hidden_layers)
         types = getattr(text, "layer_types", None) or ["full_attention"] * layers
         window = getattr(text, "sliding_window", None)
         budget = budget if budget is not None else UniformBudget(policy.keep)
+        heads = heads if heads is not None else EqualHeads()
+        layer_class = PackedEvictionLayer if heads.ragged else EvictionLayer  # ragged heads are stored packed
         built = [
-            EvictionLayer(policy, i, sliding_window=window if t == "sliding_attention" else None, inv_freq=inv_freq,
-                          budget=budget)
+            layer_class(policy, i, sliding_window=window if t == "sliding_attention" else None, inv_freq=inv_freq,
+                        budget=budget, heads=heads)
             for i, t in enumerate(types[:layers])
         ]
         super().__init__(layers=built)

@@ -13,7 +13,8 @@ baseline cache (``baselines.eviction``) and by eviction stacked on mixSGA
 ``EvictionPolicy("h2o", keep, **fields)`` builds the registered class of that
 name (:data:`POLICIES`); every policy carries every field (the params a record
 stores), each reads the ones it needs. How much a layer keeps is
-:class:`UniformBudget` unless a cache is given layer-wise budgets.
+:class:`UniformBudget` unless a cache is given layer-wise budgets; how it splits over
+K/V heads is :class:`EqualHeads` unless a cache is given head-wise budgets.
 """
 
 from __future__ import annotations
@@ -116,6 +117,15 @@ class EvictionPolicy:
         protected question); ``prompt_end`` is the token index after the prompt.
         Keeping ``valid & (rank < cap)`` is the policy's selection.
         """
+        return self.order(*self.priority(score, valid, slots, cap, prompt_end))
+
+    def priority(self, score: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor, cap: torch.Tensor,
+                 prompt_end: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(tier, value)`` of every slot (:meth:`rank`'s arguments): higher tier first, then higher value.
+
+        Invalid slots are tier -1. The key is comparable across rows of the same layer, so a
+        selection over several K/V heads at once (head-wise budgets) can order them together.
+        """
         from_start = valid.long().cumsum(-1) - 1
         from_end = valid.sum(-1, keepdim=True) - 1 - from_start
         tier, value = self.protect(torch.zeros_like(slots), score.clone(), slots, from_start, from_end, cap)
@@ -127,7 +137,11 @@ class EvictionPolicy:
                     f"{int(cap.min())} tokens (keep={self.keep})"
                 )
             tier = torch.where(question, 3, tier)
-        tier = torch.where(valid, tier, -1)
+        return torch.where(valid, tier, -1), value
+
+    @staticmethod
+    def order(tier: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        """Preference rank (0 = first) along the last dim by (tier, value), best first; ties in storage order."""
         # Rank slots by (tier, value), best first; stable sorts keep ties in storage order.
         by_value = torch.argsort(value, dim=-1, descending=True, stable=True)
         by_tier = torch.argsort(tier.gather(-1, by_value), dim=-1, descending=True, stable=True)
@@ -242,3 +256,20 @@ class UniformBudget:
     def tokens(self, layer_idx: int, seen: torch.Tensor) -> torch.Tensor:
         """Tokens layer ``layer_idx`` keeps per sample (``seen``: real tokens per sample, ``[B]``)."""
         return capacity(self.keep, seen)
+
+
+class EqualHeads:
+    """Every K/V head keeps its own ``cap`` best-ranked slots: the baselines' split of a layer's budget.
+
+    Head-wise allocations (AdaKV, ``harness.methods.adakv``) answer :meth:`select` with the
+    same layer total, ``kv_heads x cap`` per sample, split across heads by score; they set
+    ``ragged`` so the cache stores heads of different lengths packed (``baselines.eviction``).
+    """
+
+    #: Whether heads of one sample may keep different numbers of tokens.
+    ragged = False
+
+    def select(self, policy: EvictionPolicy, score: torch.Tensor, valid: torch.Tensor, slots: torch.Tensor,
+               cap: torch.Tensor, prompt_end: int | None) -> torch.Tensor:
+        """Keep mask ``[B, kv_heads, S]``; ``cap`` ``[B, 1, 1]``: tokens per head (the layer keeps heads x cap)."""
+        return valid & (policy.rank(score, valid, slots, cap, prompt_end) < cap)

@@ -119,11 +119,13 @@ class Eviction(Method):
         self.policy(params)
         return enable_eviction_attention(model)
 
-    def new_cache(self, model, params, budget=None):
-        """The evicting cache; ``budget``: layer-wise token budgets (``baselines.policies.UniformBudget`` API)."""
+    def new_cache(self, model, params, budget=None, heads=None):
+        """The evicting cache; ``budget``: layer-wise token budgets (``baselines.policies.UniformBudget`` API);
+        ``heads``: head-wise budgets (``baselines.policies.EqualHeads`` API)."""
         from baselines.eviction import EvictionCache, rope_inv_freq
 
-        return EvictionCache(model.config, self.policy(params), inv_freq=rope_inv_freq(model), budget=budget)
+        return EvictionCache(model.config, self.policy(params), inv_freq=rope_inv_freq(model), budget=budget,
+                             heads=heads)
 
     def live_bytes(self, cache) -> int:
         return int(cache.kv_bytes())
