@@ -103,6 +103,11 @@ def _stored_bytes(tensor: Any) -> int:
     return sum(_stored_bytes(getattr(tensor, name)) for name in names)
 
 
+def _unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """quanto's ``unpack`` ("default" implementation): value ``i`` of each byte in the ``i``-th block of rows."""
+    return torch.cat([(packed >> (bits * i)) & (2**bits - 1) for i in range(8 // bits)]).to(torch.uint8)
+
+
 class QuantizedKVLayer(QuantoQuantizedLayer):
     """One layer's quantized K/V: quantized blocks plus the full-precision residual (module docstring)."""
 
@@ -127,6 +132,18 @@ class QuantizedKVLayer(QuantoQuantizedLayer):
             keys, values = keys[..., done:, :].clone(), values[..., done:, :].clone()  # no view of the old window
         self.keys, self.values = keys, values
         return out_k, out_v
+
+    def _dequantize(self, qtensor):
+        """quanto's dequantization (scale x codes - shift, ungrouped) with its pure-torch unpacking.
+
+        ``qtensor.dequantize()`` unpacks through quanto's CPU kernel, which compiles C++ with ninja at
+        first use; the suite must not need a compiler at run time, and the arithmetic is the same.
+        """
+        from optimum.quanto.tensor.grouped import ungroup
+
+        packed = qtensor._data
+        codes = _unpack(packed._data, packed.bits)[: packed.shape[0]]  # packing may add rows; quanto drops them
+        return ungroup(qtensor._scale * codes - qtensor._shift, axis=qtensor.axis, orig_shape=qtensor.shape)
 
     def kv_bytes(self) -> int:
         """Stored bytes: packed codes, scales and zero-points of the blocks, and the full-precision residual."""

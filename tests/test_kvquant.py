@@ -170,3 +170,16 @@ def test_other_bad_params_are_refused():
         method.params_for_budget(config, 0.25, residual=-1)
     with pytest.raises(ConfigError, match="budget is derived from its bits"):
         validate_config({"experiments": {"m": {"runs": [{"method": "kvquant", "budgets": [0.5]}]}}})
+
+
+def test_no_compiled_kernel_is_needed(monkeypatch):
+    """quanto's CPU unpack kernel compiles C++ at first use; the cache never asks for it."""
+    from optimum.quanto.library.extensions import get_extension
+
+    ext = get_extension("quanto_cpp")
+    monkeypatch.setattr(type(ext), "lib", property(lambda self: pytest.fail("quanto's C++ kernel was asked for")))
+    layer = QuantizedKVLayer(2, group_size=4, residual=3)
+    for n in (5, 1, 1, 1):
+        k = torch.randn(1, 4, n, 8)
+        out_k, _ = layer.update(k, k)
+    assert out_k.shape[-2] == 8 and len(layer.blocks) == 2
