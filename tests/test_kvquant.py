@@ -17,6 +17,7 @@ from baselines.testing import tiny_config, tiny_model
 from harness.measurement.generation import generate_exactly
 from harness.methods import get_method, get_spec
 from harness.orchestration.config import ConfigError, validate_config
+from test_cli import tiny_setup  # noqa: F401  (the fixture: a corpus, a tokenizer, random tiny models)
 
 
 def _attention(q, k, v):
@@ -183,3 +184,28 @@ def test_no_compiled_kernel_is_needed(monkeypatch):
         k = torch.randn(1, 4, n, 8)
         out_k, _ = layer.update(k, k)
     assert out_k.shape[-2] == 8 and len(layer.blocks) == 2
+
+
+def test_a_run_records_measured_equal_to_analytic_bytes_and_scores_through_the_cache(tiny_setup, tmp_path):
+    """The whole run pipeline on a random tiny Llama: 12-token prompt + 4 generated = 15 stored tokens."""
+    from harness.orchestration.config import run_spec, run_table
+    from harness.orchestration.run import execute_run
+
+    raw = {key: copy.deepcopy(tiny_setup["cfg"][key]) for key in ("models", "eval", "training", "measure")}
+    raw["experiments"] = {"main": {"training": "none", "runs": [
+        {"method": "base"}, {"method": "kvquant", "params": {"bits": 2, "residual": 4, "context": 15}}]}}
+    cfg = validate_config(raw)
+    rows = [r for r in run_table(cfg) if r["model"] == "llama3"]
+    records = [execute_run(run_spec(cfg, r["run_id"], rows), tmp_path / f"{r['run_id']}.json",
+                           model_path=tiny_setup["model"], corpus_dir=tiny_setup["corpus"]) for r in rows]
+    base, quant = records
+    b = quant["budget"]
+    assert b["measured_tokens"] == 15 and b["nominal"] == 0.125
+    assert b["measured_bytes"] == b["analytic_bytes_per_token"] * 15  # 12 quantized + 3 in the window
+    assert b["realized"] == b["measured_bytes"] / b["base_measured_bytes"] < 0.5
+    q = quant["quality"]
+    assert q["ppl_protocol"] == "bounded_cache" and q["zeroshot"] is None
+    assert q["ppl_token"] != base["quality"]["ppl_token"]  # scored through the quantized cache
+    assert quant["identity"]["method_fields"]["variant"] == "KV cache 2-bit"
+    assert quant["identity"]["method_fields"]["eviction"] is None
+    assert quant["flags"] == {"simulated": False, "query_aware": False}
