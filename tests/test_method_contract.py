@@ -82,7 +82,9 @@ def test_live_bytes_equal_the_analytic_budget(name):
         assert 0 < live <= analytic
     fields = get_spec(name).fields(params)
     assert set(fields) == {"architecture", "eviction", "keep", "variant", "architecture_params"}
-    assert (fields["eviction"] is not None) == get_spec(name).evicts == (fields["keep"] is not None)
+    spec = get_spec(name)
+    assert (fields["eviction"] is not None) == (spec.evicts and not spec.quantizes) == (fields["keep"] is not None)
+    assert spec.evicts or not spec.quantizes  # a quantized cache acts only through the cache, as eviction does
     assert json.loads(json.dumps(params)) == params  # records store the params as JSON
 
 

@@ -39,6 +39,7 @@ METHOD_MODULES = (
     "harness.methods.stacked",
     "harness.methods.pyramidkv",
     "harness.methods.adakv",
+    "harness.methods.kvquant",
 )
 #: Every registered method's spec, by name (the registry).
 SPECS: dict[str, MethodSpec] = {spec.name: spec for module in METHOD_MODULES

@@ -58,6 +58,9 @@ class MethodSpec:
     marker: str = "X"
     #: Token eviction: the method bounds its cache by evicting (bounded-cache perplexity, no zero-shot).
     evicts: bool = False
+    #: The cache stores every token in fewer bits (``kvquant``): it too acts only through its cache, so such a
+    #: spec sets ``evicts`` (bounded-cache perplexity, no zero-shot) while its eviction fields stay empty.
+    quantizes: bool = False
     #: The method changes the architecture and is (continued-)trained before its quality means anything.
     needs_training: bool = False
     #: Explicit params the config may give (``params_for_budget`` keywords).
