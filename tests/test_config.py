@@ -264,12 +264,14 @@ def test_explicit_params_name_the_run_and_set_the_budget():
         {"method": "mixsga", "params": {"ratios": [1, 9, 2]}},
         {"method": "mixsga", "params": {"ratios": [3, 4], "group_sizes": [1, 2]}},
         {"method": "mixsga", "params": {"ratios": [3, 1, 6], "router": "random"}},
+        {"method": "mixsga", "params": {"ratios": [3, 1, 6], "router_grad": "straight_through"}},
     ]}})
     rows = run_table(cfg)
     assert [r["run_id"] for r in rows] == [
         "llama3__sft__mixsga-r1.9.2__kv50__s0",
         "llama3__sft__mixsga-g1.2-r3.4__kv71.43__s0",
         "llama3__sft__mixsga-r3.1.6-routerrandom__kv50__s0",
+        "llama3__sft__mixsga-r3.1.6-routergradstraightthrough__kv50__s0",
     ]
     assert rows[1]["budget"] == pytest.approx(5 / 7)
     assert kv_budget([1, 2], [1, 2]) == pytest.approx(2 / 3) and kv_budget([0, 0, 1]) == 0.25
