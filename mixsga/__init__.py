@@ -10,7 +10,9 @@ Public API::
     kv_budget((3, 1, 6), (1, 2, 4))         # -> 0.5
 
 * ``MixSGAConfig(ratios, group_sizes=(1, 2, 4), aux_loss_weight=0.1, aux_loss="sigmoid"|"softmax",
-  router="learned"|"random", seed=0)``; ``.validate_for(model_config)``, ``.budget``, ``.to_dict()``.
+  router="learned"|"random", router_grad="none"|"straight_through", seed=0)``; ``.validate_for(model_config)``,
+  ``.budget``, ``.to_dict()``. ``router_grad="straight_through"`` lets the LM loss train the router
+  (a K/V gate that is exactly 1 forward; ``mixsga.routing.straight_through_gate``).
 * ``convert_to_mixsga(model, cfg)``; ``load_mixsga(path, **from_pretrained_kwargs)`` reloads a
   converted model saved with ``model.save_pretrained(path)``.
 * Checkpoints (``mixsga.hf``): a converted model saves as model type ``mixsga_llama`` /

@@ -18,6 +18,17 @@ Choices the paper leaves open, made here and kept configurable:
 * ``router="random"`` is the paper's random-router ablation: random scores at
   expert-choice time (so the ratios still hold) and a draw from the ratios at
   decode; ``aux_loss_weight=0`` is the no-auxiliary-loss ablation.
+* ``router_grad`` says what the LM loss sends to the router. ``"none"`` is the
+  paper as published: masks are hard, so only the auxiliary loss trains the
+  router (paper §2.4). ``"straight_through"`` (an open question of the paper,
+  not its method) scales each token's K and V, in training only, by the gate
+  ``g = 1 + s - stopgrad(s)``, ``s`` the sigmoid score of the token's own expert:
+  ``g`` is exactly 1 in the forward pass, so logits, routing, decode and the cache
+  are unchanged bit for bit, while ``dL/ds = <dL/dK, K> + <dL/dV, V>`` lets the
+  LM loss train the router (``routing.straight_through_gate``). The scores are
+  taken from the detached router input, so every other weight's gradient is the
+  default's exactly and the variant differs from it in the router alone. It needs
+  ``router="learned"`` (a random router has no score to train).
 * Experts are listed from the most to the least expensive (strictly increasing
   group sizes), because expert-choice routing lets earlier experts pick first.
   An expert whose ratio is 0 is switched off: it never receives a token, not even
@@ -34,6 +45,7 @@ from kvledger import check_group_sizes, kv_budget, kv_shape, normalise_ratios
 
 AUX_LOSSES = ("softmax", "sigmoid")
 ROUTERS = ("learned", "random")
+ROUTER_GRADS = ("none", "straight_through")
 
 
 @dataclass(frozen=True)
@@ -48,6 +60,7 @@ class MixSGAConfig:
     aux_loss_weight: float = 0.1
     aux_loss: str = "sigmoid"
     router: str = "learned"
+    router_grad: str = "none"
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -80,6 +93,11 @@ class MixSGAConfig:
             raise ValueError(f"aux_loss must be one of {AUX_LOSSES}, got {self.aux_loss!r}")
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
+        if self.router_grad not in ROUTER_GRADS:
+            raise ValueError(f"router_grad must be one of {ROUTER_GRADS}, got {self.router_grad!r}")
+        if self.router_grad != "none" and self.router != "learned":
+            raise ValueError(f"router_grad={self.router_grad!r} trains a learned router's scores; "
+                             f"router={self.router!r} has none (use router_grad='none')")
         if isinstance(self.seed, bool) or int(self.seed) != self.seed:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
 
@@ -110,7 +128,7 @@ class MixSGAConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "MixSGAConfig":
-        known = {"ratios", "group_sizes", "aux_loss_weight", "aux_loss", "router", "seed"}
+        known = {"ratios", "group_sizes", "aux_loss_weight", "aux_loss", "router", "router_grad", "seed"}
         unknown = set(data) - known - {"base_attn_implementation"}
         if unknown:
             raise ValueError(f"unknown MixSGAConfig fields {sorted(unknown)}")

@@ -16,6 +16,13 @@ attention-function and mask registries, the ``Cache`` API):
   creates. In training mode the default is no cache, as for training loops;
 * a forward hook adds ``aux_loss_weight / L · Σ_l aux_l`` to ``out.loss`` when the
   model computed a loss;
+* with ``router_grad="straight_through"`` only: forward hooks on each layer's
+  ``k_proj`` / ``v_proj`` multiply every token's K and V by its straight-through
+  gate (``routing.straight_through_gate``, exactly 1 forward) during full-sequence
+  passes with autograd on, so the LM loss reaches the router; RoPE, pooling and
+  broadcasting are linear per token, so scaling the projection equals scaling the
+  routed K/V. The gate's scores come from the detached hidden state, so only the
+  router's gradient changes. Inference (no grad, or decode) never applies it;
 * ``config._attn_implementation = "mixsga"`` and ``config.mixsga`` (the config
   dict plus the base attention implementation) so that ``save_pretrained`` records
   it and ``load_mixsga`` can rebuild the model; the model is then marked as a
@@ -28,6 +35,7 @@ Routing statistics and the last auxiliary loss live on ``model.mixsga_runtime``
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import json
 import math
@@ -50,6 +58,7 @@ from mixsga.routing import (
     aux_loss,
     expert_choice,
     random_route,
+    straight_through_gate,
 )
 
 SUPPORTED_MODEL_TYPES = ("llama", "opt", "gemma2")
@@ -111,6 +120,7 @@ class LayerSpec:
     runtime: MixSGARuntime
     route: Route | None = field(default=None, repr=False)
     experts: tuple[int, ...] = field(init=False)  # the active experts' ids
+    gate: torch.Tensor | None = field(default=None, repr=False)  # [B, L] straight-through K/V gate of this forward
 
     def __post_init__(self) -> None:
         self.experts = tuple(e for e, a in enumerate(self.active) if a)
@@ -119,6 +129,7 @@ class LayerSpec:
 def _attention_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
     spec: LayerSpec = module.mixsga_spec
     rt, cfg = spec.runtime, spec.runtime.config
+    spec.gate = None
     hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
     cache = kwargs.get("past_key_values")
     layer_cache: MixSGALayer | None = None
@@ -166,10 +177,33 @@ def _attention_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
         rt.stats.add_expert_choice(spec.layer_idx, expert, argmax, mask)
         if learned:
             rt._aux.append(aux_loss(logits, expert, mask, cfg.aux_loss))
+        if cfg.router_grad == "straight_through" and logits is not None and torch.is_grad_enabled():
+            # From the detached hidden state: the gate's gradient reaches the router only, so every
+            # other weight gets exactly the gradient it gets without the gate (the forward is the same).
+            router = module.mixsga_router
+            gate_logits = F.linear(hidden.detach(), router.weight, router.bias)
+            if gate_logits.requires_grad:
+                spec.gate = straight_through_gate(gate_logits, expert, real)
     route = Route(expert=expert, real=real, decode=decode, cache_layer=layer_cache)
     spec.route = route
     if layer_cache is not None:
         layer_cache.pending = route
+
+
+def _attention_hook(module: nn.Module, args: tuple, kwargs: dict, output):
+    """Drop the layer's straight-through gate once its K/V are projected (it holds the graph)."""
+    module.mixsga_spec.gate = None
+    return output
+
+
+def _gate_hook(spec: "LayerSpec", proj: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    """``k_proj`` / ``v_proj`` output ``[B, L, H·d]`` times the token's gate (exactly 1 forward)."""
+    gate = spec.gate
+    if gate is None:
+        return output
+    if gate.shape != output.shape[:2]:
+        raise RuntimeError(f"gate {tuple(gate.shape)} does not match projection output {tuple(output.shape)}")
+    return output * gate.unsqueeze(-1).to(output.dtype)
 
 
 def _real_or_all(real: torch.Tensor | None, batch: int, q: int, device) -> torch.Tensor:
@@ -292,6 +326,12 @@ def convert_to_mixsga(model: nn.Module, config: MixSGAConfig | dict | tuple) -> 
             runtime=runtime,
         )
         module.register_forward_pre_hook(_attention_pre_hook, with_kwargs=True)
+        if cfg.router_grad == "straight_through":
+            # partial, not a closure: deepcopy of the model then copies the spec the hooks read
+            spec = module.mixsga_spec
+            module.k_proj.register_forward_hook(functools.partial(_gate_hook, spec))
+            module.v_proj.register_forward_hook(functools.partial(_gate_hook, spec))
+            module.register_forward_hook(_attention_hook, with_kwargs=True)
     model.mixsga_runtime = runtime
     model.register_forward_pre_hook(_model_pre_hook, with_kwargs=True)
     model.register_forward_hook(_model_hook, with_kwargs=True)

@@ -11,6 +11,9 @@
   switched-off experts (ratio 0) are never chosen.
 * ``aux_loss``: trains argmax to agree with the expert-choice index. Masks are
   hard, so the LM loss sends no gradient to the router; only this loss trains it.
+* ``straight_through_gate``: the ``router_grad="straight_through"`` variant's
+  per-token K/V multiplier, exactly 1 forward, whose gradient lets the LM loss
+  train the router too.
 """
 
 from __future__ import annotations
@@ -112,6 +115,25 @@ def aux_loss(logits: torch.Tensor, target: torch.Tensor, real: torch.Tensor, kin
         onehot = F.one_hot(t, z.shape[-1]).to(z.dtype)
         return F.binary_cross_entropy_with_logits(z, onehot, reduction="sum") / z.shape[0]
     raise ValueError(f"unknown aux loss {kind!r}; expected 'softmax' or 'sigmoid'")
+
+
+def straight_through_gate(
+    logits: torch.Tensor, expert: torch.Tensor, real: torch.Tensor | None
+) -> torch.Tensor:
+    """``[B, L]`` gate ``g = 1 + s - stopgrad(s)``, ``s = sigmoid(logit of the token's own expert)``.
+
+    Forward, ``s - stopgrad(s)`` is exactly 0.0 (``s`` is finite), so ``g`` is exactly 1.0 and
+    multiplying a token's K and V by it changes no bit. Backward, ``dg/ds = 1``: scaling the
+    routed K/V ``(K_t, V_t)`` by ``g_t`` gives ``dL/ds_t = <dL/dK_t, K_t> + <dL/dV_t, V_t>``,
+    the gradient a soft gate ``s_t · (K_t, V_t)`` (a Switch-style MoE gate) would get at ``s_t = 1``:
+    whether the LM loss wants this token's keys and values weighted up or down. Padding
+    (``real`` False) gets a constant 1.
+    """
+    scores = torch.sigmoid(logits.float().gather(-1, expert.unsqueeze(-1)).squeeze(-1))
+    gate = 1.0 + (scores - scores.detach())
+    if real is not None:
+        gate = torch.where(real, gate, torch.ones_like(gate))
+    return gate
 
 
 class RoutingStats:

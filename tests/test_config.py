@@ -264,12 +264,14 @@ def test_explicit_params_name_the_run_and_set_the_budget():
         {"method": "mixsga", "params": {"ratios": [1, 9, 2]}},
         {"method": "mixsga", "params": {"ratios": [3, 4], "group_sizes": [1, 2]}},
         {"method": "mixsga", "params": {"ratios": [3, 1, 6], "router": "random"}},
+        {"method": "mixsga", "params": {"ratios": [3, 1, 6], "router_grad": "straight_through"}},
     ]}})
     rows = run_table(cfg)
     assert [r["run_id"] for r in rows] == [
         "llama3__sft__mixsga-r1.9.2__kv50__s0",
         "llama3__sft__mixsga-g1.2-r3.4__kv71.43__s0",
         "llama3__sft__mixsga-r3.1.6-routerrandom__kv50__s0",
+        "llama3__sft__mixsga-r3.1.6-routergradstraightthrough__kv50__s0",
     ]
     assert rows[1]["budget"] == pytest.approx(5 / 7)
     assert kv_budget([1, 2], [1, 2]) == pytest.approx(2 / 3) and kv_budget([0, 0, 1]) == 0.25
@@ -316,9 +318,9 @@ def test_run_ids_and_budget_tags():
 
 def test_grid_of_shipped_configs(tmp_path):
     offline = run_table(load_config([DEFAULT]))
-    assert len(offline) == 260 and len({r["run_id"] for r in offline}) == 260
+    assert len(offline) == 270 and len({r["run_id"] for r in offline}) == 270
     main = [r for r in offline if "main" in r["experiments"]]
-    assert len(main) == 4 * 25 * 2 and {r["seed"] for r in main} == {0, 1}
+    assert len(main) == 4 * 26 * 2 and {r["seed"] for r in main} == {0, 1}
     assert {r["family"] for r in offline} == {"llama3", "tinyllama", "opt", "gemma2"}
     test_rows = run_table(load_config([DEFAULT, TEST]))
     assert {e for r in test_rows for e in r["experiments"]} == set(load_config([DEFAULT])["experiments"])
@@ -326,7 +328,7 @@ def test_grid_of_shipped_configs(tmp_path):
     assert {r["source"] for r in paper} >= {"facebook/opt-125m", "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"}
     out = write_run_table(offline, tmp_path / "runs.tsv")
     lines = out.read_text().splitlines()
-    assert len(lines) == 261 and lines[0].startswith("run_id\texperiments\tmodel")
+    assert len(lines) == 271 and lines[0].startswith("run_id\texperiments\tmodel")
 
 
 def test_run_spec_holds_what_determines_the_run():

@@ -157,7 +157,14 @@ def test_mixsga_ablation_knobs_pass_through_params():
     mix = get_method("mixsga")
     default = mix.params_for_budget(cfg, 0.5)
     assert default == {"ratios": [3, 1, 6], "group_sizes": [1, 2, 4], "aux_loss_weight": 0.1,
-                       "aux_loss": "sigmoid", "router": "learned", "seed": 0}
+                       "aux_loss": "sigmoid", "router": "learned", "router_grad": "none", "seed": 0}
+    assert mix.spec.fields(default)["variant"] == "learned router"
+    lm_trained = mix.params_for_budget(cfg, 0.5, ratios=[3, 1, 6], router_grad="straight_through")
+    assert lm_trained["router_grad"] == "straight_through"
+    assert mix.spec.fields(lm_trained)["variant"] == "LM-trained router"
+    assert mix.apply(tiny_model("llama"), lm_trained).mixsga_runtime.config.router_grad == "straight_through"
+    with pytest.raises(ValueError, match="router_grad must be one of"):
+        mix.params_for_budget(cfg, 0.5, router_grad="gumbel")
     params = mix.params_for_budget(cfg, 0.5, router="random", aux_loss_weight=0.0, aux_loss="softmax", seed=3)
     model = mix.apply(tiny_model("llama"), params)
     runtime = model.mixsga_runtime.config

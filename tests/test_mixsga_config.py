@@ -42,6 +42,8 @@ def test_ratios_are_normalised_and_budget_follows():
         ({"group_sizes": (1, 2.5, 4)}, "positive integers"),
         ({"aux_loss": "mse"}, "aux_loss must be one of"),
         ({"router": "hash"}, "router must be one of"),
+        ({"router_grad": "soft"}, "router_grad must be one of"),
+        ({"router": "random", "router_grad": "straight_through"}, "has none"),
         ({"aux_loss_weight": -1.0}, "aux_loss_weight"),
     ],
 )

@@ -61,7 +61,7 @@ def test_default_dry_run_lists_the_grid(tmp_path):
     proc = snakemake("-n", "--cores", "1", "--configfile", str(override(tmp_path)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     counts = job_counts(proc.stdout)
-    assert counts["run"] == 260 and counts["train"] == 124 and counts["pretrain"] == 4
+    assert counts["run"] == 270 and counts["train"] == 134 and counts["pretrain"] == 4
     assert counts["experiment"] == 9 and counts["collate_experiment"] == 9 and counts["experiment_figure"] == 1
     for family in ("llama3", "tinyllama", "opt", "gemma2"):
         assert f"records/{family}__cpt__base__kv100__s1.json" in proc.stdout
@@ -73,8 +73,8 @@ def test_each_target_builds_only_what_it_needs(tmp_path):
     proc = snakemake("table6_router", "-n", "--cores", "1", "--configfile", str(override(tmp_path)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     counts = job_counts(proc.stdout)
-    # 3 router variants x 2 seeds on gemma2 only: one base model pretrained, six SFT checkpoints
-    assert counts["run"] == 6 and counts["train"] == 6 and counts["pretrain"] == 1
+    # 4 router variants x 2 seeds on gemma2 only: one base model pretrained, eight SFT checkpoints
+    assert counts["run"] == 8 and counts["train"] == 8 and counts["pretrain"] == 1
     assert "figure1" not in proc.stdout and "overheads" not in counts
     proc = snakemake("table9_overheads", "-n", "--cores", "1", "--configfile", str(override(tmp_path)))
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -1,8 +1,9 @@
 """``mixsga``: mixture of weight-shared group-attention experts at a budget (``mixsga``).
 
 Params carry the whole ``MixSGAConfig`` (``ratios``, ``group_sizes`` and
-:data:`MIXSGA_KNOBS`), so the ablations (``router="random"``, ``aux_loss_weight=0``)
-are selectable by config: ``get_method("mixsga").params_for_budget(config, 0.5, router="random")``.
+:data:`MIXSGA_KNOBS`), so the ablations (``router="random"``, ``aux_loss_weight=0``) and the
+LM-trained router (``router_grad="straight_through"``) are selectable by config:
+``get_method("mixsga").params_for_budget(config, 0.5, router="random")``.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ MIXSGA_DEFAULT_RATIOS: dict[float, tuple[int, int, int]] = {
     1.0: (1, 0, 0),
 }
 #: MixSGAConfig fields besides ratios and group sizes that ``mixsga`` params carry (ablations:
-#: ``router="random"``, ``aux_loss_weight=0``, ``aux_loss="softmax"``).
-MIXSGA_KNOBS = ("aux_loss_weight", "aux_loss", "router", "seed")
+#: ``router="random"``, ``aux_loss_weight=0``, ``aux_loss="softmax"``; the LM-trained router:
+#: ``router_grad="straight_through"``).
+MIXSGA_KNOBS = ("aux_loss_weight", "aux_loss", "router", "router_grad", "seed")
 DEFAULT_GROUP_SIZES = (1, 2, 4)
 
 
@@ -142,9 +144,12 @@ class MixSGASpec(MethodSpec):
 
     def fields(self, params):
         router, aux_weight = params.get("router"), params.get("aux_loss_weight")
+        no_aux = aux_weight is not None and float(aux_weight) == 0.0
         if router not in (None, "learned"):
             variant = f"{router} router"
-        elif aux_weight is not None and float(aux_weight) == 0.0:
+        elif params.get("router_grad") == "straight_through":
+            variant = "LM-trained router" + (", no aux loss" if no_aux else "")
+        elif no_aux:
             variant = "no aux loss"
         else:
             variant = "learned router"
