@@ -153,7 +153,8 @@ def bootstrap_ppl_difference(nll: Sequence[float], tokens: Sequence[int], ref_nl
 
 
 def format_delta(delta: Delta | None, digits: int = 2, scale: float = 1.0, reference: float = math.nan) -> str:
-    """``"+1.23 ± 0.45 (+2.1 %) †"`` (seeds), ``"+1.23 [+0.80, +1.70] (+2.1 %) †"`` (bootstrap), ``"+1.23 (+2.1 %)"``.
+    """Cell text: ``"+1.23 ± 0.45 (+2.1 %) †"`` (seeds), ``"+1.23 [+0.80, +1.70] (+2.1 %) †"`` (bootstrap),
+    ``"+1.23 (+2.1 %)"`` (one pair, no interval).
 
     The percentage is relative to the reference's mean; † marks an interval that excludes 0; "–" = no pair.
     """

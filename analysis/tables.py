@@ -19,7 +19,8 @@ import pandas as pd
 
 from analysis import paper
 from analysis.collate import read_table, to_markdown
-from analysis.stats import BOOTSTRAP_RESAMPLES, SIGNIFICANT, Delta, bootstrap_ppl_difference, format_ci, format_delta, paired_difference, summarise
+from analysis.stats import (BOOTSTRAP_RESAMPLES, SIGNIFICANT, Delta, bootstrap_ppl_difference, format_ci, format_delta,
+                            paired_difference, summarise)
 from harness.atomic import write_atomic
 
 
@@ -365,7 +366,8 @@ def default_reference(run: pd.Series, runs: pd.DataFrame) -> tuple[pd.DataFrame,
         return None
     budget = run.get("budget_nominal")
     same_budget = (runs["budget_nominal"] - float(budget)).abs() < 1e-9 if not _missing(budget) else False
-    return runs[(runs["arch"] == "gqa") & no_evict & same_budget], f"GQA {_pct(budget)}" if not _missing(budget) else "GQA"
+    label = f"GQA {_pct(budget)}" if not _missing(budget) else "GQA"
+    return runs[(runs["arch"] == "gqa") & no_evict & same_budget], label
 
 
 def layout_reference(layout: Layout) -> Callable[[pd.Series, pd.DataFrame], tuple[pd.DataFrame, str] | None]:
@@ -505,7 +507,8 @@ DEFAULT_REFERENCE_TEXT = ("GQA at the same nominal budget for trained architectu
 def paired_note(label: str, reference: str = DEFAULT_REFERENCE_TEXT) -> str:
     """The footnote of the `Δ vs ref` column: reference, pairing, n and interval method."""
     return (f"`Δ vs ref`: {label} of the row minus its reference `ref` (in the metric's units; in brackets, relative "
-            f"to the reference's mean). Reference: {reference}. Pairing: each run with the reference run of the same model, seed "
+            f"to the reference's mean). Reference: {reference}. Pairing: each run with the reference run of the "
+            "same model, seed "
             "and training (identical training and evaluation tokens), so what the seeds share cancels. Interval "
             "(`Δ from`): with n >= 2 seed pairs, mean ± the 95 % Student-t half width over the n per-seed "
             "differences; with one seed pair, perplexity gets a paired bootstrap over evaluation windows (the "
