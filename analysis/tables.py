@@ -414,7 +414,7 @@ def paired_row(group: pd.DataFrame, runs: pd.DataFrame, metric: str,
                 candidates = candidates.loc[[_same(v, run.get(k)) for v in candidates[k]]]
         candidates = candidates[candidates["run_id"] != run["run_id"]].sort_values("run_id")
         if candidates.empty or _missing(run.get(metric)) or _missing(candidates.iloc[0].get(metric)):
-            unmatched.append(f"no {label} run" if candidates.empty else f"{label}: metric not measured")
+            unmatched.append(f"no reference run ({label})" if candidates.empty else f"{label}: metric not measured")
             continue
         ref = candidates.iloc[0]
         values.append(float(run[metric])), refs.append(float(ref[metric]))

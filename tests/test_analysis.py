@@ -429,7 +429,7 @@ def test_tables_show_paired_delta_with_seed_ci(grid):
     base = main[(main["family"] == "llama3") & (main["method"] == "base")].iloc[0]
     assert base["delta_ref"] == "reference" and math.isnan(base["delta"])
     mqa = main[(main["family"] == "llama3") & (main["method"] == "mqa")].iloc[0]
-    assert mqa["delta_ref"] == "no GQA 25 % run" and mqa["delta_n"] == 0
+    assert mqa["delta_ref"] == "no reference run (GQA 25 %)" and mqa["delta_n"] == 0
     assert "Δ vs ref" in md and "3 seed pairs, t" in md and "†" in md and "GQA at the same nominal budget" in md
     t3, _ = experiment_table(grid, "table3_eviction_stack")
     mix = t3[(t3["keep"] == 0.4) & (t3["arch"] == "mixsga")].iloc[0]
