@@ -18,7 +18,7 @@ from harness.atomic import write_atomic
 from harness.orchestration.records import read_record
 
 #: Grouping keys of the perplexity summary: one row per model x method x nominal budget.
-SUMMARY_KEYS = ["model", "family", "method", "budget_nominal"]
+SUMMARY_KEYS = ["model", "family", "method", "variant", "budget_nominal"]
 
 #: Sizes of the paper's three experts; a ratio over these sizes is written x:y:z (Table 5's "3:4:0").
 PAPER_GROUP_SIZES = (1, 2, 4)
@@ -103,6 +103,8 @@ def method_columns(fields: Mapping[str, Any]) -> dict[str, Any]:
         "aux_loss": arch_params.get("aux_loss"),
         "aux_loss_weight": _num(arch_params.get("aux_loss_weight")),
         "variant": fields.get("variant"),
+        # the architecture's params verbatim: what makes a stacked run's un-evicted inner model the same model
+        "arch_params": json.dumps(arch_params, sort_keys=True) if arch else None,
     }
 
 
@@ -150,6 +152,14 @@ def _rouge_by_set(value: Any) -> dict[str, Any]:
     out["instruct_rows"] = ";".join(f"{name}={got.get('rows')}" for name, got in value.items()
                                     if isinstance(got, Mapping))
     return out
+
+
+def _windows(value: Any) -> dict[str, Any]:
+    """``ppl_window_nll`` / ``ppl_window_tokens``: the per-window lists as JSON text (the paired bootstrap's input)."""
+    if not isinstance(value, Mapping):
+        return {"ppl_window_nll": None, "ppl_window_tokens": None}
+    return {"ppl_window_nll": json.dumps([float(v) for v in value.get("nll", [])]),
+            "ppl_window_tokens": json.dumps([int(v) for v in value.get("tokens", [])])}
 
 
 def _experiments(record: Mapping[str, Any]) -> str:
@@ -215,6 +225,7 @@ def flatten(record: Mapping[str, Any]) -> dict[str, Any]:
         **_rouge_by_set(get(record, "quality.rouge_by_set")),
         **_zeroshot(get(record, "quality.zeroshot")),
         "ppl_protocol": get(record, "quality.ppl_protocol"),
+        **_windows(get(record, "quality.ppl_windows")),
         "context_len": _num(get(record, "performance.context_len")),
         "prefill_ms": _num(get(record, "performance.prefill_ms")),
         "prefill_ms_p50": _num(get(record, "performance.prefill_ms.p50")),

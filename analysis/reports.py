@@ -76,7 +76,7 @@ PERF_METRICS = [
     ("peak_mem_decode", "peak memory decode (MiB)", 1, 1 / 2**20),
     ("kv_bytes_per_token", "realized KV (bytes/token)", 0, 1.0),
 ]
-PERF_KEYS = ["device", "family", "method", "ratio", "budget_nominal"]
+PERF_KEYS = ["device", "family", "method", "variant", "ratio", "budget_nominal"]
 
 
 def perf_table(table: pd.DataFrame | str | Path) -> tuple[pd.DataFrame, dict[str, str]]:

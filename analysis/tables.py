@@ -9,6 +9,7 @@ and for the paper, so agreement in *direction* is visible even though scales dif
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +19,8 @@ import pandas as pd
 
 from analysis import paper
 from analysis.collate import read_table, to_markdown
-from analysis.stats import format_ci, summarise
+from analysis.stats import (BOOTSTRAP_RESAMPLES, SIGNIFICANT, Delta, bootstrap_ppl_difference, format_ci, format_delta,
+                            paired_difference, summarise)
 from harness.atomic import write_atomic
 
 
@@ -152,7 +154,7 @@ LAYOUTS: dict[str, Layout] = {
 }
 
 #: Layout of any experiment without its own (the main grid: every method x budget).
-DEFAULT_LAYOUT = Layout("All runs: method x budget", ("family", "method", "budget_nominal"),
+DEFAULT_LAYOUT = Layout("All runs: method x budget", ("family", "method", "variant", "budget_nominal"),
                         (PPL, REALIZED, BYTES, DECODE),
                         note="Held-out perplexity per token (bounded cache for eviction methods).")
 
@@ -278,6 +280,19 @@ def experiment_table(table: pd.DataFrame | str | Path, experiment: str) -> tuple
         paper_cols += [c for c in vals if c not in paper_cols]
     for c in paper_cols:
         summary[c] = [v.get(c, math.nan) for v in paper_vals]
+    # paired difference of the primary metric to each row's reference (the layout's, else the suite's rule)
+    primary = primary or ("ppl_token" if PPL in metrics else None)
+    rule = layout_reference(layout) if layout.reference else default_reference
+    paired_cols: list[str] = []
+    if primary:
+        for c in ("arch", "eviction", "arch_params", "budget_nominal", *PAIR_KEYS):
+            if c not in runs.columns:
+                runs[c] = None
+        fields = [paired_row(runs[_in_row(runs, layout.keys, rows[i])], runs, primary, rule)
+                  for i in range(len(summary))]
+        paired_cols = list(fields[0]) if fields else []
+        for c in paired_cols:
+            summary[c] = [f[c] for f in fields]
     delta_cols: list[str] = []
     if layout.reference and primary:
         ref_col, ref_val = layout.reference
@@ -291,18 +306,150 @@ def experiment_table(table: pd.DataFrame | str | Path, experiment: str) -> tuple
                 ours.append(math.nan), theirs.append(math.nan)
                 continue
             j = ref[0]
-            ours.append(summary.at[i, primary] - summary.at[j, primary])
+            # the paired mean difference where the row has seed pairs, else the difference of the means
+            paired = summary.at[i, "delta"]
+            ours.append(paired if not pd.isna(paired) else summary.at[i, primary] - summary.at[j, primary])
             p = summary[layout.paper_primary] if layout.paper_primary in summary else None
             theirs.append(math.nan if p is None else p.iloc[i] - p.iloc[j])
         summary[ours_col], summary[paper_col] = ours, theirs
         summary["same direction"] = [
             None if math.isnan(a) or math.isnan(b) else ("yes" if (a > 0) == (b > 0) else "no")
             for a, b in zip(ours, theirs)]
-        delta_cols = [ours_col, paper_col, "same direction"]
+        delta_cols = [paper_col, "same direction"]
+    primary_metric = next((m for m in metrics if m.column == primary), None)
     note = " ".join(t for t in (_ours_note(runs, metrics, sets or _joined(runs, "instruct_sets", ";"),
                                            [t[3:] for t in tasks if not t.endswith("_norm")]), layout.note) if t)
-    md = _markdown(layout, experiment, summary, metrics, paper_cols, delta_cols, note)
+    md = _markdown(layout, experiment, summary, metrics, paper_cols, delta_cols, note,
+                   primary_metric if paired_cols else None)
     return summary, md
+
+
+def _in_row(runs: pd.DataFrame, keys: tuple[str, ...], row: dict) -> pd.Series:
+    """Mask of the runs that make up the table row with key values ``row``."""
+    return pd.Series([all(_same(v, row[k]) for k, v in zip(keys, values)) for values in zip(*(runs[k] for k in keys))],
+                     index=runs.index, dtype=bool)
+
+
+#: What a run is paired with: same model, seed and training (hence the same training and evaluation tokens).
+PAIR_KEYS = ("model", "seed", "training")
+
+
+def _missing(value: Any) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def _pct(value: Any) -> str:
+    return f"{100 * float(value):g} %"
+
+
+def default_reference(run: pd.Series, runs: pd.DataFrame) -> tuple[pd.DataFrame, str] | None:
+    """Candidate reference runs of ``run`` under the suite's rule, and the reference's label; None = none.
+
+    * eviction on the base model (and PyramidKV): the base model, no eviction;
+    * eviction stacked on a trained architecture: the un-evicted inner model (same architecture and
+      architecture params), so the column isolates what the eviction costs;
+    * a trained architecture other than GQA (MQA, CLA, mixSGA): GQA at the same nominal budget;
+    * the base model and GQA themselves: none (they are the references).
+
+    Candidates still have to match ``PAIR_KEYS`` (the caller pairs them by seed).
+    """
+    arch, eviction = run.get("arch"), run.get("eviction")
+    no_evict = runs["eviction"].isna() if "eviction" in runs else pd.Series(True, index=runs.index)
+    if not _missing(eviction):
+        if arch == "base" or _missing(arch):
+            return runs[(runs["arch"] == "base") & no_evict], "base"
+        same = runs[(runs["arch"] == arch) & no_evict]
+        if "arch_params" in runs and not _missing(run.get("arch_params")):
+            same = same[same["arch_params"] == run.get("arch_params")]
+        return same, f"{str(arch).upper() if arch != 'mixsga' else 'mixSGA'}, no eviction"
+    if _missing(arch) or arch in ("base", "gqa"):
+        return None
+    budget = run.get("budget_nominal")
+    same_budget = (runs["budget_nominal"] - float(budget)).abs() < 1e-9 if not _missing(budget) else False
+    label = f"GQA {_pct(budget)}" if not _missing(budget) else "GQA"
+    return runs[(runs["arch"] == "gqa") & no_evict & same_budget], label
+
+
+def layout_reference(layout: Layout) -> Callable[[pd.Series, pd.DataFrame], tuple[pd.DataFrame, str] | None]:
+    """The reference rule of a layout that names one: the row with ``reference`` in the same ``context``."""
+    ref_col, ref_val = layout.reference  # type: ignore[misc]
+    label = ref_val.upper() if ref_col == "arch" else str(ref_val)
+    same = [_KEY_LABELS.get(c, c) for c in layout.context if c != "family"]
+    label += f", same {', '.join(same)}" if same else ""
+
+    def rule(run: pd.Series, runs: pd.DataFrame) -> tuple[pd.DataFrame, str] | None:
+        if _same(run.get(ref_col), ref_val):
+            return None
+        keep = [_same(v, ref_val) and all(_same(x, run.get(c)) for c, x in zip(layout.context, others))
+                for v, *others in zip(runs[ref_col], *(runs[c] for c in layout.context))]
+        return runs.loc[keep], label
+    return rule
+
+
+def _windows(run: pd.Series) -> tuple[list[float], list[int]] | None:
+    nll, tokens = run.get("ppl_window_nll"), run.get("ppl_window_tokens")
+    if _missing(nll) or _missing(tokens):
+        return None
+    return json.loads(nll), json.loads(tokens)
+
+
+def paired_row(group: pd.DataFrame, runs: pd.DataFrame, metric: str,
+               rule: Callable[[pd.Series, pd.DataFrame], tuple[pd.DataFrame, str] | None]) -> dict[str, Any]:
+    """The paired difference of one table row (``group``: its runs) to its reference in ``runs``.
+
+    Each run is paired with the reference run of the same ``PAIR_KEYS``; with >= 2 pairs the interval
+    is Student-t over the per-pair differences, with one pair and perplexity it is the paired bootstrap
+    over evaluation windows (``analysis.stats``). Returns the CSV fields of the row.
+    """
+    values, refs, labels, pair_ids, unmatched = [], [], [], [], []
+    is_reference = False
+    for _, run in group.iterrows():
+        got = rule(run, runs)
+        if got is None:
+            is_reference = True
+            continue
+        candidates, label = got
+        for k in PAIR_KEYS:
+            if k in candidates:
+                candidates = candidates.loc[[_same(v, run.get(k)) for v in candidates[k]]]
+        candidates = candidates[candidates["run_id"] != run["run_id"]].sort_values("run_id")
+        if candidates.empty or _missing(run.get(metric)) or _missing(candidates.iloc[0].get(metric)):
+            unmatched.append(f"no reference run ({label})" if candidates.empty else f"{label}: metric not measured")
+            continue
+        ref = candidates.iloc[0]
+        values.append(float(run[metric])), refs.append(float(ref[metric]))
+        labels.append(label), pair_ids.append((run, ref))
+    ref_text = ";".join(dict.fromkeys(labels)) or ("reference" if is_reference else ";".join(dict.fromkeys(unmatched)))
+    out: dict[str, Any] = {"delta_ref": ref_text or None,
+                           "delta_source": None, "delta_n": len(values), "delta": math.nan, "delta_lo": math.nan,
+                           "delta_hi": math.nan, "delta_ref_mean": math.nan, "delta_significant": None}
+    if not values:
+        return out
+    delta: Delta = paired_difference(values, refs)
+    if len(values) == 1 and metric == "ppl_token":
+        run, ref = pair_ids[0]
+        a, b = _windows(run), _windows(ref)
+        if a is not None and b is not None:
+            try:
+                delta = bootstrap_ppl_difference(a[0], a[1], b[0], b[1])
+            except ValueError:
+                pass  # not the same windows: no interval, the point difference stays
+    out.update(delta=delta.mean, delta_lo=delta.lo, delta_hi=delta.hi, delta_source=delta.source,
+               delta_ref_mean=math.fsum(refs) / len(refs), delta_significant=delta.significant if
+               delta.source != "none" else None)
+    if delta.source == "windows":
+        out["delta_n"] = delta.n  # windows resampled (one seed pair)
+    return out
+
+
+def _delta_from(source: Any, n: Any) -> str:
+    if source == "seeds":
+        return f"{int(n)} seed pairs, t"
+    if source == "windows":
+        return f"1 seed pair, bootstrap over {int(n)} windows"
+    if source == "none":
+        return "1 seed pair, no CI"
+    return "–"
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -312,12 +459,21 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _markdown(layout: Layout, experiment: str, summary: pd.DataFrame, metrics: list[Metric],
-              paper_cols: list[str], delta_cols: list[str], note: str) -> str:
+              paper_cols: list[str], delta_cols: list[str], note: str, paired: Metric | None = None) -> str:
     shown = pd.DataFrame({_KEY_LABELS.get(k, k): [_fmt_key(k, v) for v in summary[k]] for k in layout.keys})
     for m in metrics:
         shown[m.label] = [format_ci(a, h, int(n), m.digits, m.scale) for a, h, n in
                           zip(summary[m.column], summary[f"{m.column}_ci"], summary[f"{m.column}_n"])]
     shown["seeds"] = summary["seeds"].astype(int).astype(str)
+    if paired is not None:
+        shown["Δ vs ref"] = [
+            "ref" if ref == "reference" else format_delta(
+                None if pd.isna(d) else Delta(d, lo, hi, int(n), str(src)), paired.digits, paired.scale, rm)
+            for d, lo, hi, n, src, rm, ref in zip(summary["delta"], summary["delta_lo"], summary["delta_hi"],
+                                                 summary["delta_n"], summary["delta_source"],
+                                                 summary["delta_ref_mean"], summary["delta_ref"])]
+        shown["ref"] = [("–" if _missing(r) else "this row" if r == "reference" else r) for r in summary["delta_ref"]]
+        shown["Δ from"] = [_delta_from(src, n) for src, n in zip(summary["delta_source"], summary["delta_n"])]
     for c in paper_cols:
         shown[c] = summary[c]
     for c in delta_cols:
@@ -327,11 +483,39 @@ def _markdown(layout: Layout, experiment: str, summary: pd.DataFrame, metrics: l
     if paper_cols:
         text += ["Columns headed `paper:` are the paper's own numbers (different models, data and scale): compare "
                  "directions, not values.", ""]
+    if paired is not None:
+        if layout.reference:
+            ref_col, ref_val = layout.reference
+            where = ", ".join(_KEY_LABELS.get(c, c) for c in layout.context)
+            reference = f"the row whose {_KEY_LABELS.get(ref_col, ref_col)} is {ref_val} with the same {where}"
+        else:
+            reference = DEFAULT_REFERENCE_TEXT
+        text += [paired_note(paired.label, reference), ""]
     if delta_cols:
-        text += ["`delta vs ...` columns: this row minus the reference row (ours: on the mean; paper: on its "
-                 "number); `same direction` says whether the signs agree.", ""]
+        text += ["`delta vs ... (paper)`: the paper's row minus its reference row; `same direction` says whether "
+                 "its sign agrees with ours (`Δ vs ref`).", ""]
     body = to_markdown(shown)
     return "\n".join(text) + "\n" + body + ("\n" + note + "\n" if note else "")
+
+
+#: How the suite's rule (``default_reference``) picks each row's reference, for the footnote.
+DEFAULT_REFERENCE_TEXT = ("GQA at the same nominal budget for trained architectures (MQA, CLA, mixSGA; none where "
+                          "the grid has no GQA run at that budget), the base model for eviction on it, and the "
+                          "un-evicted inner model for eviction stacked on GQA / mixSGA (what the eviction costs)")
+
+
+def paired_note(label: str, reference: str = DEFAULT_REFERENCE_TEXT) -> str:
+    """The footnote of the `Δ vs ref` column: reference, pairing, n and interval method."""
+    return (f"`Δ vs ref`: {label} of the row minus its reference `ref` (in the metric's units; in brackets, relative "
+            f"to the reference's mean). Reference: {reference}. Pairing: each run with the reference run of the "
+            "same model, seed "
+            "and training (identical training and evaluation tokens), so what the seeds share cancels. Interval "
+            "(`Δ from`): with n >= 2 seed pairs, mean ± the 95 % Student-t half width over the n per-seed "
+            "differences; with one seed pair, perplexity gets a paired bootstrap over evaluation windows (the "
+            f"same windows resampled for both runs, {BOOTSTRAP_RESAMPLES} resamples, fixed seed; 95 % percentile "
+            f"interval in [ ]), other metrics no interval. {SIGNIFICANT}: the interval excludes 0. The bootstrap "
+            "treats windows as independent, which windows of one document are not: read it as a lower bound on "
+            "the uncertainty.")
 
 
 def write_experiment_table(table: pd.DataFrame | str | Path, experiment: str, csv: str | Path,

@@ -13,7 +13,8 @@ from scipy import stats
 from analysis.__main__ import main as analysis_main
 from analysis.collate import flatten, load_records, ratio_label, records_table, to_markdown
 from analysis.pareto import pareto_mask
-from analysis.stats import format_ci, mean_ci, summarise
+from analysis.stats import (Delta, bootstrap_ppl_difference, format_ci, format_delta, mean_ci,
+                            paired_difference, summarise)
 from analysis.tables import experiment_table
 from harness.orchestration.provenance import utc_now
 from harness.orchestration.records import new_record, write_record
@@ -24,7 +25,8 @@ FAMILIES = ("llama3", "tinyllama")
 def make_run(*, family: str = "llama3", method: str = "base", budget: float = 1.0, seed: int = 0,
              experiments=("main",), params=None, training: str = "cpt", ppl: float | None = 50.0,
              rouge: float | None = None, zeroshot=None, decode_fractions=None, realized: float | None = None,
-             tps: float | None = 100.0, device=("cpu", "test cpu"), run_id: str | None = None) -> dict:
+             tps: float | None = 100.0, device=("cpu", "test cpu"), run_id: str | None = None,
+             windows: tuple[list[float], list[int]] | None = None) -> dict:
     """A schema-valid record built with harness.orchestration.records.new_record (values are synthetic)."""
     run_id = run_id or f"{family}__{method}__kv{round(100 * budget)}__s{seed}"
     spec = {"run_id": run_id, "model": {"name": family, "family": family}, "method": method, "seed": seed,
@@ -44,7 +46,8 @@ def make_run(*, family: str = "llama3", method: str = "base", budget: float = 1.
                 "base_measured_bytes": base_bpt * 64, "measured_tokens": 64, "dtype": "float32", "params": params,
                 "decode_expert_fractions": decode_fractions},
         quality={"ppl_token": ppl, "ppl_word": None if ppl is None else 2 * ppl, "rouge_l": rouge,
-                 "gen_length": None if rouge is None else 12.0, "zeroshot": zeroshot},
+                 "gen_length": None if rouge is None else 12.0, "zeroshot": zeroshot,
+                 "ppl_windows": None if windows is None else {"nll": list(windows[0]), "tokens": list(windows[1])}},
         performance={"device": f"{device[0]}: {device[1]}",
                      "prefill_ms": None if tps is None else {"mean": 5.0, "p50": 5.0, "p90": 6.0, "std": 0.5},
                      "decode_tokens_per_s": timing,
@@ -351,3 +354,130 @@ def test_table1_columns_and_footnote_follow_the_records_sets():
 def test_zero_shot_average_counts_each_task_once():
     row = flatten(make_run(zeroshot={"arc_easy": 0.5, "arc_easy_norm": 0.25, "piqa": 0.7, "piqa_norm": 0.9}))
     assert row["zs_avg"] == pytest.approx(0.6) and row["zs_arc_easy_norm"] == 0.25
+
+
+# ---- paired differences -----------------------------------------------------------------------------
+
+def test_paired_difference_matches_hand_computation():
+    # differences 2, 3, 4: mean 3, sd 1, t_{0.975, 2} = 4.30265272975 -> half width 2.484138
+    got = paired_difference([12.0, 23.0, 34.0], [10.0, 20.0, 30.0])
+    half = 4.30265272975 * 1.0 / math.sqrt(3.0)
+    assert (got.mean, got.n, got.source) == (3.0, 3, "seeds")
+    assert got.lo == pytest.approx(3.0 - half, rel=1e-9) and got.hi == pytest.approx(3.0 + half, rel=1e-9)
+    assert got.significant and format_delta(got, reference=20.0) == "+3.00 ± 2.48 (+15.0 %) †"
+    # pairing is what resolves it: the unpaired intervals of the two columns overlap widely
+    assert mean_ci([12.0, 23.0, 34.0])[1] > 20
+    wide = paired_difference([12.0, 27.0], [10.0, 20.0])  # differences 2, 7: t_{0.975,1} = 12.7062
+    assert wide.hi - wide.mean == pytest.approx(12.706204736 * math.sqrt(12.5) / math.sqrt(2), rel=1e-9)
+    assert not wide.significant and "†" not in format_delta(wide)
+    one = paired_difference([5.0], [4.0])
+    assert (one.source, one.n, format_delta(one)) == ("none", 1, "+1.00")
+    with pytest.raises(ValueError, match="2 values but 1 references"):
+        paired_difference([1.0, 2.0], [1.0])
+
+
+def _windows(rng: random.Random, n: int, shift: float, difficulty: list[float]) -> tuple[list[float], list[int]]:
+    """Per-window NLL sums of 64 tokens whose per-token NLL is the window's difficulty + shift + noise."""
+    return [64 * (difficulty[i] + shift + rng.gauss(0, 0.01)) for i in range(n)], [64] * n
+
+
+def test_bootstrap_is_deterministic_and_paired():
+    rng = random.Random(3)
+    diff = [rng.uniform(3.0, 5.0) for _ in range(40)]  # windows differ far more than the methods do
+    a, tokens = _windows(rng, 40, 0.02, diff)
+    b, _ = _windows(rng, 40, 0.0, diff)
+    one, two = bootstrap_ppl_difference(a, tokens, b, tokens), bootstrap_ppl_difference(a, tokens, b, tokens)
+    assert one == two and one.source == "windows" and one.n == 40
+    assert one.mean == pytest.approx(math.exp(sum(a) / sum(tokens)) - math.exp(sum(b) / sum(tokens)))
+    assert one.lo < one.mean < one.hi and one.significant  # paired: the window difficulty cancels
+    assert bootstrap_ppl_difference(a, tokens, b, tokens, seed=1) != one  # the seed is what fixes it
+    with pytest.raises(ValueError, match="same windows"):
+        bootstrap_ppl_difference(a, tokens, b[:-1], tokens[:-1])
+    with pytest.raises(ValueError, match="same windows"):
+        bootstrap_ppl_difference(a, tokens, b, [65] + tokens[1:])
+
+
+def test_bootstrap_covers_the_true_difference():
+    """Simulated: windows drawn from a known population; the 95 % interval covers the truth ~95 % of the time."""
+    rng = random.Random(11)
+    shift, covered, trials = 0.03, 0, 200
+    # population: per-token NLL of the reference uniform on [3, 5] per window; the method adds `shift`
+    # (+ window noise of mean 0): the true per-token NLLs are 4 and 4 + shift
+    truth = math.exp(4.0 + shift) - math.exp(4.0)
+    for _ in range(trials):
+        difficulty = [rng.uniform(3.0, 5.0) for _ in range(60)]
+        a, tokens = _windows(rng, 60, shift, difficulty)
+        b, _ = _windows(rng, 60, 0.0, difficulty)
+        got = bootstrap_ppl_difference(a, tokens, b, tokens)
+        covered += got.lo <= truth <= got.hi
+    # 0.925 measured (percentile intervals run a little short at 60 windows); an unpaired or
+    # too-wide interval would cover every time, a too-narrow one far less often
+    assert 0.88 <= covered / trials <= 0.99
+
+
+def test_tables_show_paired_delta_with_seed_ci(grid):
+    main, md = experiment_table(grid, "main")
+    row = main[(main["family"] == "llama3") & (main["method"] == "mixsga") & (main["budget_nominal"] == 0.5)].iloc[0]
+    runs = grid.set_index("run_id")["ppl_token"]
+    diffs = [runs[f"llama3__mixsga__kv50__s{s}"] - runs[f"llama3__gqa__kv50__s{s}"] for s in (0, 1, 2)]
+    mean, half, n = mean_ci(diffs)
+    assert (row["delta"], row["delta_n"], row["delta_source"], row["delta_ref"]) == (
+        pytest.approx(mean), 3, "seeds", "GQA 50 %")
+    assert row["delta_lo"] == pytest.approx(mean - half) and row["delta_hi"] == pytest.approx(mean + half)
+    h2o = main[(main["family"] == "llama3") & (main["method"] == "h2o")].iloc[0]
+    assert h2o["delta_ref"] == "base" and h2o["delta_significant"]  # eviction vs the base model
+    base = main[(main["family"] == "llama3") & (main["method"] == "base")].iloc[0]
+    assert base["delta_ref"] == "reference" and math.isnan(base["delta"])
+    mqa = main[(main["family"] == "llama3") & (main["method"] == "mqa")].iloc[0]
+    assert mqa["delta_ref"] == "no reference run (GQA 25 %)" and mqa["delta_n"] == 0
+    assert "Δ vs ref" in md and "3 seed pairs, t" in md and "†" in md and "GQA at the same nominal budget" in md
+    t3, _ = experiment_table(grid, "table3_eviction_stack")
+    mix = t3[(t3["keep"] == 0.4) & (t3["arch"] == "mixsga")].iloc[0]
+    ref = grid.set_index("run_id")
+    d3 = [ref.loc[f"tinyllama__h2o+mixsga__kv20__s{s}", "ppl_token"] - ref.loc[f"tinyllama__h2o+gqa__kv20__s{s}",
+                                                                                "ppl_token"] for s in (0, 1, 2)]
+    assert mix["delta"] == pytest.approx(sum(d3) / 3) and mix["delta_ref"] == "GQA, same keep"
+    assert mix["delta vs GQA (ours)"] == pytest.approx(mix["delta"])
+
+
+def test_stacked_eviction_is_paired_with_its_inner_model():
+    params = {"inner": mixsga_params((3, 1, 6)), "inner_budget": 0.5, "eviction": {"method": "h2o", "keep": 0.4}}
+    recs = []
+    for seed in (0, 1):
+        recs.append(make_run(method="mixsga", budget=0.5, seed=seed, params=mixsga_params((3, 1, 6)), ppl=40.0 + seed))
+        recs.append(make_run(method="mixsga", budget=0.5, seed=seed, params=mixsga_params((1, 1, 2)), ppl=90.0,
+                             run_id=f"llama3__mixsga112__kv50__s{seed}"))
+        recs.append(make_run(method="h2o+mixsga", budget=0.2, seed=seed, params=params, ppl=43.0 + 2 * seed))
+    main, _ = experiment_table(records_table(recs), "main")
+    stacked = main[main["method"] == "h2o+mixsga"].iloc[0]
+    # the 3:1:6 model without eviction, not the 1:1:2 one: differences 3 and 4
+    assert stacked["delta"] == pytest.approx(3.5) and stacked["delta_ref"] == "mixSGA, no eviction"
+
+
+def test_single_seed_table_uses_the_window_bootstrap():
+    rng = random.Random(5)
+    difficulty = [rng.uniform(3.0, 5.0) for _ in range(32)]
+    recs = []
+    for method, budget, shift in (("base", 1.0, 0.0), ("gqa", 0.5, 0.05), ("mixsga", 0.5, 0.03), ("cla", 0.5, 0.06)):
+        nll, tokens = _windows(random.Random(method), 32, shift, difficulty)
+        recs.append(make_run(method=method, budget=budget, params=mixsga_params((3, 1, 6)) if method == "mixsga" else {},
+                             ppl=math.exp(sum(nll) / sum(tokens)), windows=(nll, tokens)))
+    table = records_table(recs)
+    main, md = experiment_table(table, "main")
+    mix = main[main["method"] == "mixsga"].iloc[0]
+    rows = table.set_index("method")
+    want = bootstrap_ppl_difference(json.loads(rows.loc["mixsga", "ppl_window_nll"]),
+                                    json.loads(rows.loc["mixsga", "ppl_window_tokens"]),
+                                    json.loads(rows.loc["gqa", "ppl_window_nll"]),
+                                    json.loads(rows.loc["gqa", "ppl_window_tokens"]))
+    assert (mix["delta_source"], mix["delta_n"]) == ("windows", 32)
+    assert (mix["delta"], mix["delta_lo"], mix["delta_hi"]) == (want.mean, want.lo, want.hi)
+    assert mix["delta_significant"] == want.significant and mix["delta"] < 0
+    assert "1 seed pair, bootstrap over 32 windows" in md and "[" in md
+    assert experiment_table(table, "main")[1] == md  # deterministic
+    # a reference scored on other windows: the point difference stays, no interval
+    other = [*recs[:1], make_run(method="gqa", budget=0.5, ppl=60.0, windows=([1.0] * 4, [8] * 4)), recs[2]]
+    mixed, _ = experiment_table(records_table(other), "main")
+    got = mixed[mixed["method"] == "mixsga"].iloc[0]
+    assert got["delta_source"] == "none" and math.isnan(got["delta_lo"]) and got["delta"] == pytest.approx(
+        mix["ppl_token"] - 60.0)

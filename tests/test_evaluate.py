@@ -184,6 +184,8 @@ def test_results_fill_a_valid_record(tok, make_record, tmp_path):
     record["quality"].update(as_quality(rouge=rouge, ppl=ppl, eval_set="instruct:test"))
     validate_record(record)
     assert record["quality"]["rouge_l"] == rouge["rouge_l"] and record["quality"]["eval_tokens"] == ppl["tokens"]
+    windows = record["quality"]["ppl_windows"]  # the paired bootstrap's units, adding up to the totals
+    assert windows == {"nll": ppl["window_nll"], "tokens": ppl["window_tokens"]} and sum(windows["tokens"]) == ppl["tokens"]
 
 
 # --- the run's evaluator registry --------------------------------------------------------------

@@ -66,6 +66,14 @@ def test_uniform_model_scores_every_token_once(setup):
     full, rest = divmod(len(ids) - 1, 7)
     assert sum(shape[0] for shape in model.calls) == full + (1 if rest else 0)
     assert all(shape[1] == 7 for shape in model.calls[:-1]) and model.calls[-1][1] == (rest or 7)
+    # one NLL sum and one scored-target count per window, in stream order, adding up to the totals
+    assert len(result["window_nll"]) == len(result["window_tokens"]) == full + (1 if rest else 0)
+    targets = ids[1:]
+    assert result["window_tokens"] == [sum(t != tok.bos_token_id for t in targets[s : s + 7])
+                                       for s in range(0, len(targets), 7)]
+    assert sum(result["window_tokens"]) == result["tokens"]
+    assert math.fsum(result["window_nll"]) == pytest.approx(result["nll_sum"], rel=1e-12)
+    assert result["window_nll"] == pytest.approx([n * math.log(len(tok)) for n in result["window_tokens"]], rel=1e-6)
 
 
 def test_real_model_matches_manual_loss_and_is_batch_invariant(setup):

@@ -51,6 +51,11 @@ def test_factory_record_is_valid_and_has_every_section(make_record):
         (lambda r: r["identity"].update(training_summary={"steps": 3}), "identity.training_summary"),
         (lambda r: r["identity"].pop("method_fields"), "'method_fields' is a required property"),
         (lambda r: r["identity"]["method_fields"].update(keep=1.5), "identity.method_fields.keep"),
+        (lambda r: r["quality"].update(ppl_windows={"nll": [1.0, 2.0], "tokens": [3]}),
+         "quality.ppl_windows': 2 NLL sums but 1 token counts"),
+        (lambda r: r["quality"].update(eval_tokens=7, ppl_windows={"nll": [1.0], "tokens": [3]}),
+         "quality.ppl_windows': its tokens sum to 3, not eval_tokens 7"),
+        (lambda r: r["quality"].update(ppl_windows={"nll": [-1.0], "tokens": [3]}), "quality.ppl_windows"),
     ],
 )
 def test_invalid_records_are_rejected_naming_the_field(make_record, mutate, field):

@@ -294,6 +294,8 @@ def as_quality(*, rouge: Mapping[str, Any] | None = None, ppl: Mapping[str, Any]
     if ppl is not None:
         quality.update(ppl_token=ppl["ppl_token"], ppl_word=_finite_or_none(ppl["ppl_word"]),
                        eval_tokens=ppl["tokens"], eval_words=ppl["words"])
+        if "window_nll" in ppl:  # per-window NLL sums and counts: the units of the paired bootstrap
+            quality["ppl_windows"] = {"nll": list(ppl["window_nll"]), "tokens": list(ppl["window_tokens"])}
     if eval_set is not None:
         quality["eval_set"] = eval_set
     return quality

@@ -12,6 +12,10 @@ Protocol (shared by the model and the unigram baseline so that the two are compa
   flatter the model); ``<eos>`` targets are scored (ending a document is a real prediction).
 * Per-word perplexity divides the same negative log-likelihood by the number of
   whitespace-separated words of the scored text (as lm-evaluation-harness does).
+* Each window's summed NLL and scored-target count are returned too (``window_nll``,
+  ``window_tokens``, in stream order): the windows are the units scored independently (the
+  context restarts at each), which ``analysis.stats`` resamples for a paired bootstrap between
+  two runs scored on the same stream.
 """
 
 from __future__ import annotations
@@ -96,6 +100,8 @@ def score_windows(
     was_training = model.training
     model.eval()
     nll_sum, scored = 0.0, 0
+    window_nll: list[float] = []
+    window_tokens: list[int] = []
     try:
         for starts, n in tqdm(batches, desc="perplexity", disable=not progress, dynamic_ncols=True):
             inputs = torch.stack([stream[s : s + n] for s in starts]).to(device)
@@ -105,6 +111,10 @@ def score_windows(
             mask = targets.reshape(-1) != tokenizer.bos_token_id
             nll_sum += float(nll[mask].sum(dtype=torch.float64))
             scored += int(mask.sum())
+            # per window (row) as well; the total above stays summed as before, so ppl_token is unchanged
+            rows = torch.where(mask, nll, torch.zeros_like(nll)).view(len(starts), n)
+            window_nll += [float(v) for v in rows.sum(dim=1, dtype=torch.float64)]
+            window_tokens += [int(v) for v in mask.view(len(starts), n).sum(dim=1)]
     finally:
         model.train(was_training)
     return {
@@ -113,6 +123,8 @@ def score_windows(
         "tokens": scored,
         "words": words,
         "nll_sum": nll_sum,
+        "window_nll": window_nll,
+        "window_tokens": window_tokens,
         "seq_len": seq_len,
         "protocol": protocol,
     }
@@ -130,7 +142,8 @@ def perplexity(
 ) -> dict:
     """Perplexity of ``model`` on ``texts``: ``{"ppl_token", "ppl_word", "tokens", "words", "nll_sum", ...}``.
 
-    ``tokens`` is the number of scored targets; ``nll_sum`` is in nats.
+    ``tokens`` is the number of scored targets; ``nll_sum`` is in nats; ``window_nll`` / ``window_tokens``
+    the same per window.
     """
     return score_windows(
         model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size, device=device,

@@ -17,7 +17,8 @@ from jsonschema import Draft202012Validator
 from harness.atomic import write_json_atomic  # the project's one atomic JSON writer (harness.atomic)
 
 #: 3: identity.method_fields (architecture, eviction, keep, variant, architecture_params) from the method's spec.
-SCHEMA_VERSION = 3
+#: 4: quality.ppl_windows (per-window NLL sums and scored-token counts, for the paired bootstrap).
+SCHEMA_VERSION = 4
 TRAINING_KINDS = ("none", "cpt", "sft")
 
 _NUM = {"type": "number"}
@@ -152,6 +153,11 @@ RECORD_SCHEMA: dict = {
                     "eval_set": _STR_OR_NULL,
                     "eval_tokens": _INT_OR_NULL,
                     "eval_words": _INT_OR_NULL,
+                    # one entry per scored window, in stream order: summed NLL (nats) and scored targets
+                    "ppl_windows": _or_null(_section({
+                        "nll": {"type": "array", "items": {"type": "number", "minimum": 0}},
+                        "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                    })),
                     "rouge_l": _POS_OR_NULL,
                     "rouge_impl": _STR_OR_NULL,
                     "gen_length": _POS_OR_NULL,
@@ -270,6 +276,14 @@ def validate_record(record: Mapping[str, Any]) -> None:
     problems += [f"record field '{p}': not a finite number" for p in _non_finite(record)]
     if not problems and record["identity"]["seed"] != record["provenance"]["seed"]:
         problems.append("record field 'provenance.seed': differs from identity.seed")
+    windows = (record.get("quality") or {}).get("ppl_windows") if not problems else None
+    if windows:
+        if len(windows["nll"]) != len(windows["tokens"]):
+            problems.append(f"record field 'quality.ppl_windows': {len(windows['nll'])} NLL sums but "
+                            f"{len(windows['tokens'])} token counts")
+        elif record["quality"].get("eval_tokens") not in (None, sum(windows["tokens"])):
+            problems.append(f"record field 'quality.ppl_windows': its tokens sum to {sum(windows['tokens'])}, "
+                            f"not eval_tokens {record['quality']['eval_tokens']}")
     if problems:
         raise ValueError("invalid record:\n  " + "\n  ".join(problems))
 
