@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="directory of the base model pretrained here (omit for hub models)")
     p.add_argument("--corpus", help="corpus directory (CPT data)")
     p.add_argument("--instruct", help="instruction set directory (SFT data)")
-    p.add_argument("--out", required=True, help="checkpoint directory (model.pt + train.json)")
+    p.add_argument("--out", required=True, help="checkpoint directory (save_pretrained files + train.json)")
     threads(p)
 
     p = add("run", cmd_run, "run one grid cell and write its record (skipped if a valid record exists)")

@@ -431,22 +431,33 @@ def test_damaged_safetensors_name_the_file(tmp_path, saved_mixsga, damage):
         load_base_model(path)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "missing"])
-def test_damaged_trained_weights_name_the_file(tmp_path, damage):
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "missing", "legacy"])
+def test_damaged_trained_checkpoints_name_the_directory(tmp_path, saved_mixsga, damage):
+    """A trained checkpoint the run cannot load is named, with the fix (retrain), before any evaluation."""
+    import shutil
+
     import torch
 
-    from harness.orchestration.run import MODEL_FILE, load_trained_state
+    from harness.methods import get_method
+    from harness.orchestration.run import LEGACY_MODEL_FILE, load_trained
 
-    weights = tmp_path / MODEL_FILE
-    torch.save({"w": torch.zeros(64)}, weights)
-    assert set(load_trained_state(tmp_path)) == {"w"}
+    path = tmp_path / "trained"
+    shutil.copytree(saved_mixsga, path)
+    weights = path / "model.safetensors"
     data = weights.read_bytes()
-    if damage == "missing":
+    if damage == "legacy":  # a checkpoint of the old format: a state dict and no Hugging Face files
+        shutil.rmtree(path)
+        path.mkdir()
+        torch.save({"w": torch.zeros(4)}, path / LEGACY_MODEL_FILE)
+    elif damage == "missing":
         weights.unlink()
     else:
-        weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"garbage" * 32)
-    with pytest.raises((ValueError, FileNotFoundError), match=re.escape(str(weights))):
-        load_trained_state(tmp_path)
+        weights.write_bytes(data[: len(data) // 2] if damage == "truncate" else b"\x00garbage" * 64)
+    method = get_method("mixsga")
+    params = {"ratios": [3, 1, 6], "group_sizes": [1, 2, 4]}
+    expected = "old model.pt format" if damage == "legacy" else "delete it to retrain"
+    with pytest.raises(ValueError, match=re.escape(str(path)) + ".*" + expected):
+        load_trained(method, path, params, dtype=torch.float32, device="cpu")
 
 
 # --- corrupt outputs: refused at workflow start ---

@@ -218,6 +218,39 @@ def test_trained_runs_share_checkpoints_and_tokens(tiny_setup, capsys):
     assert stacked["budget"]["measured_bytes"] < plain["budget"]["measured_bytes"]
 
 
+def test_trained_checkpoint_opens_with_the_auto_class_as_the_run_model(tiny_setup, tmp_path):
+    """A CPT'd mixSGA checkpoint, taken out of the work tree, opens with plain AutoModelForCausalLM as the run's model."""
+    import copy
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harness.methods import get_method
+    from harness.orchestration.run import build
+
+    train_id = "llama3__cpt__mixsga__kv50__s0"
+    _train(tiny_setup, train_id)  # trained by the test above; a finished checkpoint is not retrained
+    trained = tiny_setup["root"] / "trained" / train_id
+    assert not (trained.parent / f".{train_id}.ckpt").exists()  # the resume state goes once the model is saved
+    assert json.loads((trained / "config.json").read_text())["model_type"] == "mixsga_llama"
+    assert {"model.safetensors", "tokenizer.json", "train.json"} <= {p.name for p in trained.iterdir()}
+    assert not (trained / "model.pt").exists()
+    elsewhere = shutil.copytree(trained, tmp_path / "my-model")
+
+    spec = run_spec(tiny_setup["cfg"], train_id)
+    built = build(spec, device="cpu", model_path=tiny_setup["model"], trained_dir=trained)
+    loaded = AutoModelForCausalLM.from_pretrained(elsewhere).eval()
+    tok = AutoTokenizer.from_pretrained(elsewhere)
+    assert type(loaded) is type(built.model) and len(tok) == len(built.tokenizer)
+    ids = tok(["def main(argv):\n    return parse(argv)"], return_tensors="pt").input_ids
+    untrained = get_method("mixsga").apply(copy.deepcopy(built.base), built.params).eval()
+    with torch.no_grad():
+        want = built.model(input_ids=ids).logits
+        assert torch.equal(loaded(input_ids=ids).logits, want)
+        assert not torch.allclose(untrained(input_ids=ids).logits, want)  # the trained weights, not a conversion
+
+
 def test_sft_run_scores_rouge_and_saves_predictions(tiny_setup):
     from harness.orchestration.run import execute_run
 

@@ -34,8 +34,5 @@ class Base(Method):
 
         return float(full_kv_bytes_per_token(config, dtype))
 
-    def apply(self, model, params):
-        return model
-
 
 SPECS = (BaseSpec(),)

@@ -42,10 +42,13 @@ class CLA(Method):
         plan = CLAPlan(tuple(params["kv_sources"]), int(params["num_key_value_heads"]))
         return float(cla_kv_bytes_per_token(config, plan, dtype))
 
-    def apply(self, model, params):
+    def convert(self, model, params):
         from baselines.cla import convert_to_cla
 
         return convert_to_cla(model, params["kv_sources"], params["num_key_value_heads"])
+
+    def register_checkpoint_types(self):
+        import baselines.hf  # noqa: F401 - registers cla_<family> (and gqa_opt)
 
 
 SPECS = (CLASpec(),)

@@ -142,9 +142,15 @@ class Method:
     * ``params_for_budget(config, budget, **explicit)``: JSON-ready params storing
       ``budget`` x the base model's K/V bytes, or ValueError naming why not;
     * ``analytic_bytes_per_token(config, params, dtype)`` (``config``: the base model's);
-    * ``apply(model, params) -> model`` (in place); ``new_cache(model, params)``: a fresh
-      cache for one batch (None: the model's default is right); eviction acts only
-      through this cache, between forward passes;
+    * ``apply(model, params) -> model`` (in place): ``prepare(convert(model, params), params)``.
+      A method overrides the two halves, never ``apply`` itself (the contract test checks):
+      ``convert`` changes the architecture and weights, which is what a trained checkpoint
+      stores; ``prepare`` is the runtime setup no checkpoint stores (eviction attention).
+      Both default to returning the model unchanged;
+    * ``load_trained(path, params, dtype=, device=)``: the trained checkpoint directory at
+      ``path`` (a ``save_pretrained`` one, already converted), prepared to run;
+    * ``new_cache(model, params)``: a fresh cache for one batch (None: the model's default is
+      right); eviction acts only through this cache, between forward passes;
     * ``live_bytes(cache)``: summed ``nbytes`` of the K/V the cache holds.
     """
 
@@ -164,8 +170,28 @@ class Method:
     def analytic_bytes_per_token(self, config, params: dict, dtype: Any = "float32") -> float:
         raise NotImplementedError
 
+    def convert(self, model, params: dict):
+        """The conversion a trained checkpoint stores (architecture and weights); in place."""
+        return model
+
+    def prepare(self, model, params: dict):
+        """Runtime setup stored in no checkpoint, on a converted model; in place."""
+        return model
+
     def apply(self, model, params: dict):
-        raise NotImplementedError
+        """``model`` converted and prepared to run (in place)."""
+        return self.prepare(self.convert(model, params), params)
+
+    def register_checkpoint_types(self) -> None:
+        """Import what registers the checkpoint types ``convert`` saves as (none: plain checkpoints)."""
+
+    def load_trained(self, path, params: dict, *, dtype: Any, device: Any):
+        """``(model, tokenizer)`` of the trained checkpoint directory ``path``, converted as saved, prepared."""
+        from harness.models.zoo import load_base_model
+
+        self.register_checkpoint_types()
+        model, tokenizer = load_base_model(path, dtype=dtype, device=device)
+        return self.prepare(model, params), tokenizer
 
     def new_cache(self, model, params: dict):
         return None

@@ -113,7 +113,7 @@ class Eviction(Method):
 
         return float(params["keep"]) * full_kv_bytes_per_token(config, dtype)
 
-    def apply(self, model, params):
+    def prepare(self, model, params):
         from baselines.eviction import enable_eviction_attention
 
         self.policy(params)

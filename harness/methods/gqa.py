@@ -64,10 +64,13 @@ class GQA(Method):
 
         return float(grouped_kv_bytes_per_token(config, params["num_key_value_heads"], dtype))
 
-    def apply(self, model, params):
+    def convert(self, model, params):
         from baselines.gqa import convert_to_gqa
 
         return convert_to_gqa(model, params["num_key_value_heads"])
+
+    def register_checkpoint_types(self):
+        import baselines.hf  # noqa: F401 - registers gqa_opt (GQA on Llama / Gemma 2 is native)
 
 
 SPEC = GQASpec("gqa")

@@ -185,10 +185,13 @@ class MixSGA(Method):
 
         return float(mixsga_kv_bytes_per_token(config, params["ratios"], params["group_sizes"], dtype))
 
-    def apply(self, model, params):
+    def convert(self, model, params):
         from mixsga import convert_to_mixsga
 
         return convert_to_mixsga(model, self.config(params))
+
+    def register_checkpoint_types(self):
+        import mixsga.hf  # noqa: F401 - registers mixsga_<family>
 
     @staticmethod
     def config(params: dict):

@@ -134,8 +134,8 @@ class PyramidKV(Method):
         # the same total as uniform eviction at this keep, only redistributed across layers
         return self.scorer(params).analytic_bytes_per_token(config, params["eviction"], dtype)
 
-    def apply(self, model, params):
-        return self.scorer(params).apply(model, params["eviction"])
+    def prepare(self, model, params):
+        return self.scorer(params).prepare(model, params["eviction"])
 
     def new_cache(self, model, params):
         from kvledger import kv_shape

@@ -114,11 +114,17 @@ class Stacked(Method):
     def _on_mixsga(self) -> bool:
         return self.inner.name == "mixsga"
 
-    def apply(self, model, params):
-        model = self.inner.apply(model, params["inner"])
+    def convert(self, model, params):
+        return self.inner.convert(model, params["inner"])  # the eviction stores nothing in the weights
+
+    def prepare(self, model, params):
+        model = self.inner.prepare(model, params["inner"])
         if self._on_mixsga():
             return model  # eviction acts through the mixSGA cache (new_cache)
-        return self.eviction.apply(model, params["eviction"])
+        return self.eviction.prepare(model, params["eviction"])
+
+    def register_checkpoint_types(self):
+        self.inner.register_checkpoint_types()
 
     def new_cache(self, model, params):
         if not self._on_mixsga():

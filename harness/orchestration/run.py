@@ -1,10 +1,14 @@
 """The per-run pipeline: train (once per checkpoint); then build -> evaluate -> measure -> record.
 
 ``execute_train`` makes one trained checkpoint (``harness train``; Snakemake shares it
-between runs that differ only in eviction keep); ``execute_run`` makes one record
+between runs that differ only in eviction keep): a Hugging Face directory written by
+``hfconvert.save_converted`` (safetensors, ``config.json`` naming the converted model type,
+tokenizer files) plus ``train.json``, so ``AutoModelForCausalLM.from_pretrained`` (and so
+lm-eval or a serving engine) opens it as the trained model. ``execute_run`` makes one record
 (``harness run``). Both are resumable: a finished checkpoint or a valid record made from
-the same spec is kept, not recomputed. Each run deep-copies the base model before the
-registry converts it (conversion changes the config in place).
+the same spec is kept, not recomputed. An untrained run deep-copies the base model before
+the registry converts it (conversion changes the config in place); a trained one loads its
+checkpoint, already converted, and only prepares it (``Method.load_trained``).
 """
 
 from __future__ import annotations
@@ -27,8 +31,10 @@ from harness.orchestration.provenance import collect_provenance, resolve_device,
 from harness.atomic import atomic_directory, write_json_atomic
 from harness.orchestration.records import existing_record, new_record, read_record, write_record
 
-MODEL_FILE = "model.pt"
+#: What a trained checkpoint directory holds besides the Hugging Face files: the training summary.
 SUMMARY_FILE = "train.json"
+#: The weight file of checkpoints written before they were Hugging Face directories.
+LEGACY_MODEL_FILE = "model.pt"
 
 
 def log(message: str) -> None:
@@ -112,18 +118,21 @@ def execute_train(
     instruct_dir: str | Path | None = None,
     threads: int = 1,
 ) -> dict:
-    """Train one checkpoint (harness.orchestration.config.train_table entry) into ``out/`` (model.pt + train.json).
+    """Train one checkpoint (harness.orchestration.config.train_table entry) into ``out/``.
 
-    The trainer's resumable checkpoint lives beside ``out`` (``.{name}.ckpt``), so a killed job
-    continues where it stopped; it is removed once ``out`` is complete.
+    ``out`` is a Hugging Face directory (``hfconvert.save_converted``: the converted, trained
+    model and the tokenizer) plus ``train.json``. The trainer's resumable state lives beside
+    ``out`` (``.{name}.ckpt``), so a killed job continues where it stopped; it is removed once
+    ``out`` is complete.
     """
+    from hfconvert import save_converted
     from harness.methods import get_method
     from harness.training.recipes import get_recipe
     from harness.training.train import seed_everything, train
     from harness.models.zoo import load_base_model
 
     out = Path(out)
-    if (out / MODEL_FILE).is_file() and (out / SUMMARY_FILE).is_file():
+    if (out / "config.json").is_file() and (out / SUMMARY_FILE).is_file():
         stored = json.loads((out / SUMMARY_FILE).read_text())
         if stored.get("spec") == json.loads(json.dumps(dict(spec))):
             log(f"{spec['train_id']}: trained checkpoint exists; skipping")
@@ -136,7 +145,8 @@ def execute_train(
     method = get_method(arch["method"])
     seed_everything(seed)  # conversion initialises routers and projections from it
     params = resolve_params(method, model.config, arch["budget"], arch["params"])
-    model = method.apply(model, params)
+    # what a checkpoint stores; the runtime setup (Method.prepare) is each run's own
+    model = method.convert(model, params)
     recipe = get_recipe(spec["recipe"], **spec["overrides"])
     data = training_data(spec, tokenizer, recipe, corpus_dir=corpus_dir, instruct_dir=instruct_dir)
     log(f"{spec['train_id']}: {spec['kind']} with {recipe.name} on {len(data)} examples")
@@ -147,7 +157,7 @@ def execute_train(
     summary = {"spec": json.loads(json.dumps(dict(spec))), "params": params,
                "summary": training_summary(result, spec["train_id"]), "result": result}
     with atomic_directory(out) as tmp:
-        torch.save({k: v.detach().cpu() for k, v in model.state_dict().items()}, tmp / MODEL_FILE)
+        save_converted(model, tmp, tokenizer)  # refuses a conversion its config would not record
         write_json_atomic(tmp / SUMMARY_FILE, summary)
     shutil.rmtree(ckpt, ignore_errors=True)
     s = summary["summary"]
@@ -176,16 +186,19 @@ def _refresh_experiments(out: Path, spec: Mapping[str, Any]) -> dict | None:
     return record
 
 
-def load_trained_state(trained_dir: str | Path, device: str = "cpu") -> dict:
-    """The state dict of a trained checkpoint; ValueError naming the file if it cannot be read."""
-    path = Path(trained_dir) / MODEL_FILE
+def load_trained(method, trained_dir: Path, params: dict, *, dtype: torch.dtype, device: str):
+    """The trained model of ``trained_dir`` through ``method``; errors name the directory and say to retrain."""
+    if (trained_dir / LEGACY_MODEL_FILE).is_file() and not (trained_dir / "config.json").is_file():
+        raise ValueError(f"{trained_dir} is a trained checkpoint of the old {LEGACY_MODEL_FILE} format; "
+                         f"delete {trained_dir} to retrain it as a Hugging Face directory")
+    retrain = f"cannot load the trained checkpoint {trained_dir} (delete it to retrain)"
     try:
-        return torch.load(path, map_location=device, weights_only=True)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"no trained weights {path} (delete {trained_dir} to retrain)") from None
-    except Exception as exc:  # torch raises several types for a truncated or foreign file
-        raise ValueError(f"cannot read trained weights {path} (truncated or corrupt? delete {trained_dir} "
-                         f"to retrain): {exc}") from exc
+        model, _ = method.load_trained(trained_dir, params, dtype=dtype, device=device)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"{retrain}: {exc}") from exc
+    except ValueError as exc:
+        raise ValueError(f"{retrain}: {exc}") from exc
+    return model
 
 
 def resumable_record(out: Path, spec: Mapping[str, Any], code: str | None) -> dict | None:
@@ -213,7 +226,7 @@ class Built:
 
 def build(spec: Mapping[str, Any], *, device: str, model_path: str | Path | None = None,
           trained_dir: str | Path | None = None) -> Built:
-    """Load the base, convert a deep copy of it through the method, load the trained checkpoint if any."""
+    """Load the base; then the trained checkpoint through the method, or the method applied to a deep copy."""
     from harness.methods import get_method
     from harness.models.zoo import load_base_model
 
@@ -222,9 +235,10 @@ def build(spec: Mapping[str, Any], *, device: str, model_path: str | Path | None
     base.eval()
     method = get_method(spec["method"])
     params = resolve_params(method, base.config, spec["budget"], spec["params"])
-    model = method.apply(copy.deepcopy(base), params)
     summary = None
-    if trained_dir is not None:
+    if trained_dir is None:
+        model = method.apply(copy.deepcopy(base), params)
+    else:
         trained_dir = Path(trained_dir)
         try:
             stored = json.loads((trained_dir / SUMMARY_FILE).read_text())
@@ -235,8 +249,8 @@ def build(spec: Mapping[str, Any], *, device: str, model_path: str | Path | None
         if differ:
             raise ValueError(f"{trained_dir} was trained differently from run {spec['run_id']!r} "
                              f"(fields {differ}); retrain it")
-        model.load_state_dict(load_trained_state(trained_dir, device))
-        model.to(dtype)
+        model = load_trained(method, trained_dir, params, dtype=dtype, device=device)
+        model.to(dtype)  # buffers too (RoPE frequencies), as the state-dict checkpoints were loaded
         summary = stored["summary"]
     model.eval()
     evicting = method.spec.evicts
