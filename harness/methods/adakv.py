@@ -112,8 +112,8 @@ class AdaKV(Method):
         # the same total as uniform eviction at this keep, only redistributed across heads
         return self.scorer(params).analytic_bytes_per_token(config, params["eviction"], dtype)
 
-    def apply(self, model, params):
-        return self.scorer(params).apply(model, params["eviction"])
+    def prepare(self, model, params):
+        return self.scorer(params).prepare(model, params["eviction"])
 
     def new_cache(self, model, params):
         return self.scorer(params).new_cache(model, params["eviction"], heads=AdaptiveHeads(params["alpha"]))

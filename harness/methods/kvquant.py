@@ -167,8 +167,15 @@ class KVQuant(Method):
         tokens = int(params["quant"].get("context", 1))  # no window: the same at every length
         return self.stored_bytes(config, params, dtype, tokens) / tokens
 
-    def apply(self, model, params):
-        return model if self.inner is None else self.inner.apply(model, params["inner"])
+    def convert(self, model, params):
+        return model if self.inner is None else self.inner.convert(model, params["inner"])
+
+    def prepare(self, model, params):
+        return model if self.inner is None else self.inner.prepare(model, params["inner"])
+
+    def register_checkpoint_types(self):
+        if self.inner is not None:
+            self.inner.register_checkpoint_types()
 
     def new_cache(self, model, params):
         from baselines.quantized_cache import QuantizedKVCache
