@@ -28,8 +28,8 @@ whenever ``keep x n`` is whole. Runs on the base model's weights.
 
 from __future__ import annotations
 
-from harness.methods.core import Method, MethodSpec
-from harness.methods.eviction import POLICY_FIELDS, Eviction, EvictionSpec
+from harness.methods.core import ParamError
+from harness.methods.eviction import POLICY_FIELDS, Redistributed, RedistributedSpec
 
 DEFAULT_POLICY = "snapkv"
 DEFAULT_ALPHA = 0.2
@@ -60,11 +60,11 @@ class AdaptiveHeads:
         return valid & (flat.reshape(bsz, heads, width) < heads * cap)
 
 
-class AdaKVSpec(MethodSpec):
+class AdaKVSpec(RedistributedSpec):
     name = "adakv"
     label = "AdaKV"
     color, marker = "goldenrod", "h"
-    evicts = True
+    knob = "alpha"
     param_names = ("policy", "alpha") + POLICY_FIELDS
     modules = ("harness.methods.adakv",)
 
@@ -72,54 +72,26 @@ class AdaKVSpec(MethodSpec):
         params = super().parse_params(params)
         policy = params.get("policy", DEFAULT_POLICY)
         if policy not in HEAD_SCORED:
-            raise ValueError(f"adakv policy must be one of {list(HEAD_SCORED)} (a score per K/V head to allocate "
-                             f"by), got {policy!r}")
+            raise ParamError("policy", f"adakv policy must be one of {list(HEAD_SCORED)} (a score per K/V head to "
+                                       f"allocate by), got {policy!r}")
         alpha = params.get("alpha", DEFAULT_ALPHA)
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise ValueError(f"adakv alpha must be a number in [0, 1] (each head's guaranteed share of the "
-                             f"uniform budget), got {alpha!r}")
+            raise ParamError("alpha", f"adakv alpha must be a number in [0, 1] (each head's guaranteed share of the "
+                                      f"uniform budget), got {alpha!r}")
         return params
-
-    def train_key(self, budget, params):
-        return "base", 1.0, {}
-
-    def fields(self, params):
-        return {"architecture": "base", "eviction": self.name, "keep": float(params["eviction"]["keep"]),
-                "variant": f"{params['eviction']['method']} scores", "architecture_params": {}}
 
     def implementation(self):
         return AdaKV(self)
 
 
-class AdaKV(Method):
+class AdaKV(Redistributed):
     """A policy's eviction (``harness.methods.eviction``) with :class:`AdaptiveHeads` head budgets."""
 
     query_aware = True  # both allowed policies select by queries' attention
+    default_knob = DEFAULT_ALPHA
 
-    @staticmethod
-    def scorer(params: dict) -> Eviction:
-        """The plain eviction method of the run's policy (it validates, counts and builds the cache)."""
-        return EvictionSpec(params["eviction"]["method"]).implementation()
-
-    def params_for_budget(self, config, budget, *, context_len: int | None = None, **explicit):
-        explicit = self.spec.parse_params(explicit)
-        name, alpha = explicit.pop("policy", DEFAULT_POLICY), float(explicit.pop("alpha", DEFAULT_ALPHA))
-        policy = EvictionSpec(name).implementation().params_for_budget(config, budget, context_len=context_len,
-                                                                       **explicit)
-        return {"eviction": policy, "alpha": alpha}
-
-    def analytic_bytes_per_token(self, config, params, dtype="float32"):
-        # the same total as uniform eviction at this keep, only redistributed across heads
-        return self.scorer(params).analytic_bytes_per_token(config, params["eviction"], dtype)
-
-    def prepare(self, model, params):
-        return self.scorer(params).prepare(model, params["eviction"])
-
-    def new_cache(self, model, params):
-        return self.scorer(params).new_cache(model, params["eviction"], heads=AdaptiveHeads(params["alpha"]))
-
-    def live_bytes(self, cache) -> int:
-        return int(cache.kv_bytes())
+    def cache_hooks(self, model, params):
+        return {"heads": AdaptiveHeads(params["alpha"])}
 
 
 SPECS = (AdaKVSpec(),)

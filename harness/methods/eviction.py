@@ -132,3 +132,67 @@ class Eviction(Method):
 
 
 SPECS = tuple(EvictionSpec(name) for name in POLICY_STYLE)
+
+
+class RedistributedSpec(MethodSpec):
+    """Spec of a policy's eviction whose total budget is redistributed (PyramidKV over layers, AdaKV over heads).
+
+    Subclasses name the one knob beside the policy and its fields (``knob``) and validate it
+    in ``parse_params``; the rest (weights, checks, record fields) is the policy's.
+    """
+
+    evicts = True
+    knob: str = ""
+    default_policy = "snapkv"
+
+    def check_run(self, budget, params, contexts):
+        # the policy's needs at the same total keep (the redistribution keeps the total)
+        policy = {k: v for k, v in params.items() if k not in ("policy", self.knob)}
+        EvictionSpec(params.get("policy", self.default_policy)).check_keep(budget, policy, contexts)
+
+    def train_key(self, budget, params):
+        return "base", 1.0, {}
+
+    def fields(self, params):
+        return {"architecture": "base", "eviction": self.name, "keep": float(params["eviction"]["keep"]),
+                "variant": f"{params['eviction']['method']} scores", "architecture_params": {}}
+
+
+class Redistributed(Method):
+    """A policy's eviction (:class:`Eviction`) with the cache hooks that redistribute its budget (``cache_hooks``)."""
+
+    query_aware = True  # the default policy (SnapKV); query_aware_for answers per run
+    default_knob: float = 0.0
+
+    @staticmethod
+    def scorer(params: dict) -> Eviction:
+        """The plain eviction method of the run's policy (it validates, counts and builds the cache)."""
+        return EvictionSpec(params["eviction"]["method"]).implementation()
+
+    def query_aware_for(self, params: dict) -> bool | None:
+        return self.scorer(params).query_aware
+
+    def params_for_budget(self, config, budget, *, context_len: int | None = None, **explicit):
+        explicit = self.spec.parse_params(explicit)
+        name = explicit.pop("policy", self.spec.default_policy)
+        knob = float(explicit.pop(self.spec.knob, self.default_knob))
+        policy = EvictionSpec(name).implementation().params_for_budget(config, budget, context_len=context_len,
+                                                                       **explicit)
+        return {"eviction": policy, self.spec.knob: knob}
+
+    def analytic_bytes_per_token(self, config, params, dtype="float32"):
+        # the same total as uniform eviction at this keep, only redistributed
+        return self.scorer(params).analytic_bytes_per_token(config, params["eviction"], dtype)
+
+    def prepare(self, model, params):
+        return self.scorer(params).prepare(model, params["eviction"])
+
+    def cache_hooks(self, model, params: dict) -> dict:
+        """``budget=`` (layer-wise) and / or ``heads=`` (head-wise) hooks for the evicting cache."""
+        raise NotImplementedError
+
+    def new_cache(self, model, params):
+        return self.scorer(params).new_cache(model, params["eviction"], **self.cache_hooks(model, params))
+
+    def live_bytes(self, cache) -> int:
+        return int(cache.kv_bytes())

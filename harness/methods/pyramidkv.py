@@ -22,8 +22,8 @@ from __future__ import annotations
 import functools
 import math
 
-from harness.methods.core import Method, MethodSpec, ParamError
-from harness.methods.eviction import POLICY_FIELDS, POLICY_STYLE, Eviction, EvictionSpec
+from harness.methods.core import ParamError
+from harness.methods.eviction import POLICY_FIELDS, POLICY_STYLE, Redistributed, RedistributedSpec
 
 DEFAULT_POLICY = "snapkv"
 DEFAULT_BETA = 20.0
@@ -75,11 +75,11 @@ class PyramidBudget:
         return torch.tensor(kept, dtype=torch.long, device=seen.device)
 
 
-class PyramidKVSpec(MethodSpec):
+class PyramidKVSpec(RedistributedSpec):
     name = "pyramidkv"
     label = "PyramidKV"
     color, marker = "tab:cyan", "P"
-    evicts = True
+    knob = "beta"
     param_names = ("policy", "beta") + POLICY_FIELDS
     modules = ("harness.methods.pyramidkv",)
 
@@ -94,57 +94,20 @@ class PyramidKVSpec(MethodSpec):
                                      f"got {beta!r}")
         return params
 
-    def check_run(self, budget, params, contexts):
-        # the policy's needs at the same total keep (the layers share floor(keep x n x layers) tokens)
-        policy = {k: v for k, v in params.items() if k not in ("policy", "beta")}
-        EvictionSpec(params.get("policy", DEFAULT_POLICY)).check_keep(budget, policy, contexts)
-
-    def train_key(self, budget, params):
-        return "base", 1.0, {}
-
-    def fields(self, params):
-        return {"architecture": "base", "eviction": self.name, "keep": float(params["eviction"]["keep"]),
-                "variant": f"{params['eviction']['method']} scores", "architecture_params": {}}
-
     def implementation(self):
         return PyramidKV(self)
 
 
-class PyramidKV(Method):
+class PyramidKV(Redistributed):
     """A policy's eviction (``harness.methods.eviction``) with :class:`PyramidBudget` layer budgets."""
 
-    query_aware = True  # the default policy (SnapKV); query_aware_for answers per run
+    default_knob = DEFAULT_BETA
 
-    @staticmethod
-    def scorer(params: dict) -> Eviction:
-        """The plain eviction method of the run's policy (it validates, counts and builds the cache)."""
-        return EvictionSpec(params["eviction"]["method"]).implementation()
-
-    def query_aware_for(self, params: dict) -> bool | None:
-        return self.scorer(params).query_aware
-
-    def params_for_budget(self, config, budget, *, context_len: int | None = None, **explicit):
-        explicit = self.spec.parse_params(explicit)
-        name, beta = explicit.pop("policy", DEFAULT_POLICY), float(explicit.pop("beta", DEFAULT_BETA))
-        policy = EvictionSpec(name).implementation().params_for_budget(config, budget, context_len=context_len,
-                                                                       **explicit)
-        return {"eviction": policy, "beta": beta}
-
-    def analytic_bytes_per_token(self, config, params, dtype="float32"):
-        # the same total as uniform eviction at this keep, only redistributed across layers
-        return self.scorer(params).analytic_bytes_per_token(config, params["eviction"], dtype)
-
-    def prepare(self, model, params):
-        return self.scorer(params).prepare(model, params["eviction"])
-
-    def new_cache(self, model, params):
+    def cache_hooks(self, model, params):
         from kvledger import kv_shape
 
         keep, layers = float(params["eviction"]["keep"]), kv_shape(model.config).num_layers
-        return self.scorer(params).new_cache(model, params["eviction"], PyramidBudget(keep, params["beta"], layers))
-
-    def live_bytes(self, cache) -> int:
-        return int(cache.kv_bytes())
+        return {"budget": PyramidBudget(keep, params["beta"], layers)}
 
 
 SPECS = (PyramidKVSpec(),)
