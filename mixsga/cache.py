@@ -398,7 +398,10 @@ class MixSGALayer(CacheLayerMixin):
         src = (torch.arange(cap, device=self.device) + drop[:, None]).clamp_max(cap - 1)
         self.index_buf.copy_(self.index_buf.gather(1, src))
         self.ntok -= drop
+        # no sample holds more than `keep` tokens now, in any expert: tighter host bounds, so a
+        # windowed store never grows (nor reads its fills back) once it holds a window and a page
         self._tok_bound = keep
+        self._bound = [min(bound, keep) for bound in self._bound]
         self._trimmed = True
 
     # ------------------------------------------------------------------ mixSGA API
