@@ -25,7 +25,11 @@ masked filler slots, which are counted in the live bytes. Eviction happens after
 the attention of a step, so inside one forward pass the current chunk is seen
 in full (the standard prefill-then-compress behaviour). A cache given a
 layer-wise ``budget`` (a ``baselines.policies.UniformBudget`` subclass, e.g.
-PyramidKV's) keeps that layer's token count instead, per sample as well.
+PyramidKV's) keeps that layer's token count instead, per sample as well. On a
+sliding-window layer (Gemma 2) the base model stores only the last ``W - 1`` tokens
+(``DynamicSlidingWindowLayer``), so ``n_b`` there is ``min(n_b, W - 1)``: the budget is
+``keep`` x what the base stores on every layer, and tokens outside the next query's
+window are dropped first (they are dead).
 
 Head-wise budgets: a cache given ``heads`` (a ``baselines.policies.EqualHeads``
 subclass, e.g. AdaKV's) keeps the same ``kv_heads x cap`` tokens per layer and
@@ -82,6 +86,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from baselines.attention import decoder_layers
+from kvledger import layer_windows
 from baselines.policies import METHODS, POLICIES, QUERY_AWARE, EqualHeads, EvictionPolicy, UniformBudget, capacity
 
 ATTENTION_NAME = "kv_eviction"
@@ -108,7 +113,10 @@ class EvictionLayer(DynamicLayer):
                  heads: EqualHeads | None = None):
         super().__init__()
         self.policy = policy
-        self.budget = budget if budget is not None else UniformBudget(policy.keep)
+        if budget is None:  # a share of what the base model stores here (sliding layer: the window's W - 1)
+            windows = [None] * layer_idx + [None if sliding_window is None else sliding_window - 1]
+            budget = UniformBudget(policy.keep, windows=windows)
+        self.budget = budget
         self.heads = heads if heads is not None else EqualHeads()
         self.layer_idx = layer_idx
         self.sliding_window = sliding_window
@@ -392,7 +400,7 @@ class EvictionCache(Cache):
         layers = int(text.num_hidden_layers)
         types = getattr(text, "layer_types", None) or ["full_attention"] * layers
         window = getattr(text, "sliding_window", None)
-        budget = budget if budget is not None else UniformBudget(policy.keep)
+        budget = budget if budget is not None else UniformBudget(policy.keep, windows=layer_windows(text))
         heads = heads if heads is not None else EqualHeads()
         layer_class = PackedEvictionLayer if heads.ragged else EvictionLayer  # ragged heads are stored packed
         built = [

@@ -20,7 +20,7 @@ K/V heads is :class:`EqualHeads` unless a cache is given head-wise budgets.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -244,18 +244,26 @@ def capacity(keep: float, seen: torch.Tensor) -> torch.Tensor:
 
 
 class UniformBudget:
-    """Every layer keeps ``floor(keep * seen)`` of a sample's ``seen`` real tokens (the baselines' budget).
+    """Every layer keeps ``floor(keep * stored)`` of what the base model stores of a sample's ``seen`` real tokens.
 
-    Layer-wise budgets (PyramidKV) subclass this and answer per layer; the total
-    over layers is what the method's analytic bytes count.
+    ``stored`` is ``seen``, or ``min(seen, windows[layer])`` on a sliding-window layer
+    (``windows``: per layer the tokens the base keeps there, ``kvledger.layer_windows``;
+    None: every token). Layer-wise budgets (PyramidKV) subclass this and answer per
+    layer; the total over layers is what the method's analytic bytes count.
     """
 
-    def __init__(self, keep: float):
+    def __init__(self, keep: float, windows: Sequence[int | None] | None = None):
         self.keep = float(keep)
+        self.windows = tuple(windows or ())
+
+    def stored(self, layer_idx: int, seen: torch.Tensor) -> torch.Tensor:
+        """What the base model stores of ``seen`` (``[B]``) on layer ``layer_idx``."""
+        window = self.windows[layer_idx] if layer_idx < len(self.windows) else None
+        return seen if window is None else seen.clamp_max(window)
 
     def tokens(self, layer_idx: int, seen: torch.Tensor) -> torch.Tensor:
         """Tokens layer ``layer_idx`` keeps per sample (``seen``: real tokens per sample, ``[B]``)."""
-        return capacity(self.keep, seen)
+        return capacity(self.keep, self.stored(layer_idx, seen))
 
 
 class EqualHeads:

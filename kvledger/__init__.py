@@ -5,6 +5,13 @@ through these helpers, so that budgets are comparable on one axis: stored KV
 bytes divided by the unmodified base model's stored KV bytes for the same tokens.
 Method packages (``mixsga``, ``baselines``) and the harness all import this one
 neutral package, so none of them has to import another to count bytes.
+
+Sliding-window layers (Gemma 2) store at most ``sliding_window - 1`` tokens between
+forward passes in the base model's cache (transformers' ``DynamicSlidingWindowLayer``;
+the next query adds the W-th), and every cache here stores the same tokens there. So
+the base model's bytes for a context depend on its length (:func:`stored_tokens`), and
+a method's per-token figure applies to what each layer stores: "fraction of the base"
+compares like with like on every layer (:func:`stored_share`).
 """
 
 from __future__ import annotations
@@ -65,6 +72,47 @@ def grouped_kv_bytes_per_token(config: Any, num_kv_heads: int, dtype: Any = "flo
     return 2 * shape.num_layers * int(num_kv_heads) * shape.head_dim * dtype_bytes(dtype)
 
 
+def layer_windows(config: Any) -> list[int | None]:
+    """Per layer, the most tokens its cache keeps between forward passes; None: every token.
+
+    A sliding-window layer of window W keeps ``W - 1`` (the next query is the W-th token it
+    sees), as transformers' ``DynamicSlidingWindowLayer`` does; the one place this rule lives.
+    """
+    cfg = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    layers = int(cfg.num_hidden_layers)
+    types = list(getattr(cfg, "layer_types", None) or ["full_attention"] * layers)[:layers]
+    window = getattr(cfg, "sliding_window", None)
+    if window is not None and "sliding_attention" in types and int(window) < 1:
+        raise ValueError(f"sliding_window must be a positive token count, got {window!r}")
+    return [int(window) - 1 if t == "sliding_attention" and window is not None else None for t in types]
+
+
+def stored_tokens(config: Any, tokens: int) -> list[int]:
+    """Tokens each layer's cache stores for a sample of ``tokens`` tokens (``min(tokens, W - 1)`` on sliding layers)."""
+    if int(tokens) < 0:
+        raise ValueError(f"tokens must be non-negative, got {tokens!r}")
+    return [int(tokens) if cap is None else min(int(tokens), cap) for cap in layer_windows(config)]
+
+
+def stored_share(config: Any, tokens: int) -> float:
+    """Share of ``tokens`` x the layers that the caches store: 1 without sliding-window layers.
+
+    A method storing the same bytes per token on every layer stores, for one sample of
+    ``tokens`` tokens, ``bytes_per_token x tokens x stored_share(config, tokens)``.
+    """
+    if int(tokens) <= 0:
+        raise ValueError(f"tokens must be positive, got {tokens!r}")
+    kept = stored_tokens(config, tokens)
+    return sum(kept) / (len(kept) * int(tokens))
+
+
+def base_kv_bytes(config: Any, tokens: int, dtype: Any = "float32") -> int:
+    """Stored K+V bytes of the unmodified model for one sample of ``tokens`` tokens (sliding layers: the window)."""
+    shape = kv_shape(config)
+    per_layer_token = 2 * shape.num_kv_heads * shape.head_dim * dtype_bytes(dtype)
+    return per_layer_token * sum(stored_tokens(config, tokens))
+
+
 def check_group_sizes(heads: int, group_sizes: Sequence[int]) -> None:
     """ValueError unless every group size divides the ``heads`` K/V heads (the one divisibility rule)."""
     bad = [int(g) for g in group_sizes if int(heads) % int(g)]
@@ -104,5 +152,6 @@ def kv_budget(ratios: Sequence[float], group_sizes: Sequence[int] = (1, 2, 4)) -
     return float(exact)
 
 
-__all__ = ["KVShape", "check_group_sizes", "dtype_bytes", "full_kv_bytes_per_token", "grouped_kv_bytes_per_token",
-           "kv_budget", "kv_shape", "normalise_ratios"]
+__all__ = ["KVShape", "base_kv_bytes", "check_group_sizes", "dtype_bytes", "full_kv_bytes_per_token",
+           "grouped_kv_bytes_per_token", "kv_budget", "kv_shape", "layer_windows", "normalise_ratios", "stored_share",
+           "stored_tokens"]

@@ -62,11 +62,14 @@ def mixsga_attention_forward(
         out = route.cache_layer.attend(
             query, route, scaling, kwargs.get("softcap"), kwargs.get("sliding_window")
         )
+        route.cache_layer.trim_window()
         return out, None
     key = mix_experts(key, route.expert, spec.group_sizes, spec.active)
     value = mix_experts(value, route.expert, spec.group_sizes, spec.active)
-    if route.cache_layer is not None and route.cache_layer.observer is not None:
-        _observe_full(route, query, key, attention_mask, scaling, kwargs.get("softcap"))
+    if route.cache_layer is not None:
+        if route.cache_layer.observer is not None:
+            _observe_full(route, query, key, attention_mask, scaling, kwargs.get("softcap"))
+        route.cache_layer.trim_window()  # the base attention below reads the chunk's own K/V, not the cache
     extra = {k: v for k, v in kwargs.items() if v is not None}
     return spec.base_fn(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **extra)
 

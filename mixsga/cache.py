@@ -27,8 +27,12 @@ log-sum-exp merge of the per-expert partials, the value merge; never re-expandin
 heads. Gemma 2 soft-capping is applied to the logits. For a sliding-window layer
 the window's tokens are the tail of each store: per sample, the expert index's
 last W entries say how many each expert holds (computed on the device). Sliding
-layers keep all tokens (unlike ``DynamicSlidingWindowLayer``) so that bytes follow
-the ledger on every layer. Backends: ``"torch"`` (eager), ``"compiled"``
+layers store at most the window, as ``DynamicSlidingWindowLayer`` does: after each
+layer's attention (``trim_window``, called by the attention function) every sample
+keeps only its last ``W - 1`` tokens (``kvledger.layer_windows``), the stores shifted
+down in place (one gather per expert, on the device; nothing on full-attention
+layers), so live bytes count what the base model's cache stores there too and a
+full-window layer cannot be cropped. Backends: ``"torch"`` (eager), ``"compiled"``
 (``torch.compile`` of the same code), ``"triton"`` (the fused kernel; the default on
 CUDA when Triton is installed).
 
@@ -52,6 +56,7 @@ from typing import Sequence
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin
 
+from kvledger import layer_windows
 from mixsga.config import MixSGAConfig
 from mixsga.experts import pool_heads
 from mixsga.kernels import decode_attention, resolve_backend
@@ -86,8 +91,12 @@ class MixSGALayer(CacheLayerMixin):
     is_croppable = True
     supports_early_init = False
 
-    def __init__(self, group_sizes: Sequence[int], active: Sequence[bool], decode_backend: str = "auto") -> None:
+    def __init__(self, group_sizes: Sequence[int], active: Sequence[bool], decode_backend: str = "auto",
+                 window_keep: int | None = None) -> None:
         super().__init__()
+        # Sliding-window layer: tokens kept between forward passes (W - 1); None: every token.
+        self.window_keep = window_keep
+        self._trimmed = False  # tokens left the window: older positions are gone (no crop)
         self.group_sizes = tuple(int(g) for g in group_sizes)
         self.active = tuple(bool(a) for a in active)
         self.experts = [e for e, a in enumerate(self.active) if a]
@@ -298,7 +307,7 @@ class MixSGALayer(CacheLayerMixin):
     def reset(self) -> None:
         self.buffers, self.biases, self.counts, self.index_buf, self.ntok = [], [], None, None, None
         self._bound, self._tok_bound = [], 0
-        self.seen, self.pending, self.is_initialized = 0, None, False
+        self.seen, self.pending, self.is_initialized, self._trimmed = 0, None, False, False
 
     def offload(self) -> None:
         self._move("cpu")
@@ -347,12 +356,53 @@ class MixSGALayer(CacheLayerMixin):
         drop = -tokens_to_remove if tokens_to_remove < 0 else max(self.seen - tokens_to_remove, 0)
         if drop == 0 or not self.is_initialized:
             return
+        if self._trimmed:
+            raise RuntimeError("a sliding-window mixSGA layer cannot be cropped once tokens left its window "
+                               "(as DynamicSlidingWindowLayer): the older tokens are gone")
         for b in range(self.batch_size):
             n = self.num_tokens(b)
             keep = torch.ones(n, dtype=torch.bool, device=self.device)
             keep[max(n - drop, 0):] = False
             self.keep_tokens(keep, sample=b)
         self.seen -= drop
+
+    def trim_window(self) -> None:
+        """On a sliding-window layer, keep only every sample's last ``window_keep`` stored tokens.
+
+        Called after the layer's attention (the next query is the window's last token). In
+        place, on the device: per expert one gather shifts each sample's store down by the
+        number of its oldest tokens that left; buffers (and the decode step's views) stay.
+        """
+        keep = self.window_keep
+        if keep is None or not self.is_initialized or self._tok_bound <= keep:
+            return
+        batch, n, experts = self.batch_size, self._tok_bound, len(self.group_sizes)
+        drop = (self.ntok - keep).clamp_min(0)  # [B]: each sample's oldest tokens to drop
+        old = torch.arange(n, device=self.device) < drop[:, None]
+        idx = self.index_buf[:, :n].long().masked_fill(~old, experts)
+        gone = torch.zeros((batch, experts + 1), dtype=torch.long, device=self.device)
+        gone = gone.scatter_add_(1, idx, torch.ones_like(idx))[:, :experts]  # [B, E]
+        for e in self.experts:
+            buf = self.buffers[e]
+            cap = buf.shape[3]
+            if cap == 0:
+                continue
+            slots = torch.arange(cap, device=self.device)
+            src = (slots + gone[:, e : e + 1]).clamp_max(cap - 1)  # [B, cap]
+            buf.copy_(buf.gather(3, src.view(1, batch, 1, cap, 1).expand(buf.shape)))
+            filled = slots < (self.counts[:, e] - gone[:, e])[:, None]
+            bias = torch.zeros(filled.shape, dtype=self.dtype, device=self.device).masked_fill_(~filled, float("-inf"))
+            self.biases[e].copy_(bias[:, None, :].expand(self.biases[e].shape))
+        self.counts -= gone
+        cap = self.index_buf.shape[1]
+        src = (torch.arange(cap, device=self.device) + drop[:, None]).clamp_max(cap - 1)
+        self.index_buf.copy_(self.index_buf.gather(1, src))
+        self.ntok -= drop
+        # no sample holds more than `keep` tokens now, in any expert: tighter host bounds, so a
+        # windowed store never grows (nor reads its fills back) once it holds a window and a page
+        self._tok_bound = keep
+        self._bound = [min(bound, keep) for bound in self._bound]
+        self._trimmed = True
 
     # ------------------------------------------------------------------ mixSGA API
     @property
@@ -600,8 +650,8 @@ class MixSGACache(Cache):
             mixsga_config = MixSGAConfig.from_dict(spec)
         self.mixsga_config = mixsga_config
         layers = [
-            MixSGALayer(mixsga_config.group_sizes, mixsga_config.active, decode_backend)
-            for _ in range(int(text.num_hidden_layers))
+            MixSGALayer(mixsga_config.group_sizes, mixsga_config.active, decode_backend, window_keep=keep)
+            for keep in layer_windows(text)
         ]
         super().__init__(layers=layers)
 

@@ -34,7 +34,10 @@ Differences from the baseline eviction cache, all forced by mixSGA's layout:
   token's RoPE position is its index among the sample's real tokens, which holds
   for unpadded inputs and for ``generate`` with left padding.
 * Sliding-window layers (Gemma 2) treat tokens outside the next query's window as
-  dead, as the baseline does.
+  dead, as the baseline does, and budget against what plain mixSGA stores there: the
+  bytes of the last ``W - 1`` tokens seen (``kvledger.layer_windows``) and
+  ``floor(keep x min(n, W - 1))`` tokens, so the share of the plain cache is ``keep``
+  on every layer.
 
 Per-sample bookkeeping (score, token index, RoPE position) is reported apart from
 the K/V bytes by ``metadata_bytes()``. An evicting cache cannot be cropped or
@@ -75,8 +78,9 @@ class SampleState:
     slots: torch.Tensor  # [n] long: each stored token's index among the sample's real tokens
     rope_pos: torch.Tensor  # [n] long: the RoPE position its key is rotated to now
     seen: int = 0  # real tokens seen
-    seen_bytes: int = 0  # bytes the plain mixSGA cache would hold for them
+    seen_bytes: int = 0  # bytes the plain mixSGA cache would hold for them (sliding layer: the window's)
     prompt_end: int | None = None
+    recent: torch.Tensor | None = None  # sliding layer: costs of the last W - 1 tokens seen, oldest first
 
 
 def keep_within_bytes(rank: torch.Tensor, valid: torch.Tensor, cost: torch.Tensor, budget: int) -> torch.Tensor:
@@ -122,7 +126,8 @@ class MixSGAEvictionCache(MixSGACache):
 
     def metadata_bytes(self) -> int:
         """Bytes of the eviction bookkeeping (scores, token indices, RoPE positions), apart from the K/V."""
-        return sum(t.nbytes for row in self.states for s in row for t in (s.score, s.slots, s.rope_pos))
+        return sum(t.nbytes for row in self.states for s in row
+                   for t in (s.score, s.slots, s.rope_pos, *(() if s.recent is None else (s.recent,))))
 
     def uncompressed_bytes(self) -> int:
         """Bytes the plain mixSGA cache would hold for every real token seen, under the same routing."""
@@ -161,7 +166,13 @@ class MixSGAEvictionCache(MixSGACache):
                 policy.check_prompt(q)
         st.seen += q
         cost = self.token_costs(layer)[idx.long()]
-        st.seen_bytes += int(cost[n - q :].sum())
+        keep_window = layer.window_keep  # plain mixSGA stores at most this many tokens here
+        if keep_window is None:
+            st.seen_bytes += int(cost[n - q :].sum())
+        else:
+            recent = cost[n - q :] if st.recent is None else torch.cat((st.recent, cost[n - q :]))
+            st.recent = recent[max(recent.numel() - keep_window, 0) :]
+            st.seen_bytes = int(st.recent.sum())
         score = torch.cat((st.score, st.score.new_zeros(q)))
         chunk_valid = torch.ones((1, q), dtype=torch.bool, device=device)
         score = policy.update_scores(score[None, None], probs.float()[None, None], chunk_valid)[0, 0]
@@ -169,7 +180,8 @@ class MixSGAEvictionCache(MixSGACache):
         window = self.windows[layer.layer_idx]
         if window is not None:  # the next query (token index `seen`) sees only the last `window` tokens
             valid = st.slots > st.seen - window
-        cap = torch.tensor([[math.floor(policy.keep * st.seen + 1e-9)]], device=device)
+        stored = st.seen if keep_window is None else min(st.seen, keep_window)
+        cap = torch.tensor([[math.floor(policy.keep * stored + 1e-9)]], device=device)
         rank = policy.rank(score[None], valid[None], st.slots[None], cap, st.prompt_end)[0]
         keep = keep_within_bytes(rank, valid, cost, math.floor(policy.keep * st.seen_bytes + 1e-9))
         if bool(keep.all()):

@@ -168,6 +168,8 @@ def test_realized_budget_is_relative_to_what_the_base_model_stores(tiny_setup):
     assert b["measured_tokens"] == 103
     assert b["measured_bytes"] == b["base_measured_bytes"] < b["analytic_bytes_per_token"] * 103
     assert b["realized"] == 1.0
+    # the ledger counts what the base stores: the window on sliding layers, as measured
+    assert b["measured_bytes"] == b["analytic_bytes"] == b["base_analytic_bytes"]
 
 
 def test_eviction_is_scored_through_its_bounded_cache(tiny_setup):

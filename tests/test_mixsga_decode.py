@@ -17,7 +17,7 @@ from mixsga import MixSGACache, load_mixsga, mixsga_kv_bytes_for_counts
 from mixsga.cache import PAGE
 from mixsga.kernels import decode_attention, resolve_backend, triton_available
 from mixsga.kernels.torch_decode import decode_attention_biased
-from tests.test_mixsga_models import VOCAB, _routing_of, _stepwise, converted, left_padded
+from tests.test_mixsga_models import VOCAB, _routing_of, _stepwise, converted, left_padded, record_routes  # noqa: F401
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the kernel runs compiled on CUDA, interpreted on CPU
 needs_triton = pytest.mark.skipif(not triton_available(), reason="triton is not installed (pip install triton)")

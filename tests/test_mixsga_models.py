@@ -28,6 +28,8 @@ from mixsga import (
     mixsga_kv_bytes_for_counts,
     mixsga_kv_bytes_per_token,
 )
+from kvledger import layer_windows, stored_share
+from mixsga.cache import MixSGALayer
 
 FAMILIES = ("llama", "tinyllama", "opt", "gemma2")
 VOCAB = 97
@@ -156,16 +158,31 @@ def _stepwise(model, ids, prompt_len, chunk=1, mask=None):
     return torch.cat(outs, dim=1), cache
 
 
+@pytest.fixture(autouse=True)
+def record_routes(monkeypatch):
+    """Log every routing decision a ``MixSGALayer`` stores (``layer.routes``), for :func:`_routing_of`.
+
+    The cache itself cannot say: a sliding-window layer keeps only its window's tokens.
+    Importing this fixture into another test module turns it on there too.
+    """
+    original = MixSGALayer.update
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if self.pending is not None:
+            self.__dict__.setdefault("routes", []).append(self.pending.expert.detach().clone())
+        return original(self, key_states, value_states, *args, **kwargs)
+
+    monkeypatch.setattr(MixSGALayer, "update", update)
+
+
 def _routing_of(cache, model, batch_real):
     """``[layers, B, T]`` expert ids realised by the cache (padding positions get expert 0)."""
     layers = []
-    for layer in range(model.config.num_hidden_layers):
-        rows = []
-        for b, real in enumerate(batch_real):
-            row = torch.zeros(real.shape[0], dtype=torch.long)
-            row[real] = cache.expert_index(layer, b).long()
-            rows.append(row)
-        layers.append(torch.stack(rows))
+    for layer in cache.layers[: model.config.num_hidden_layers]:
+        expert = torch.cat(layer.routes, dim=1).long()
+        real = torch.stack(list(batch_real))
+        assert expert.shape == real.shape, "the routing log does not cover the given positions"
+        layers.append(torch.where(real, expert, 0))
     return torch.stack(layers)
 
 
@@ -194,7 +211,10 @@ def test_incremental_decoding_with_left_padding(family):
         full = model(input_ids=ids, attention_mask=mask, position_ids=pos_ids, use_cache=False).logits
     real = mask.bool()
     torch.testing.assert_close(step_logits[real], full[real], atol=ATOL, rtol=1e-5)
-    assert cache.num_tokens(0) == int(mask[0].sum()) and cache.num_tokens(1) == 13
+    for layer, keep in zip(cache.layers, layer_windows(model.config)):  # a sliding layer keeps window - 1
+        want = [n if keep is None else min(n, keep) for n in (int(mask[0].sum()), 13)]
+        assert [layer.num_tokens(0), layer.num_tokens(1)] == want
+    assert (layer_windows(model.config)[0] is not None) == (family == "gemma2")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -221,8 +241,9 @@ def test_live_cache_bytes_equal_analytic_bytes(family):
         )
     assert out.shape == (2, 15)
     counts = cache.expert_counts()
-    stored = int(mask.sum()) + 2 * 5 - 2  # the last new token is never fed back
-    assert all(sum(row) == stored for row in counts)
+    seen = mask.sum(-1) + 5 - 1  # the last new token is never fed back
+    for row, keep in zip(counts, layer_windows(model.config)):  # a sliding layer keeps its window - 1
+        assert sum(row) == int(seen.sum() if keep is None else seen.clamp_max(keep).sum())
     group_sizes = model.mixsga_runtime.config.group_sizes
     assert cache.kv_bytes() == mixsga_kv_bytes_for_counts(model.config, counts, group_sizes, torch.float32)
 
@@ -236,9 +257,10 @@ def test_live_bytes_at_fixed_ratios_equal_ledger_per_token(family):
         cache = MixSGACache(model.config)
         with torch.no_grad():
             model.generate(ids, max_new_tokens=4, do_sample=False, past_key_values=cache, pad_token_id=0)
-        tokens = 9 + 4 - 1
+        tokens = 9 + 4 - 1  # beyond Gemma 2's window: its sliding layers store window - 1 = 3
         per_token = mixsga_kv_bytes_per_token(model.config, ratios, (1, 2, 4), torch.float32)
-        assert cache.kv_bytes() == per_token * tokens
+        assert cache.kv_bytes() == per_token * tokens * stored_share(model.config, tokens)
+        assert (stored_share(model.config, tokens) < 1) == (family == "gemma2")
 
 
 def test_generate_creates_the_mixsga_cache_itself():
@@ -291,8 +313,13 @@ def test_observer_sees_token_order_probabilities_at_prefill_and_decode(family):
         model(input_ids=ids[:, :6], past_key_values=cache, use_cache=True)
         for t in range(6, 9):
             model(input_ids=ids[:, t : t + 1], past_key_values=cache, use_cache=True)
+    windows = layer_windows(model.config)
     for layer, chunks in seen.items():
-        assert [c.shape[1:] for c in chunks] == [(6, 6), (1, 7), (1, 8), (1, 9)]
+        # a sliding layer (window 4) stores 3 tokens between passes; a decode query sees them and itself
+        width = [t + 1 if windows[layer] is None else min(t + 1, windows[layer] + 1) for t in range(6, 9)]
+        assert [c.shape[1:] for c in chunks] == [(6, 6)] + [(1, w) for w in width]
         torch.testing.assert_close(chunks[0], want[layer][0, :, :6, :6], atol=1e-5, rtol=1e-4)
-        for t, chunk in zip(range(6, 9), chunks[1:]):
-            torch.testing.assert_close(chunk[:, 0], want[layer][0, :, t, : t + 1], atol=1e-5, rtol=1e-4)
+        for t, w, chunk in zip(range(6, 9), width, chunks[1:]):
+            torch.testing.assert_close(chunk[:, 0], want[layer][0, :, t, t + 1 - w : t + 1], atol=1e-5, rtol=1e-4)
+            if w < t + 1:  # the tokens left out are exactly those the base model masks
+                assert float(want[layer][0, :, t, : t + 1 - w].abs().max()) == 0.0

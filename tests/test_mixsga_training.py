@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from mixsga import MixSGACache, MixSGAConfig, convert_to_mixsga, load_mixsga, routing_stats
-from test_mixsga_models import ATOL, FAMILIES, VOCAB, _routing_of, _stepwise, tiny_model
+from test_mixsga_models import ATOL, FAMILIES, VOCAB, _routing_of, _stepwise, record_routes, tiny_model  # noqa: F401
 
 RATIOS = (3, 1, 6)
 

@@ -63,13 +63,16 @@ def get_method(name: str) -> Method:
     return _BUILT[name]
 
 
-def realized_budget(method: Method, config, cache, tokens: int, dtype: Any = "float32") -> float:
-    """Live cache bytes over the base model's bytes for ``tokens`` stored tokens (all samples together)."""
-    from kvledger import full_kv_bytes_per_token
+def realized_budget(method: Method, config, cache, tokens: int, dtype: Any = "float32", *, samples: int = 1) -> float:
+    """Live cache bytes over what the base model's cache stores for ``samples`` samples of ``tokens`` tokens.
 
-    if tokens <= 0:
-        raise ValueError(f"tokens must be positive, got {tokens!r}")
-    return method.live_bytes(cache) / (full_kv_bytes_per_token(config, dtype) * tokens)
+    The base stores only the window on sliding-window layers (``kvledger.base_kv_bytes``).
+    """
+    from kvledger import base_kv_bytes
+
+    if tokens <= 0 or samples <= 0:
+        raise ValueError(f"tokens and samples must be positive, got {tokens!r} and {samples!r}")
+    return method.live_bytes(cache) / (base_kv_bytes(config, tokens, dtype) * samples)
 
 
 def __getattr__(name: str) -> Any:

@@ -141,7 +141,10 @@ class Method:
       every method here really shrinks its cache);
     * ``params_for_budget(config, budget, **explicit)``: JSON-ready params storing
       ``budget`` x the base model's K/V bytes, or ValueError naming why not;
-    * ``analytic_bytes_per_token(config, params, dtype)`` (``config``: the base model's);
+    * ``analytic_bytes_per_token(config, params, dtype)`` (``config``: the base model's): bytes per
+      token on layers that store every token; ``analytic_bytes(config, params, tokens, dtype)``:
+      bytes for one sample of ``tokens`` tokens, sliding-window layers storing only their
+      window as the base model's cache does (``kvledger.stored_share``);
     * ``apply(model, params) -> model`` (in place): ``prepare(convert(model, params), params)``.
       A method overrides the two halves, never ``apply`` itself (the contract test checks):
       ``convert`` changes the architecture and weights, which is what a trained checkpoint
@@ -169,6 +172,16 @@ class Method:
 
     def analytic_bytes_per_token(self, config, params: dict, dtype: Any = "float32") -> float:
         raise NotImplementedError
+
+    def analytic_bytes(self, config, params: dict, tokens: int, dtype: Any = "float32") -> float:
+        """Bytes stored for one sample of ``tokens`` tokens: the per-token figure on what each layer stores.
+
+        A sliding-window layer stores ``min(tokens, W - 1)`` tokens (``kvledger.layer_windows``), in the
+        base model's cache and in every method's that keeps the same bytes per token on each layer.
+        """
+        from kvledger import stored_share
+
+        return self.analytic_bytes_per_token(config, params, dtype) * int(tokens) * stored_share(config, tokens)
 
     def convert(self, model, params: dict):
         """The conversion a trained checkpoint stores (architecture and weights); in place."""

@@ -167,6 +167,10 @@ class KVQuant(Method):
         tokens = int(params["quant"].get("context", 1))  # no window: the same at every length
         return self.stored_bytes(config, params, dtype, tokens) / tokens
 
+    def analytic_bytes(self, config, params, tokens, dtype="float32"):
+        # the quantized cache keeps every token on every layer, sliding-window layers included
+        return float(self.stored_bytes(config, params, dtype, int(tokens)))
+
     def convert(self, model, params):
         return model if self.inner is None else self.inner.convert(model, params["inner"])
 

@@ -10,11 +10,13 @@ the ``policy``'s choice (SnapKV's observation window by default, as in the
 paper; any ``baselines.policies`` policy works).
 
 Budget: after every forward pass a sample that saw ``n`` real tokens keeps
-``T = floor(k * n * L)`` tokens over all layers, split by those weights (a layer
-never keeps more than ``n``; the excess goes to the other layers) and rounded by
-largest remainder. The stored K/V is therefore ``T / (n L)`` of the base model's,
-exactly ``k`` whenever ``k * n * L`` is whole: the same total as uniform eviction,
-redistributed. Runs on the base model's weights.
+``T = floor(k * S)`` tokens over all layers, ``S`` the tokens the base model stores
+over its layers (``n L`` without sliding windows; a sliding-window layer of Gemma 2
+stores ``min(n, W - 1)``, ``kvledger.stored_tokens``), split by those weights (a
+layer never keeps more than it stores; the excess goes to the other layers) and
+rounded by largest remainder. The stored K/V is therefore ``T / S`` of the base
+model's, exactly ``k`` whenever ``k * S`` is whole: the same total as uniform
+eviction, redistributed. Runs on the base model's weights.
 """
 
 from __future__ import annotations
@@ -30,11 +32,18 @@ DEFAULT_BETA = 20.0
 
 
 @functools.lru_cache(maxsize=4096)
-def pyramid_allocation(seen: int, keep: float, beta: float, layers: int) -> tuple[int, ...]:
-    """Tokens each layer keeps of ``seen``: ``floor(keep * seen * layers)`` in all, pyramid-shaped (module doc)."""
-    total = math.floor(keep * seen * layers + 1e-9)
+def pyramid_allocation(seen: int, keep: float, beta: float, layers: int,
+                       stored: tuple[int, ...] | None = None) -> tuple[int, ...]:
+    """Tokens each layer keeps of ``seen``: ``floor(keep * sum(stored))`` in all, pyramid-shaped (module doc).
+
+    ``stored``: per layer the tokens the base model stores of ``seen`` (None: ``seen`` on every layer).
+    """
+    caps = (seen,) * layers if stored is None else tuple(int(c) for c in stored)
+    if len(caps) != layers:
+        raise ValueError(f"need one stored-token count per layer: {len(caps)} for {layers} layers")
+    total = math.floor(keep * sum(caps) + 1e-9)
     if layers == 1:
-        return (min(total, seen),)
+        return (min(total, caps[0]),)
     top = 1 / beta
     weights = [(2 - top) - (2 - 2 * top) * layer / (layers - 1) for layer in range(layers)]
     quota = [0.0] * layers
@@ -42,21 +51,21 @@ def pyramid_allocation(seen: int, keep: float, beta: float, layers: int) -> tupl
     while open_layers:  # water-filling: a layer holds at most `seen` tokens, the rest goes to the others
         mass = sum(weights[i] for i in open_layers)
         share = {i: left * weights[i] / mass for i in open_layers}
-        full = [i for i in open_layers if share[i] >= seen]
+        full = [i for i in open_layers if share[i] >= caps[i]]
         if not full:
             for i in open_layers:
                 quota[i] = share[i]
             break
         for i in full:
-            quota[i] = float(seen)
-            left -= seen
+            quota[i] = float(caps[i])
+            left -= caps[i]
             open_layers.remove(i)
-    counts = [min(seen, math.floor(q + 1e-9)) for q in quota]
+    counts = [min(caps[i], math.floor(q + 1e-9)) for i, q in enumerate(quota)]
     by_remainder = sorted(range(layers), key=lambda i: (-(quota[i] - counts[i]), i))
     for i in by_remainder:
         if sum(counts) >= total:
             break
-        if counts[i] < seen:
+        if counts[i] < caps[i]:
             counts[i] += 1
     return tuple(counts)
 
@@ -64,14 +73,22 @@ def pyramid_allocation(seen: int, keep: float, beta: float, layers: int) -> tupl
 class PyramidBudget:
     """Layer-wise token budgets for ``baselines.eviction.EvictionCache`` (its ``budget`` hook)."""
 
-    def __init__(self, keep: float, beta: float, layers: int):
+    def __init__(self, keep: float, beta: float, layers: int, windows=None):
         self.keep, self.beta, self.layers = float(keep), float(beta), int(layers)
+        # per layer the tokens the base keeps on a sliding-window layer (kvledger.layer_windows), None: all
+        self.windows = tuple(windows) if windows is not None else (None,) * self.layers
 
     def tokens(self, layer_idx: int, seen):
         """Tokens layer ``layer_idx`` keeps per sample (``seen``: real tokens per sample, a ``[B]`` tensor)."""
         import torch
 
-        kept = [pyramid_allocation(int(n), self.keep, self.beta, self.layers)[layer_idx] for n in seen.tolist()]
+        def stored(n: int) -> tuple[int, ...] | None:
+            if all(w is None for w in self.windows):
+                return None
+            return tuple(n if w is None else min(n, w) for w in self.windows)
+
+        kept = [pyramid_allocation(int(n), self.keep, self.beta, self.layers, stored(int(n)))[layer_idx]
+                for n in seen.tolist()]
         return torch.tensor(kept, dtype=torch.long, device=seen.device)
 
 
@@ -104,10 +121,10 @@ class PyramidKV(Redistributed):
     default_knob = DEFAULT_BETA
 
     def cache_hooks(self, model, params):
-        from kvledger import kv_shape
+        from kvledger import kv_shape, layer_windows
 
         keep, layers = float(params["eviction"]["keep"]), kv_shape(model.config).num_layers
-        return {"budget": PyramidBudget(keep, params["beta"], layers)}
+        return {"budget": PyramidBudget(keep, params["beta"], layers, windows=layer_windows(model.config))}
 
 
 SPECS = (PyramidKVSpec(),)

@@ -135,6 +135,8 @@ RECORD_SCHEMA: dict = {
                     "base_bytes_per_token": _POS_OR_NULL,
                     "measured_bytes": _POS_OR_NULL,
                     "base_measured_bytes": _POS_OR_NULL,
+                    "analytic_bytes": _POS_OR_NULL,
+                    "base_analytic_bytes": _POS_OR_NULL,
                     "measured_tokens": _INT_OR_NULL,
                     "dtype": {"type": "string"},
                     "params": {"type": ["object", "null"]},

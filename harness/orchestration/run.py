@@ -269,7 +269,7 @@ def measure(built: Built, spec: Mapping[str, Any], texts: list[str], device: str
     from harness.measurement.footprint import (measure_cache_bytes, measure_latency, prompt_ids,
                                                reset_routing_stats, routing_stats)
     from harness.methods import get_method
-    from kvledger import full_kv_bytes_per_token
+    from kvledger import base_kv_bytes, full_kv_bytes_per_token
 
     model, method, params = built.model, built.method, built.params
     measure_cfg = spec["measure"]
@@ -284,6 +284,7 @@ def measure(built: Built, spec: Mapping[str, Any], texts: list[str], device: str
     new_tokens = int(measure_cfg["new_tokens"])
     measured = measure_cache_bytes(model, method, params, prompt, new_tokens)
     base_measured = measure_cache_bytes(built.base, get_method(BASE_METHOD), {}, prompt, new_tokens)
+    tokens = int(prompt.shape[1] + new_tokens - 1)  # the last generated token is returned, never stored
     budget = {
         "nominal": float(spec["budget"]),
         "realized": measured / base_measured,
@@ -291,8 +292,10 @@ def measure(built: Built, spec: Mapping[str, Any], texts: list[str], device: str
         "base_bytes_per_token": float(full_kv_bytes_per_token(built.base.config, built.dtype)),
         "measured_bytes": float(measured),
         "base_measured_bytes": float(base_measured),
-        # the last generated token is returned, never stored
-        "measured_tokens": int(prompt.shape[1] + new_tokens - 1),
+        # the ledger's bytes for those tokens: sliding-window layers count only their window
+        "analytic_bytes": float(method.analytic_bytes(built.base.config, params, tokens, built.dtype)),
+        "base_analytic_bytes": float(base_kv_bytes(built.base.config, tokens, built.dtype)),
+        "measured_tokens": tokens,
         "dtype": spec["dtype"],
         "params": params,
         "prefill_expert_fractions": routing["prefill_fractions"] if routing else None,
