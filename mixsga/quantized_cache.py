@@ -115,6 +115,8 @@ def dequantize(packed: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, b
 class QuantizedMixSGALayer(MixSGALayer):
     """A ``MixSGALayer`` whose expert stores hold codes, scales and zero-points (module docstring)."""
 
+    is_croppable = False
+
     def __init__(self, group_sizes: Sequence[int], active: Sequence[bool], bits: int, group_size: int | None = None,
                  decode_backend: str = "auto") -> None:
         super().__init__(group_sizes, active, decode_backend)
@@ -162,13 +164,18 @@ class QuantizedMixSGALayer(MixSGALayer):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Store the chunk (parent's ``update``) and quantize what it filled; attention then reads the stored values."""
         route = self.pending
-        before = None
+        before, stored = None, None
         if self.is_initialized:
             self._materialize()
-            before = self.counts.clone()
+            before, stored = self.counts.clone(), self.ntok.clone()
         out = super().update(key_states, value_states, *args, **kwargs)
         if before is None:
-            before = torch.zeros_like(self.counts)
+            before, stored = torch.zeros_like(self.counts), torch.zeros_like(self.ntok)
+        added = key_states.shape[2] if route.real is None else route.real.sum(dim=1)
+        if bool((self.counts < before).any()) or bool((self.ntok != stored + added).any()):
+            # Slots [before, counts) are the new tokens only if the parent appended without dropping any.
+            raise RuntimeError("the mixSGA store dropped or moved tokens inside update; the quantized store "
+                               "(mixsga/quantized_cache.py) must follow that change before it can be used")
         self._grow_codes()
         self._absorb(before)
         if route is not None and not route.decode:
@@ -177,8 +184,6 @@ class QuantizedMixSGALayer(MixSGALayer):
 
     def _absorb(self, before: torch.Tensor) -> None:
         """Quantize every expert's slots filled since ``before`` (counts ``[B, E]``) and store them dequantized."""
-        if bool((self.counts < before).any()):
-            raise RuntimeError("a mixSGA store dropped tokens inside update; the quantized store cannot follow it")
         for e in self.experts:
             cap = self.buffers[e].shape[3]
             slot = torch.arange(cap, device=self.device)

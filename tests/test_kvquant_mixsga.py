@@ -239,3 +239,19 @@ def test_a_run_records_measured_equal_to_analytic_bytes(tiny_setup, tmp_path):  
     assert b["measured_bytes"] < p["measured_bytes"] / 3
     assert quant["quality"]["ppl_protocol"] == "bounded_cache" and quant["quality"]["zeroshot"] is None
     assert quant["identity"]["method_fields"]["architecture"] == "mixsga"
+
+
+def test_a_store_that_drops_tokens_inside_update_is_refused_loudly(monkeypatch):
+    """The new slots are read off the fill counts; a parent that dropped tokens while appending would break that."""
+    layer = _layer()
+    gen = _prefill(layer)
+    original = MixSGALayer._append_step
+
+    def dropping(self, *args):
+        original(self, *args)
+        self.ntok -= 1  # as if the oldest token left a sliding window
+
+    monkeypatch.setattr(MixSGALayer, "_append_step", dropping)
+    layer.pending = Route(expert=torch.tensor([[0], [1]]), real=None, decode=True, cache_layer=layer)
+    with pytest.raises(RuntimeError, match="dropped or moved tokens inside update"):
+        layer.update(torch.randn(2, 4, 1, 8, generator=gen), torch.randn(2, 4, 1, 8, generator=gen))
