@@ -29,7 +29,11 @@ prefill alike) reads exactly what is stored, the step's own token included. The 
 dropped again after the attention: between forward passes the cache holds only codes, scales,
 zero-points, the expert index and the fill counts. A full-sequence prefill attends over the
 projected K/V as plain mixSGA does (the cache is written, not read). Performance is not the aim:
-every layer dequantizes its whole store at every step, as transformers' quantized cache does.
+every layer dequantizes its whole store at every step, as transformers' quantized cache does, so
+the peak memory of a step also holds one layer's dequantized store (``kv_bytes`` counts what is
+stored, ``reserved_bytes`` what the stores allocate). The new slots are read off the fill counts:
+the parent must append without dropping or moving tokens inside ``update`` (checked; a parent
+that does raises RuntimeError instead of storing wrong codes).
 
 Token eviction, cropping and key rewriting are refused (``keep_tokens``, ``crop``, ``set_keys``).
 """
