@@ -342,12 +342,26 @@ def _pct(value: Any) -> str:
     return f"{100 * float(value):g} %"
 
 
+#: How a reference label names an architecture (default: upper case).
+_ARCH_LABELS = {"mixsga": "mixSGA", "base": "base"}
+
+
+def _quantizes(method: Any) -> bool:
+    """Whether the registry's spec of ``method`` stores a quantized cache (False for a name it lacks)."""
+    from harness.methods import SPECS
+
+    spec = None if _missing(method) else SPECS.get(str(method))
+    return bool(getattr(spec, "quantizes", False))
+
+
 def default_reference(run: pd.Series, runs: pd.DataFrame) -> tuple[pd.DataFrame, str] | None:
     """Candidate reference runs of ``run`` under the suite's rule, and the reference's label; None = none.
 
     * eviction on the base model (and PyramidKV): the base model, no eviction;
     * eviction stacked on a trained architecture: the un-evicted inner model (same architecture and
       architecture params), so the column isolates what the eviction costs;
+    * a quantized cache (``kvquant``, ``kvquant+gqa``, ``kvquant+mixsga``): the same model with its
+      unquantized cache (same architecture and architecture params), what the quantization costs;
     * a trained architecture other than GQA (MQA, CLA, mixSGA): GQA at the same nominal budget;
     * the base model and GQA themselves: none (they are the references).
 
@@ -355,13 +369,19 @@ def default_reference(run: pd.Series, runs: pd.DataFrame) -> tuple[pd.DataFrame,
     """
     arch, eviction = run.get("arch"), run.get("eviction")
     no_evict = runs["eviction"].isna() if "eviction" in runs else pd.Series(True, index=runs.index)
+    if _quantizes(run.get("method")):
+        unquantized = pd.Series([not _quantizes(m) for m in runs["method"]], index=runs.index, dtype=bool)
+        plain = runs[(runs["arch"] == arch) & no_evict & unquantized]
+        if "arch_params" in runs and not _missing(run.get("arch_params")):
+            plain = plain[plain["arch_params"] == run.get("arch_params")]
+        return plain, f"{_ARCH_LABELS.get(arch, str(arch).upper())}, not quantized"
     if not _missing(eviction):
         if arch == "base" or _missing(arch):
             return runs[(runs["arch"] == "base") & no_evict], "base"
         same = runs[(runs["arch"] == arch) & no_evict]
         if "arch_params" in runs and not _missing(run.get("arch_params")):
             same = same[same["arch_params"] == run.get("arch_params")]
-        return same, f"{str(arch).upper() if arch != 'mixsga' else 'mixSGA'}, no eviction"
+        return same, f"{_ARCH_LABELS.get(arch, str(arch).upper())}, no eviction"
     if _missing(arch) or arch in ("base", "gqa"):
         return None
     budget = run.get("budget_nominal")
@@ -501,7 +521,8 @@ def _markdown(layout: Layout, experiment: str, summary: pd.DataFrame, metrics: l
 #: How the suite's rule (``default_reference``) picks each row's reference, for the footnote.
 DEFAULT_REFERENCE_TEXT = ("GQA at the same nominal budget for trained architectures (MQA, CLA, mixSGA; none where "
                           "the grid has no GQA run at that budget), the base model for eviction on it, and the "
-                          "un-evicted inner model for eviction stacked on GQA / mixSGA (what the eviction costs)")
+                          "un-evicted inner model for eviction stacked on GQA / mixSGA (what the eviction costs), "
+                          "and the same model with its unquantized cache for KV-cache quantization")
 
 
 def paired_note(label: str, reference: str = DEFAULT_REFERENCE_TEXT) -> str:

@@ -30,6 +30,7 @@ from transformers import (
 
 from baselines.attention import KVAttention, decoder_layers
 from hfconvert import (
+    RECORDED_ATTENTION,
     ConvertedConfig,
     ConvertedModel,
     check_savable,
@@ -41,15 +42,13 @@ from hfconvert import (
 
 __all__ = ["check_savable", "converted_method", "mark_converted", "save_converted"]
 
-_RECORDED_ATTENTION = ("eager", "sdpa")
-
 
 class BaselineConfig(ConvertedConfig):
     """A converted baseline's config: also records the attention kernel (see module doc)."""
 
     def to_dict(self) -> dict:
         out = super().to_dict()
-        if self._attn_implementation in _RECORDED_ATTENTION:
+        if self._attn_implementation in RECORDED_ATTENTION:
             out["attn_implementation"] = self._attn_implementation
         return out
 

@@ -11,6 +11,7 @@ torch and transformers.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,10 +187,36 @@ def save_converted(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None)
     check_savable(model)
     out = Path(out_dir)
     model.save_pretrained(out)
+    record_attention(model.config, out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
 
 
+#: Attention kernels a plain checkpoint's ``config.json`` records (the ones every install has).
+RECORDED_ATTENTION = ("eager", "sdpa")
+
+
+def record_attention(config, out_dir: str | os.PathLike) -> None:
+    """Write the attention kernel a plain model ran with into its saved ``config.json``.
+
+    transformers does not save it, and a plain Gemma 2 checkpoint reloaded with its sdpa default
+    would silently drop the attention-logit soft-capping that eager applies (the suite runs Gemma 2
+    on eager). ``from_pretrained`` reads the key back as its ``attn_implementation`` argument, so
+    ``AutoModelForCausalLM.from_pretrained(out_dir)`` runs the kernel the suite ran; an explicit
+    argument still wins. Converted configs record their kernel themselves (``mixsga``: its base
+    kernel in ``config.mixsga``; the baselines' configs in ``to_dict``), so they are left alone.
+    """
+    kernel = getattr(config, "_attn_implementation", None)
+    if converted_method(config) is not None or kernel not in RECORDED_ATTENTION:
+        return
+    path = Path(out_dir) / "config.json"
+    saved = json.loads(path.read_text(encoding="utf-8"))
+    if saved.get("attn_implementation") == kernel:
+        return
+    saved["attn_implementation"] = kernel
+    path.write_text(json.dumps(saved, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+
+
 __all__ = ["SHIM_FILE", "ConvertedConfig", "ConvertedModel", "check_savable", "converted_method", "mark_converted",
-           "register_converted", "save_converted"]
+           "record_attention", "register_converted", "save_converted"]

@@ -481,3 +481,25 @@ def test_single_seed_table_uses_the_window_bootstrap():
     got = mixed[mixed["method"] == "mixsga"].iloc[0]
     assert got["delta_source"] == "none" and math.isnan(got["delta_lo"]) and got["delta"] == pytest.approx(
         mix["ppl_token"] - 60.0)
+
+
+def test_a_quantized_cache_is_paired_with_its_unquantized_model():
+    """kvquant+mixsga (mixSGA 3:1:6 weights): the plain mixSGA 3:1:6 run, not GQA at 12.5 % nor another mixSGA."""
+    quant_params = {"inner": mixsga_params((3, 1, 6)), "inner_budget": 0.5,
+                    "quant": {"bits": 4, "group_size": 8, "residual": 0}}
+    recs = []
+    for seed in (0, 1):
+        recs.append(make_run(method="mixsga", budget=0.5, seed=seed, params=mixsga_params((3, 1, 6)), ppl=40.0 + seed))
+        recs.append(make_run(method="mixsga", budget=0.5, seed=seed, params=mixsga_params((1, 1, 2)), ppl=90.0,
+                             run_id=f"llama3__mixsga112__kv50__s{seed}"))
+        recs.append(make_run(method="kvquant+mixsga", budget=0.125, seed=seed, params=quant_params,
+                             ppl=41.0 + 2 * seed))
+        recs.append(make_run(method="base", budget=1.0, seed=seed, ppl=30.0))
+        recs.append(make_run(method="kvquant", budget=0.25, seed=seed, ppl=33.0 + seed,
+                             params={"quant": {"bits": 4, "group_size": 8, "residual": 0}}))
+    main, md = experiment_table(records_table(recs), "main")
+    quant = main[main["method"] == "kvquant+mixsga"].iloc[0]
+    assert quant["delta"] == pytest.approx(1.5) and quant["delta_ref"] == "mixSGA, not quantized"  # 1 and 2
+    on_base = main[main["method"] == "kvquant"].iloc[0]
+    assert on_base["delta"] == pytest.approx(3.5) and on_base["delta_ref"] == "base, not quantized"
+    assert "unquantized cache for KV-cache quantization" in md

@@ -318,9 +318,9 @@ def test_run_ids_and_budget_tags():
 
 def test_grid_of_shipped_configs(tmp_path):
     offline = run_table(load_config([DEFAULT]))
-    assert len(offline) == 270 and len({r["run_id"] for r in offline}) == 270
+    assert len(offline) == 278 and len({r["run_id"] for r in offline}) == 278
     main = [r for r in offline if "main" in r["experiments"]]
-    assert len(main) == 4 * 26 * 2 and {r["seed"] for r in main} == {0, 1}
+    assert len(main) == 4 * 27 * 2 and {r["seed"] for r in main} == {0, 1}
     assert {r["family"] for r in offline} == {"llama3", "tinyllama", "opt", "gemma2"}
     test_rows = run_table(load_config([DEFAULT, TEST]))
     assert {e for r in test_rows for e in r["experiments"]} == set(load_config([DEFAULT])["experiments"])
@@ -328,7 +328,7 @@ def test_grid_of_shipped_configs(tmp_path):
     assert {r["source"] for r in paper} >= {"facebook/opt-125m", "TinyLlama/TinyLlama-1.1B-intermediate-step-1431k-3T"}
     out = write_run_table(offline, tmp_path / "runs.tsv")
     lines = out.read_text().splitlines()
-    assert len(lines) == 271 and lines[0].startswith("run_id\texperiments\tmodel")
+    assert len(lines) == 279 and lines[0].startswith("run_id\texperiments\tmodel")
 
 
 def test_run_spec_holds_what_determines_the_run():

@@ -50,8 +50,6 @@ CASES = {
     "cla-gemma2": ("gemma2", "cla", 0.5, "cla_gemma2", "gemma2"),
 }
 NATIVE = {"gqa-llama3", "mqa-gemma2"}
-#: How a plain Gemma 2 checkpoint must be loaded: sdpa, transformers' default, skips its soft-capping.
-PLAIN_KWARGS = {"mqa-gemma2": {"attn_implementation": "eager"}}
 
 
 def build(family: str, method: str, arg, tok, seed: int = 0):
@@ -123,7 +121,7 @@ def test_auto_class_reloads_the_converted_model(saved, case, tok):
     model, path = saved[case]
     _, method, _, _, base_type = CASES[case]
     ids = _ids(len(tok))
-    reloaded = AutoModelForCausalLM.from_pretrained(path, **PLAIN_KWARGS.get(case, {})).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(path).eval()  # no kwargs: Gemma 2 gets eager from config.json
     today = load_mixsga(str(path)) if method == "mixsga" else load_converted(path)
     assert type(reloaded) is type(model) and type(today) is type(model)
     assert reloaded.config.model_type == base_type  # in memory: the family, for family-keyed code
@@ -159,14 +157,13 @@ import torch
 from transformers import AutoModelForCausalLM
 
 expected = torch.load(sys.argv[2], weights_only=True)
-plain_kwargs = json.loads(sys.argv[3])
 plain, remote = {}, {}
 # 1. Plain transformers, nothing of ours imported: the default (a y/N prompt, refused without a
 #    terminal) and lm-eval's default trust_remote_code=False.
 for path, exp in expected.items():
     row = plain[exp["case"]] = {}
     for trust in (None, False):
-        kwargs = dict(plain_kwargs.get(exp["case"], {}))
+        kwargs = {}
         if trust is not None:
             kwargs["trust_remote_code"] = trust
         try:
@@ -183,15 +180,14 @@ imported = sorted(m for m in ("mixsga", "baselines", "harness") if m in sys.modu
 for path, exp in sorted(expected.items(), key=lambda kv: (not kv[1]["case"].startswith("mixsga"), kv[1]["case"])):
     package = "mixsga" if exp["case"].startswith("mixsga") else "baselines"
     fresh = package not in sys.modules
-    kwargs = plain_kwargs.get(exp["case"], {})
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, **kwargs).eval()
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True).eval()
     with torch.no_grad():
         diff = (model(input_ids=exp["ids"]).logits - exp["logits"]).abs().max().item()
         generated = model.generate(exp["ids"][:, :6], max_new_tokens=5, do_sample=False)
     remote[exp["case"]] = {"class": type(model).__name__, "max_diff": diff, "fresh": fresh,
                            "same_generation": bool(torch.equal(generated, exp["generated"]))}
     if fresh:  # saving again after the remote-code route still writes the shim, not a copy of our module
-        again = os.path.join(sys.argv[4], exp["case"])
+        again = os.path.join(sys.argv[3], exp["case"])
         model.save_pretrained(again)
         remote[exp["case"]]["resaved"] = {"files": sorted(os.listdir(again)),
                                           "auto_map": json.load(open(os.path.join(again, "config.json")))["auto_map"]}
@@ -203,7 +199,7 @@ json.dump({"plain": plain, "imported_by_plain": imported, "remote": remote}, ope
 def fresh_process(saved, tmp_path_factory):
     """One fresh interpreter (one torch import) for both the plain and the remote-code route."""
     tmp = tmp_path_factory.mktemp("fresh")
-    return _run(FRESH, tmp, str(saved["_root"] / "expected.pt"), json.dumps(PLAIN_KWARGS), str(tmp / "resaved"))
+    return _run(FRESH, tmp, str(saved["_root"] / "expected.pt"), str(tmp / "resaved"))
 
 
 def test_plain_transformers_refuses_converted_checkpoints_loudly(fresh_process):

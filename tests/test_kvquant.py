@@ -142,7 +142,7 @@ def test_budget_and_resolved_params():
 @pytest.mark.parametrize("bits", [3, 8, 1, True, "4", 4.0])
 def test_bad_bits_are_refused_everywhere(bits):
     config = tiny_config("llama")
-    for name in ("kvquant", "kvquant+gqa"):
+    for name in ("kvquant", "kvquant+gqa", "kvquant+mixsga"):
         with pytest.raises(ValueError, match="bits must be 2 or 4"):
             get_spec(name).parse_params({"bits": bits})
         with pytest.raises(ValueError, match="bits must be 2 or 4"):

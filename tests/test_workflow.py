@@ -61,7 +61,7 @@ def test_default_dry_run_lists_the_grid(tmp_path):
     proc = snakemake("-n", "--cores", "1", "--configfile", str(override(tmp_path)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     counts = job_counts(proc.stdout)
-    assert counts["run"] == 270 and counts["train"] == 134 and counts["pretrain"] == 4
+    assert counts["run"] == 278 and counts["train"] == 134 and counts["pretrain"] == 4
     assert counts["experiment"] == 9 and counts["collate_experiment"] == 9 and counts["experiment_figure"] == 1
     for family in ("llama3", "tinyllama", "opt", "gemma2"):
         assert f"records/{family}__cpt__base__kv100__s1.json" in proc.stdout

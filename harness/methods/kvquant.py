@@ -1,4 +1,4 @@
-"""``kvquant`` / ``kvquant+gqa``: the K/V cache stored as 2- or 4-bit codes (``baselines.quantized_cache``).
+"""``kvquant`` / ``kvquant+gqa`` / ``kvquant+mixsga``: the K/V cache stored as 2- or 4-bit codes.
 
 KIVI-style quantization through transformers' ``QuantoQuantizedLayer`` (optimum-quanto):
 per-token groups of ``group_size`` channels, each with a scale and a zero-point in the
@@ -10,13 +10,21 @@ checkpoint it shares). Quantization acts only through the cache, so the spec set
 zero-shot (one cache-less forward per choice) is skipped; the record's eviction fields
 stay empty.
 
+``kvquant+mixsga`` quantizes mixSGA's per-expert stores (``mixsga.quantized_cache``):
+each token's pooled K/V at its expert's granularity, per head in groups of ``group_size``
+channels along ``head_dim`` (default: the largest divisor of at most 64), each group with a
+scale and a zero-point in the cache's float dtype, plus the uint8 expert index per token and
+layer, on the mixSGA model at ``inner_budget`` (0.5 by default, whose checkpoint it shares).
+It takes no residual window (see that module), so its bytes are the same per token at every
+length and equal the analytic bytes wherever plain mixSGA's do (the routing at the ratios).
+
 Params: ``bits`` (2 or 4; default 4), ``group_size`` (default: the largest of at most 64
 channels that packs whole bytes per token), ``residual`` (window length; default 0 = no
 window), ``context`` (tokens per sample at which the bytes per token are stated; required
 with a window, see below).
 
 Budget: derived from the bits, ``bits / 16`` (the codes' share of a 16-bit cache; with
-GQA times its ``inner_budget``); a config gives no budget (any other is refused). The
+GQA or mixSGA times its ``inner_budget``); a config gives no budget (any other is refused). The
 realized budget counts everything at the run's dtype: codes, scales and zero-points, and
 the window.
 
@@ -33,8 +41,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.methods import gqa
-from harness.methods.core import Method, MethodSpec, check_budget, same
+from harness.methods import gqa, mixsga
+from harness.methods.core import Method, MethodSpec, ParamError, check_budget, same
 
 DEFAULT_BITS = 4
 DEFAULT_INNER_BUDGET = 0.5
@@ -56,8 +64,12 @@ def _count(params, name: str, minimum: int) -> None:
         raise ValueError(f"kvquant {name} must be an integer >= {minimum}, got {value!r}")
 
 
+#: Colours by inner method (None: the base model).
+COLORS = {None: "tab:red", "gqa": "darkred", "mixsga": "deeppink"}
+
+
 class KVQuantSpec(MethodSpec):
-    """``kvquant`` on the base model, or (``inner``) on GQA's grouped heads."""
+    """``kvquant`` on the base model, or (``inner``) on GQA's grouped heads or mixSGA's expert stores."""
 
     evicts = True  # acts only through the cache: bounded-cache perplexity, no zero-shot (module doc)
     quantizes = True
@@ -67,11 +79,14 @@ class KVQuantSpec(MethodSpec):
         self.inner = inner
         self.name = "kvquant" if inner is None else f"kvquant+{inner.name}"
         self.label = "KV quant" if inner is None else f"KV quant + {inner.label}"
-        self.color = "tab:red" if inner is None else "darkred"
+        self.color = COLORS[None if inner is None else inner.name]
         self.needs_training = inner is not None and inner.needs_training
         self.param_names = QUANT_PARAMS + (() if inner is None else ("inner_budget", "inner"))
-        self.modules = ("harness.methods.kvquant", "baselines.quantized_cache",
-                        *(() if inner is None else inner.modules))
+        store = "mixsga.quantized_cache" if self._on_mixsga() else "baselines.quantized_cache"
+        self.modules = ("harness.methods.kvquant", store, *(() if inner is None else inner.modules))
+
+    def _on_mixsga(self) -> bool:
+        return self.inner is not None and self.inner.name == "mixsga"
 
     def parse_params(self, params):
         params = super().parse_params(params)
@@ -85,6 +100,20 @@ class KVQuantSpec(MethodSpec):
                              "new_tokens - 1)")
         if not params.get("residual") and params.get("context") is not None:
             raise ValueError("kvquant context only states a residual window's bytes; without residual it is not taken")
+        if self._on_mixsga() and params.get("residual"):
+            raise ParamError("residual", "kvquant+mixsga takes no residual window: the most recent tokens sit in "
+                                         "different expert stores, so the window's bytes would depend on their "
+                                         "routing (mixsga/quantized_cache.py); leave out residual")
+        if self.inner is not None and params.get("inner") is not None:
+            inner = params["inner"]
+            if not isinstance(inner, dict):
+                raise ParamError("inner", f"{inner!r} is not a mapping of {self.inner.name} params")
+            try:
+                self.inner.parse_params(inner)
+            except ParamError as err:
+                raise err.under("inner") from None
+            except ValueError as err:
+                raise ParamError("inner", str(err)) from None
         return params
 
     def inner_budget(self, params) -> float:
@@ -103,6 +132,14 @@ class KVQuantSpec(MethodSpec):
                              f"{NOMINAL_FLOAT_BITS}{'' if self.inner is None else ' x inner_budget'} = "
                              f"{derived:.2%}), not {float(budget):.2%}: leave out its budgets, set bits")
 
+    def check_run(self, budget, params, contexts):
+        if self.inner is None:
+            return
+        try:
+            self.inner.check_run(self.inner_budget(params), dict(params.get("inner") or {}), contexts)
+        except ParamError as err:
+            raise err.under("inner") from None
+
     def train_key(self, budget, params):
         if self.inner is None:
             return "base", 1.0, {}  # quantization runs on the base model's weights
@@ -118,7 +155,8 @@ class KVQuantSpec(MethodSpec):
 
 
 class KVQuant(Method):
-    """The quantized cache (``baselines.quantized_cache.QuantizedKVCache``), on the base model or GQA."""
+    """The quantized cache (``baselines.quantized_cache.QuantizedKVCache``), on the base model or GQA;
+    on mixSGA its quantized expert stores (``mixsga.quantized_cache.QuantizedMixSGACache``)."""
 
     query_aware = False
 
@@ -139,8 +177,15 @@ class KVQuant(Method):
             inner_budget = check_budget(self.spec.inner_budget(explicit))
             out["inner"] = self.inner.params_for_budget(config, inner_budget, **dict(explicit.get("inner") or {}))
             out["inner_budget"] = inner_budget
-            heads = out["inner"]["num_key_value_heads"]
         bits, head_dim = _bits(explicit), kv_shape(config).head_dim
+        if self.spec._on_mixsga():
+            from mixsga.quantized_cache import check_quant_layout, default_group_size as per_head_group
+
+            group = explicit.get("group_size") or per_head_group(head_dim)
+            check_quant_layout(bits, group, head_dim)
+            return {**out, "quant": {"bits": bits, "group_size": int(group), "residual": 0}}
+        if self.inner is not None:
+            heads = out["inner"]["num_key_value_heads"]
         group = explicit.get("group_size") or default_group_size(bits, heads, head_dim)
         check_layout(bits, group, heads, head_dim)
         quant = {"bits": bits, "group_size": int(group), "residual": int(explicit.get("residual") or 0)}
@@ -155,6 +200,9 @@ class KVQuant(Method):
 
     def stored_bytes(self, config, params, dtype: Any, tokens: int) -> int:
         """Stored K/V bytes of one sample holding ``tokens`` tokens (``config``: the base model's)."""
+        if self.spec._on_mixsga():
+            raise ValueError("kvquant+mixsga's stored bytes depend on the routing, not on the token count alone: "
+                             "use analytic_bytes_per_token (at the ratios) or the cache's kv_bytes()")
         from baselines.quantized_cache import quantized_kv_bytes
         from kvledger import dtype_bytes, kv_shape
 
@@ -164,6 +212,12 @@ class KVQuant(Method):
                                   group_size=quant["group_size"], residual=quant["residual"], tokens=tokens)
 
     def analytic_bytes_per_token(self, config, params, dtype="float32"):
+        if self.spec._on_mixsga():  # no window; the stores at the routing ratios, index bytes included
+            from mixsga.quantized_cache import quantized_mixsga_kv_bytes_per_token
+
+            inner, quant = params["inner"], params["quant"]
+            return float(quantized_mixsga_kv_bytes_per_token(config, inner["ratios"], inner["group_sizes"], dtype,
+                                                             quant["bits"], quant["group_size"]))
         tokens = int(params["quant"].get("context", 1))  # no window: the same at every length
         return self.stored_bytes(config, params, dtype, tokens) / tokens
 
@@ -182,13 +236,17 @@ class KVQuant(Method):
             self.inner.register_checkpoint_types()
 
     def new_cache(self, model, params):
+        quant = params["quant"]
+        if self.spec._on_mixsga():
+            from mixsga.quantized_cache import QuantizedMixSGACache
+
+            return QuantizedMixSGACache(model.config, quant["bits"], quant["group_size"])
         from baselines.quantized_cache import QuantizedKVCache
 
-        quant = params["quant"]
         return QuantizedKVCache(model.config, quant["bits"], quant["group_size"], quant["residual"])
 
     def live_bytes(self, cache) -> int:
         return int(cache.kv_bytes())
 
 
-SPECS = (KVQuantSpec(), KVQuantSpec(gqa.SPEC))
+SPECS = (KVQuantSpec(), KVQuantSpec(gqa.SPEC), KVQuantSpec(mixsga.SPEC))

@@ -34,6 +34,7 @@ from harness.data.tokenizer import load_tokenizer
 from harness.models.zoo import build_config, count_parameters
 from harness.training.recipes import PRETRAIN, Recipe
 from harness.training.train import lr_multiplier, seed_everything, stream_data, train
+from hfconvert import save_converted
 
 RESULT_FILE = "pretrain.json"
 
@@ -198,8 +199,7 @@ def pretrain(
         "tokenizer_dir": str(tokenizer_dir),
     }
     with atomic_directory(out) as tmp:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
+        save_converted(model, tmp, tokenizer)  # config.json records the attention kernel (Gemma 2: eager)
         (tmp / RESULT_FILE).write_text(json.dumps(result, indent=2, sort_keys=True) + "\n")
     shutil.rmtree(partial, ignore_errors=True)
     return result
