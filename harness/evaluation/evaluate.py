@@ -260,13 +260,15 @@ def bounded_cache_perplexity(
     device: str | torch.device = "cpu",
     max_tokens: int | None = None,
     progress: bool = False,
+    min_distance: int | None = None,
 ) -> dict[str, Any]:
     """Per-token and per-word perplexity scoring token by token through ``cache_factory()`` caches.
 
     Windows, targets (``<bos>`` targets skipped) and word counts are those of
     :func:`harness.evaluation.perplexity.perplexity`; equal-length windows are scored side by side in a
     batch (no padding). Positions are passed explicitly, so a cache that reports only its kept
-    tokens as its length cannot shift them.
+    tokens as its length cannot shift them. ``min_distance``: the long-range task from the same pass
+    (:func:`harness.evaluation.perplexity.score_windows`).
     """
     def token_by_token(inputs: torch.Tensor) -> torch.Tensor:
         cache = cache_factory()
@@ -279,7 +281,7 @@ def bounded_cache_perplexity(
 
     return score_windows(
         model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size, device=device,
-        max_tokens=max_tokens, window_logits=token_by_token, progress=progress,
+        max_tokens=max_tokens, window_logits=token_by_token, progress=progress, min_distance=min_distance,
         protocol="token-by-token through a bounded cache; non-overlapping windows over <bos> doc <eos> "
                  "stream; <bos> targets not scored",
     )
@@ -296,6 +298,11 @@ def as_quality(*, rouge: Mapping[str, Any] | None = None, ppl: Mapping[str, Any]
                        eval_tokens=ppl["tokens"], eval_words=ppl["words"])
         if "window_nll" in ppl:  # per-window NLL sums and counts: the units of the paired bootstrap
             quality["ppl_windows"] = {"nll": list(ppl["window_nll"]), "tokens": list(ppl["window_tokens"])}
+        far = ppl.get("longrange")
+        if far is not None:  # the long-range task, from the same pass (None where no token qualifies)
+            quality.update(ppl_longrange=_finite_or_none(far["ppl"]), longrange_tokens=far["tokens"],
+                           longrange_min_distance=far["min_distance"],
+                           longrange_windows={"nll": list(far["window_nll"]), "tokens": list(far["window_tokens"])})
     if eval_set is not None:
         quality["eval_set"] = eval_set
     return quality
