@@ -143,6 +143,18 @@ def plot_pareto(fronts: pd.DataFrame, axis: str, out: str | Path) -> Path:
     return save_figure(fig, out, dpi=130)
 
 
+def _message_figure(out: str | Path, message: str) -> Path:
+    """A figure holding only ``message`` (an output the workflow expects, when there is nothing to plot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(7, 2.5))
+    fig.text(0.5, 0.5, message, ha="center", va="center", wrap=True, fontsize=10)
+    return save_figure(fig, out, dpi=130)
+
+
 def write_pareto(table: pd.DataFrame | str | Path, *, csv: str | Path, md: str | Path | None = None,
                  kv_figure: str | Path | None = None, latency_figure: str | Path | None = None,
                  quality: str = "ppl_token", experiment: str = "all",
@@ -154,7 +166,13 @@ def write_pareto(table: pd.DataFrame | str | Path, *, csv: str | Path, md: str |
     smaller size does not), with its fronts as a second Markdown section.
     """
     fronts = pareto_fronts(table, quality, experiment)
-    far = pareto_fronts(table, "ppl_longrange", experiment) if longrange_figure is not None else None
+    far = None
+    if longrange_figure is not None:
+        try:
+            far = pareto_fronts(table, "ppl_longrange", experiment)
+        except ValueError as err:  # no run scored a long-range token: the figure says so instead of a front
+            _message_figure(longrange_figure, f"No long-range perplexity to plot: {err}.\nSet eval.longrange."
+                            "min_distance well below eval.seq_len (and score enough tokens) for the task to count.")
     front = fronts[fronts["on_front"]].drop(columns=["on_front"])
     write_atomic(csv, front.to_csv(index=False))
     if md is not None:

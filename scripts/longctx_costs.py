@@ -45,6 +45,47 @@ def pretrain_steps(family: str, tokenizer, stream: torch.Tensor, tokens_per_step
     return times
 
 
+def interleaved_evals(family: str, tok, texts, seq_len: int, max_tokens: int, rounds: int, min_distance: int,
+                      prefix_tokens: int) -> dict[str, list[float]]:
+    """Seconds of each evaluation, timed in alternation ``rounds`` times (a shared machine's load hits all alike)."""
+    from baselines.eviction import eviction_cache_factory
+    from baselines.policies import EvictionPolicy
+    from harness.evaluation.evaluate import bounded_cache_perplexity
+    from harness.evaluation.perplexity import perplexity
+    from harness.models.zoo import build_config
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(build_config(family, "tiny", tok)).eval()
+    full_model = AutoModelForCausalLM.from_config(model.config).eval()
+    full_model.load_state_dict(model.state_dict())
+    factories = {m: eviction_cache_factory(model, EvictionPolicy(m, 0.25)) for m in ("h2o", "snapkv")}
+    jobs = {
+        f"full forward, {max_tokens} tokens, batch 8": lambda: perplexity(
+            full_model, tok, texts, seq_len=seq_len, batch_size=8, max_tokens=max_tokens, min_distance=min_distance),
+        f"h2o 25 %, {max_tokens} tokens, batch 8": lambda: bounded_cache_perplexity(
+            model, tok, texts, seq_len=seq_len, batch_size=8, cache_factory=factories["h2o"], max_tokens=max_tokens,
+            min_distance=min_distance),
+        f"h2o 25 %, {max_tokens} tokens, batch 16": lambda: bounded_cache_perplexity(
+            model, tok, texts, seq_len=seq_len, batch_size=16, cache_factory=factories["h2o"], max_tokens=max_tokens,
+            min_distance=min_distance),
+        f"snapkv 25 %, {max_tokens} tokens, batch 16": lambda: bounded_cache_perplexity(
+            model, tok, texts, seq_len=seq_len, batch_size=16, cache_factory=factories["snapkv"],
+            max_tokens=max_tokens, min_distance=min_distance),
+        f"h2o 25 %, {prefix_tokens} tokens, batch 8": lambda: bounded_cache_perplexity(
+            model, tok, texts, seq_len=seq_len, batch_size=8, cache_factory=factories["h2o"], max_tokens=prefix_tokens,
+            min_distance=min_distance),
+    }
+    times: dict[str, list[float]] = {k: [] for k in jobs}
+    for r in range(rounds):
+        for name, job in jobs.items():
+            t0 = time.perf_counter()
+            got = job()
+            times[name].append(round(time.perf_counter() - t0, 2))
+            print(f"round {r}: {name}: {times[name][-1]} s (ppl {got['ppl_token']:.3f}, long-range "
+                  f"{got['longrange']['tokens']} tokens)", flush=True)
+    return times
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--tokenizer", required=True)
@@ -59,6 +100,8 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--skip-pretrain", action="store_true")
     p.add_argument("--skip-eval", action="store_true")
+    p.add_argument("--interleaved", type=int, default=0, help="rounds of the interleaved evaluation timing (0: off)")
+    p.add_argument("--prefix-tokens", type=int, default=8192)
     args = p.parse_args()
     torch.set_num_threads(1)
     from baselines.eviction import eviction_cache_factory
@@ -81,6 +124,14 @@ def main() -> None:
             out[f"pretrain_ratio/{family}"] = round(med[args.seq_len] / med[256], 3)
             print(family, "pretrain step (s, median of", args.repeats, ", ", args.tokens_per_step, "tokens):", med,
                   "ratio", out[f"pretrain_ratio/{family}"], flush=True)
+    if args.interleaved:
+        texts = read_split(args.corpus, "test")
+        for family in args.eval_families:
+            times = interleaved_evals(family, tok, texts, args.seq_len, args.max_tokens, args.interleaved, 128,
+                                      args.prefix_tokens)
+            out[f"interleaved/{family}"] = {k: {"runs_s": v, "median_s": statistics.median(v)} for k, v in times.items()}
+        print(json.dumps(out, indent=1))
+        return
     if args.skip_eval:
         print(json.dumps(out, indent=1))
         return

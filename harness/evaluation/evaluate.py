@@ -265,8 +265,9 @@ def bounded_cache_perplexity(
     """Per-token and per-word perplexity scoring token by token through ``cache_factory()`` caches.
 
     Windows, targets (``<bos>`` targets skipped) and word counts are those of
-    :func:`harness.evaluation.perplexity.perplexity`; equal-length windows are scored side by side in a
-    batch (no padding). Positions are passed explicitly, so a cache that reports only its kept
+    :func:`harness.evaluation.perplexity.perplexity`; the windows of a batch decode in lockstep, one token
+    of each per step, and the short last window joins the last batch right-padded (decoding is causal
+    and per row, so its scores are those it would get alone: one sequential pass fewer). Positions are passed explicitly, so a cache that reports only its kept
     tokens as its length cannot shift them. ``min_distance``: the long-range task from the same pass
     (:func:`harness.evaluation.perplexity.score_windows`).
     """
@@ -282,6 +283,7 @@ def bounded_cache_perplexity(
     return score_windows(
         model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size, device=device,
         max_tokens=max_tokens, window_logits=token_by_token, progress=progress, min_distance=min_distance,
+        pad_short_window=True,  # decoding is causal and per row: the padded tail cannot reach scored logits
         protocol="token-by-token through a bounded cache; non-overlapping windows over <bos> doc <eos> "
                  "stream; <bos> targets not scored",
     )

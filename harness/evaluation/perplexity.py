@@ -106,6 +106,7 @@ def score_windows(
     max_tokens: int | None = None,
     progress: bool = False,
     min_distance: int | None = None,
+    pad_short_window: bool = False,
 ) -> dict:
     """Score the stream of ``texts`` in windows with ``window_logits(inputs [B, n]) -> logits [B, n, V]``.
 
@@ -113,6 +114,11 @@ def score_windows(
     :func:`harness.evaluation.evaluate.bounded_cache_perplexity` (token by token through a cache) differ
     only in how a window's logits are computed. With ``min_distance`` the same pass also sums the
     NLL of the long-range targets (``harness.evaluation.longrange``) into ``result["longrange"]``.
+
+    ``pad_short_window``: the short last window joins the last batch (if it has room), right-padded;
+    only for a causal ``window_logits`` whose rows are independent (token-by-token decoding), where
+    tokens after a position cannot change its logits, so the scores are those of the window alone
+    and a whole sequential pass is saved.
     """
     if seq_len < 1:
         raise ValueError(f"seq_len must be >= 1, got {seq_len!r}")
@@ -127,11 +133,16 @@ def score_windows(
     stream = torch.tensor(ids, dtype=torch.long)
     full, rest = divmod(len(ids) - 1, seq_len)
     # Equal-length windows go in batches; the short last window runs alone (no padding, so
-    # methods that route or evict per sequence see exactly the scored tokens).
-    batches = [(list(range(b * seq_len, min(b + batch_size, full) * seq_len, seq_len)), seq_len)
+    # methods that route or evict per sequence see exactly the scored tokens), unless the caller's
+    # logits are causal per row (pad_short_window).
+    batches = [([(s, seq_len) for s in range(b * seq_len, min(b + batch_size, full) * seq_len, seq_len)])
                for b in range(0, full, batch_size)]
-    if rest:
-        batches.append(([full * seq_len], rest))
+    if rest and pad_short_window and batches and len(batches[-1]) < batch_size:
+        batches[-1].append((full * seq_len, rest))
+    elif rest:
+        batches.append([(full * seq_len, rest)])
+    # padding: inputs <pad> (or <eos>), targets <bos> (never scored), so a padded position counts nowhere
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     was_training = model.training
     model.eval()
     nll_sum, scored = 0.0, 0
@@ -140,9 +151,12 @@ def score_windows(
     far_nll: list[float] = []
     far_tokens: list[int] = []
     try:
-        for starts, n in tqdm(batches, desc="perplexity", disable=not progress, dynamic_ncols=True):
-            inputs = torch.stack([stream[s : s + n] for s in starts]).to(device)
-            targets = torch.stack([stream[s + 1 : s + n + 1] for s in starts]).to(device)
+        for rows_of in tqdm(batches, desc="perplexity", disable=not progress, dynamic_ncols=True):
+            n = max(m for _, m in rows_of)
+            starts = [s for s, _ in rows_of]
+            inputs = torch.stack([F.pad(stream[s : s + m], (0, n - m), value=pad) for s, m in rows_of]).to(device)
+            targets = torch.stack([F.pad(stream[s + 1 : s + m + 1], (0, n - m), value=tokenizer.bos_token_id)
+                                   for s, m in rows_of]).to(device)
             logits = window_logits(inputs).float()
             nll = F.cross_entropy(logits.reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
             mask = targets.reshape(-1) != tokenizer.bos_token_id
@@ -153,7 +167,8 @@ def score_windows(
             window_nll += [float(v) for v in rows.sum(dim=1, dtype=torch.float64)]
             window_tokens += [int(v) for v in mask.view(len(starts), n).sum(dim=1)]
             # long-range targets (never <bos>): the same NLL values, summed over their mask
-            hit = torch.stack([far[s + 1 : s + n + 1] for s in starts]).to(nll.device).reshape(-1)
+            hit = torch.stack([F.pad(far[s + 1 : s + m + 1], (0, n - m), value=False)
+                               for s, m in rows_of]).to(nll.device).reshape(-1)
             far_rows = torch.where(hit, nll, torch.zeros_like(nll)).view(len(starts), n)
             far_nll += [float(v) for v in far_rows.sum(dim=1, dtype=torch.float64)]
             far_tokens += [int(v) for v in hit.view(len(starts), n).sum(dim=1)]

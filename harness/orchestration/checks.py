@@ -149,6 +149,10 @@ def _positions(cfg: Mapping[str, Any]) -> Iterable[str]:
 def _longrange(cfg: Mapping[str, Any]) -> Iterable[str]:
     """The long-range task's distance against the windows it is scored in."""
     distance, seq_len = cfg["eval"]["longrange"]["min_distance"], cfg["eval"]["seq_len"]
+    if distance is not None and cfg["eval"]["text_set"] != "corpus":
+        yield (f"config key 'eval.longrange.min_distance': the long-range task finds identifiers with Python's "
+               f"tokenizer, so it needs the Python corpus (eval.text_set corpus), not {cfg['eval']['text_set']!r}; "
+               "set it to null")
     if distance is not None and distance >= seq_len:
         yield (f"config key 'eval.longrange.min_distance': {distance} tokens is not below eval.seq_len {seq_len}: "
                "no previous occurrence that far back can lie inside a scored window, so no token would qualify")
