@@ -120,6 +120,22 @@ def test_eviction_changes_the_long_range_perplexity_through_the_same_pass(tok):
     assert evicted["tokens"] == full["tokens"] and abs(evicted["ppl"] - full["ppl"]) > 1e-4 * full["ppl"]
 
 
+def test_chunked_bounded_cache_is_exact_unbounded_and_differs_only_by_its_chunks_under_eviction(tok):
+    model = tiny_model("llama", vocab_size=len(tok))
+    full = perplexity(model, tok, TEXTS, seq_len=96, batch_size=3, min_distance=20)
+    chunked = bounded_cache_perplexity(model, tok, TEXTS, seq_len=96, batch_size=3, min_distance=20, chunk=8,
+                                       cache_factory=lambda: DynamicCache(config=model.config))
+    assert chunked["ppl_token"] == pytest.approx(full["ppl_token"], rel=1e-5)
+    assert chunked["longrange"]["ppl"] == pytest.approx(full["longrange"]["ppl"], rel=1e-5)
+    assert "8-token chunks" in chunked["protocol"]
+    make = eviction_cache_factory(model, EvictionPolicy("h2o", keep=0.25))
+    one = bounded_cache_perplexity(model, tok, TEXTS, seq_len=96, batch_size=3, cache_factory=make)
+    eight = bounded_cache_perplexity(model, tok, TEXTS, seq_len=96, batch_size=3, cache_factory=make, chunk=8)
+    assert one["tokens"] == eight["tokens"] and one["ppl_token"] != eight["ppl_token"]
+    with pytest.raises(ValueError, match="chunk must be >= 1"):
+        bounded_cache_perplexity(model, tok, TEXTS, seq_len=96, cache_factory=make, chunk=0)
+
+
 def test_record_fields_and_their_consistency_check(tok, make_record):
     model = tiny_model("llama", vocab_size=len(tok))
     ppl = perplexity(model, tok, TEXTS, seq_len=96, batch_size=3, min_distance=20)

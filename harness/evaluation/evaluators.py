@@ -56,9 +56,9 @@ def evaluate_ppl(model, ctx: EvalContext) -> dict[str, Any]:
     far = (cfg.get("longrange") or {}).get("min_distance")
     if ctx.evicting:
         ppl = bounded_cache_perplexity(model, ctx.tokenizer, ctx.texts, seq_len=cfg["seq_len"],
-                                       cache_factory=ctx.cache_factory,
-                                       batch_size=cfg.get("cache_batch_size") or cfg["batch_size"],
-                                       device=ctx.device, max_tokens=cfg["max_tokens"], min_distance=far)
+                                       cache_factory=ctx.cache_factory, batch_size=cfg["batch_size"],
+                                       device=ctx.device, max_tokens=cfg["max_tokens"], min_distance=far,
+                                       chunk=cfg.get("cache_chunk", 1))
     else:
         ppl = perplexity(model, ctx.tokenizer, ctx.texts, seq_len=cfg["seq_len"], batch_size=cfg["batch_size"],
                          device=ctx.device, max_tokens=cfg["max_tokens"], min_distance=far)
