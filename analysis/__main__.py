@@ -29,7 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--md")
     p.add_argument("--kv-figure", help="PNG: quality vs realized KV bytes, a panel per family")
     p.add_argument("--latency-figure", help="PNG: quality vs decode ms/token, a panel per family x device")
-    p.add_argument("--quality", default="ppl_token", help="ppl_token (default), ppl_word, rouge_l or zs_avg")
+    p.add_argument("--longrange-figure", help="PNG: long-range perplexity vs realized KV bytes, a panel per family")
+    p.add_argument("--quality", default="ppl_token", help="ppl_token (default), ppl_word, ppl_longrange, rouge_l or zs_avg")
     p.add_argument("--experiment", default="all", help="only runs of this experiment (default: all runs)")
 
     p = sub.add_parser("figure3", help="Figure 3: perplexity vs realized KV budget")
@@ -77,7 +78,7 @@ def _run(args: argparse.Namespace) -> str:
 
         fronts = write_pareto(args.table, csv=args.csv, md=args.md, kv_figure=args.kv_figure,
                               latency_figure=args.latency_figure, quality=args.quality,
-                              experiment=args.experiment)
+                              experiment=args.experiment, longrange_figure=args.longrange_figure)
         return f"pareto: {int(fronts['on_front'].sum())} front points of {len(fronts)} -> {args.csv}"
     if args.command == "figure3":
         from analysis.figures import figure3

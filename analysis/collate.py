@@ -154,12 +154,13 @@ def _rouge_by_set(value: Any) -> dict[str, Any]:
     return out
 
 
-def _windows(value: Any) -> dict[str, Any]:
-    """``ppl_window_nll`` / ``ppl_window_tokens``: the per-window lists as JSON text (the paired bootstrap's input)."""
+def _windows(value: Any, prefix: str = "ppl") -> dict[str, Any]:
+    """``{prefix}_window_nll`` / ``{prefix}_window_tokens``: the per-window lists as JSON text (the paired
+    bootstrap's input); ``prefix`` ``ppl`` = every scored token, ``longrange`` = the long-range task's."""
     if not isinstance(value, Mapping):
-        return {"ppl_window_nll": None, "ppl_window_tokens": None}
-    return {"ppl_window_nll": json.dumps([float(v) for v in value.get("nll", [])]),
-            "ppl_window_tokens": json.dumps([int(v) for v in value.get("tokens", [])])}
+        return {f"{prefix}_window_nll": None, f"{prefix}_window_tokens": None}
+    return {f"{prefix}_window_nll": json.dumps([float(v) for v in value.get("nll", [])]),
+            f"{prefix}_window_tokens": json.dumps([int(v) for v in value.get("tokens", [])])}
 
 
 def _experiments(record: Mapping[str, Any]) -> str:
@@ -226,6 +227,10 @@ def flatten(record: Mapping[str, Any]) -> dict[str, Any]:
         **_zeroshot(get(record, "quality.zeroshot")),
         "ppl_protocol": get(record, "quality.ppl_protocol"),
         **_windows(get(record, "quality.ppl_windows")),
+        "ppl_longrange": _num(get(record, "quality.ppl_longrange")),
+        "longrange_tokens": _num(get(record, "quality.longrange_tokens")),
+        "longrange_min_distance": _num(get(record, "quality.longrange_min_distance")),
+        **_windows(get(record, "quality.longrange_windows"), "longrange"),
         "context_len": _num(get(record, "performance.context_len")),
         "prefill_ms": _num(get(record, "performance.prefill_ms")),
         "prefill_ms_p50": _num(get(record, "performance.prefill_ms.p50")),

@@ -19,7 +19,7 @@ from analysis.tables import experiment_runs
 from harness.atomic import write_atomic
 
 #: Quality columns and whether lower is better.
-QUALITY = {"ppl_token": True, "ppl_word": True, "rouge_l": False, "zs_avg": False}
+QUALITY = {"ppl_token": True, "ppl_word": True, "ppl_longrange": True, "rouge_l": False, "zs_avg": False}
 #: Cost axes: column, figure label.
 COSTS = {"kv": ("kv_bytes_per_token", "realized KV cache (KiB per token)"),
          "latency": ("decode_ms_per_token", "decode latency (ms per token)")}
@@ -143,11 +143,36 @@ def plot_pareto(fronts: pd.DataFrame, axis: str, out: str | Path) -> Path:
     return save_figure(fig, out, dpi=130)
 
 
+def _message_figure(out: str | Path, message: str) -> Path:
+    """A figure holding only ``message`` (an output the workflow expects, when there is nothing to plot)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(7, 2.5))
+    fig.text(0.5, 0.5, message, ha="center", va="center", wrap=True, fontsize=10)
+    return save_figure(fig, out, dpi=130)
+
+
 def write_pareto(table: pd.DataFrame | str | Path, *, csv: str | Path, md: str | Path | None = None,
                  kv_figure: str | Path | None = None, latency_figure: str | Path | None = None,
-                 quality: str = "ppl_token", experiment: str = "all") -> pd.DataFrame:
-    """Write the fronts (front rows only) as CSV / Markdown and the two faceted figures; return all rows."""
+                 quality: str = "ppl_token", experiment: str = "all",
+                 longrange_figure: str | Path | None = None) -> pd.DataFrame:
+    """Write the fronts (front rows only) as CSV / Markdown and the two faceted figures; return all rows.
+
+    ``longrange_figure``: also the long-range perplexity against realized KV bytes (the tokens whose
+    earlier occurrence lies far back, where discarding tokens costs and keeping every token at a
+    smaller size does not), with its fronts as a second Markdown section.
+    """
     fronts = pareto_fronts(table, quality, experiment)
+    far = None
+    if longrange_figure is not None:
+        try:
+            far = pareto_fronts(table, "ppl_longrange", experiment)
+        except ValueError as err:  # no run scored a long-range token: the figure says so instead of a front
+            _message_figure(longrange_figure, f"No long-range perplexity to plot: {err}.\nSet eval.longrange."
+                            "min_distance well below eval.seq_len (and score enough tokens) for the task to count.")
     front = fronts[fronts["on_front"]].drop(columns=["on_front"])
     write_atomic(csv, front.to_csv(index=False))
     if md is not None:
@@ -158,11 +183,19 @@ def write_pareto(table: pd.DataFrame | str | Path, *, csv: str | Path, md: str |
         text = (f"# Pareto fronts ({quality} vs cost)\n\nNon-dominated configurations (mean over seeds) per "
                 "family; cost: realized KV bytes per token (axis kv) or decode ms per token on one device "
                 "(axis latency).\n\n" + to_markdown(shown.drop_duplicates()))
+        if far is not None:
+            rows = far[far["on_front"] & (far["axis"] == "kv")]
+            text += ("\n## Long-range perplexity vs realized KV bytes\n\nThe same fronts for `ppl_longrange` "
+                     "(tokens of identifiers whose previous occurrence lies at least eval.longrange.min_distance "
+                     "tokens back, inside the window).\n\n"
+                     + to_markdown(rows[[c for c in cols if c in rows.columns and c != "device"]].drop_duplicates()))
         write_atomic(md, text)
     if kv_figure is not None:
         plot_pareto(fronts, "kv", kv_figure)
     if latency_figure is not None:
         plot_pareto(fronts, "latency", latency_figure)
+    if far is not None:
+        plot_pareto(far, "kv", longrange_figure)
     return fronts
 
 

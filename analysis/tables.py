@@ -51,11 +51,15 @@ class Layout:
     zeroshot: bool = False
     note: str = ""
     fill: dict = field(default_factory=dict)
+    #: further metrics with their own paired-difference column (``{metric}_delta*`` in the CSV)
+    also_paired: tuple[Metric, ...] = ()
 
 
 ROUGE = Metric("rouge_l", "ROUGE-L (x100)")
 GEN = Metric("gen_length", "gen. length (tokens)", 1)
 PPL = Metric("ppl_token", "perplexity (per token)")
+LONGRANGE = Metric("ppl_longrange", "long-range ppl")
+LONGRANGE_N = Metric("longrange_tokens", "long-range tokens", 0)
 REALIZED = Metric("budget_realized", "realized KV budget (%)", 1, 100.0)
 BYTES = Metric("kv_bytes_per_token", "realized KV (bytes/token)", 0)
 DECODE = Metric("decode_tps_mean", "decode (tokens/s)", 1)
@@ -155,8 +159,12 @@ LAYOUTS: dict[str, Layout] = {
 
 #: Layout of any experiment without its own (the main grid: every method x budget).
 DEFAULT_LAYOUT = Layout("All runs: method x budget", ("family", "method", "variant", "budget_nominal"),
-                        (PPL, REALIZED, BYTES, DECODE),
-                        note="Held-out perplexity per token (bounded cache for eviction methods).")
+                        (PPL, LONGRANGE, LONGRANGE_N, REALIZED, BYTES, DECODE), also_paired=(LONGRANGE,),
+                        note="Held-out perplexity per token (bounded cache for eviction methods). Long-range ppl: "
+                             "the same pass's perplexity on the tokens of Python identifiers whose previous "
+                             "occurrence in the same module starts at least eval.longrange.min_distance tokens "
+                             "earlier and inside the scored window (harness.evaluation.longrange), where keeping "
+                             "every token pays; `long-range tokens` counts them.")
 
 _KEY_LABELS = {"arch": "method", "budget_nominal": "nominal budget", "group_sizes": "group sizes"}
 _ARCH_ORDER = ["base", "gqa", "mqa", "cla", "mixsga"]
@@ -293,6 +301,11 @@ def experiment_table(table: pd.DataFrame | str | Path, experiment: str) -> tuple
         paired_cols = list(fields[0]) if fields else []
         for c in paired_cols:
             summary[c] = [f[c] for f in fields]
+        for extra in layout.also_paired:  # same reference rule and pairing, the metric's own windows
+            more = [paired_row(runs[_in_row(runs, layout.keys, rows[i])], runs, extra.column, rule)
+                    for i in range(len(summary))]
+            for c in (list(more[0]) if more else []):
+                summary[f"{extra.column}_{c}"] = [f[c] for f in more]
     delta_cols: list[str] = []
     if layout.reference and primary:
         ref_col, ref_val = layout.reference
@@ -320,7 +333,8 @@ def experiment_table(table: pd.DataFrame | str | Path, experiment: str) -> tuple
     note = " ".join(t for t in (_ours_note(runs, metrics, sets or _joined(runs, "instruct_sets", ";"),
                                            [t[3:] for t in tasks if not t.endswith("_norm")]), layout.note) if t)
     md = _markdown(layout, experiment, summary, metrics, paper_cols, delta_cols, note,
-                   primary_metric if paired_cols else None)
+                   primary_metric if paired_cols else None,
+                   [m for m in layout.also_paired if f"{m.column}_delta" in summary] if paired_cols else [])
     return summary, md
 
 
@@ -406,8 +420,13 @@ def layout_reference(layout: Layout) -> Callable[[pd.Series, pd.DataFrame], tupl
     return rule
 
 
-def _windows(run: pd.Series) -> tuple[list[float], list[int]] | None:
-    nll, tokens = run.get("ppl_window_nll"), run.get("ppl_window_tokens")
+#: Metrics with per-window NLL sums in the tidy table (``{prefix}_window_nll`` / ``_tokens``): bootstrappable.
+WINDOWED = {"ppl_token": "ppl", "ppl_longrange": "longrange"}
+
+
+def _windows(run: pd.Series, metric: str = "ppl_token") -> tuple[list[float], list[int]] | None:
+    prefix = WINDOWED[metric]
+    nll, tokens = run.get(f"{prefix}_window_nll"), run.get(f"{prefix}_window_tokens")
     if _missing(nll) or _missing(tokens):
         return None
     return json.loads(nll), json.loads(tokens)
@@ -446,9 +465,9 @@ def paired_row(group: pd.DataFrame, runs: pd.DataFrame, metric: str,
     if not values:
         return out
     delta: Delta = paired_difference(values, refs)
-    if len(values) == 1 and metric == "ppl_token":
+    if len(values) == 1 and metric in WINDOWED:
         run, ref = pair_ids[0]
-        a, b = _windows(run), _windows(ref)
+        a, b = _windows(run, metric), _windows(ref, metric)
         if a is not None and b is not None:
             try:
                 delta = bootstrap_ppl_difference(a[0], a[1], b[0], b[1])
@@ -479,7 +498,8 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def _markdown(layout: Layout, experiment: str, summary: pd.DataFrame, metrics: list[Metric],
-              paper_cols: list[str], delta_cols: list[str], note: str, paired: Metric | None = None) -> str:
+              paper_cols: list[str], delta_cols: list[str], note: str, paired: Metric | None = None,
+              also_paired: list[Metric] | None = None) -> str:
     shown = pd.DataFrame({_KEY_LABELS.get(k, k): [_fmt_key(k, v) for v in summary[k]] for k in layout.keys})
     for m in metrics:
         shown[m.label] = [format_ci(a, h, int(n), m.digits, m.scale) for a, h, n in
@@ -494,6 +514,14 @@ def _markdown(layout: Layout, experiment: str, summary: pd.DataFrame, metrics: l
                                                  summary["delta_ref_mean"], summary["delta_ref"])]
         shown["ref"] = [("–" if _missing(r) else "this row" if r == "reference" else r) for r in summary["delta_ref"]]
         shown["Δ from"] = [_delta_from(src, n) for src, n in zip(summary["delta_source"], summary["delta_n"])]
+        for m in also_paired or []:
+            c = f"{m.column}_delta"
+            shown[f"Δ {m.label} vs ref"] = [
+                "ref" if ref == "reference" else format_delta(
+                    None if pd.isna(d) else Delta(d, lo, hi, int(n), str(src)), m.digits, m.scale, rm)
+                for d, lo, hi, n, src, rm, ref in zip(summary[c], summary[f"{c}_lo"], summary[f"{c}_hi"],
+                                                     summary[f"{c}_n"], summary[f"{c}_source"],
+                                                     summary[f"{c}_ref_mean"], summary[f"{c}_ref"])]
     for c in paper_cols:
         shown[c] = summary[c]
     for c in delta_cols:

@@ -337,7 +337,8 @@ def test_run_spec_holds_what_determines_the_run():
     assert spec["model"] == {"name": "opt", "family": "opt", "size": "tiny", "pretrain": {"lr": 0.0005}}
     assert spec["pretrain"] == {**cfg["pretrain"], "lr": 0.0005} and spec["tokenizer"] == cfg["tokenizer"]
     # only the eval keys a perplexity-only run reads (no instruct / zeroshot sections)
-    assert spec["eval"] == {k: cfg["eval"][k] for k in ("text_set", "split", "seq_len", "batch_size", "max_tokens")}
+    assert spec["eval"] == {k: cfg["eval"][k] for k in ("text_set", "split", "seq_len", "batch_size", "max_tokens",
+                                                         "longrange", "cache_chunk")}
     assert spec["seed"] == 0 and spec["budget"] == 1.0
     assert spec["training"]["kind"] == "cpt" and spec["training"]["overrides"] == cfg["training"]["cpt"]["overrides"]
     assert spec["measure"] == cfg["measure"] and spec["evaluate"] == ["ppl"]

@@ -260,28 +260,41 @@ def bounded_cache_perplexity(
     device: str | torch.device = "cpu",
     max_tokens: int | None = None,
     progress: bool = False,
+    min_distance: int | None = None,
+    chunk: int = 1,
 ) -> dict[str, Any]:
     """Per-token and per-word perplexity scoring token by token through ``cache_factory()`` caches.
 
     Windows, targets (``<bos>`` targets skipped) and word counts are those of
-    :func:`harness.evaluation.perplexity.perplexity`; equal-length windows are scored side by side in a
-    batch (no padding). Positions are passed explicitly, so a cache that reports only its kept
-    tokens as its length cannot shift them.
+    :func:`harness.evaluation.perplexity.perplexity`; the windows of a batch decode in lockstep, one token
+    of each per step, and the short last window joins the last batch right-padded (decoding is causal
+    and per row, so its scores are those it would get alone: one sequential pass fewer). Positions are passed explicitly, so a cache that reports only its kept
+    tokens as its length cannot shift them. ``min_distance``: the long-range task from the same pass
+    (:func:`harness.evaluation.perplexity.score_windows`).
+
+    ``chunk`` > 1 feeds that many tokens per forward pass instead of one (the cache evicts after each
+    pass, so a token sees at most ``chunk - 1`` tokens of its own chunk beyond the budget): ``chunk``
+    times fewer sequential steps, at that cost in strictness. 1 = token by token, as decoding.
     """
+    if chunk < 1:
+        raise ValueError(f"chunk must be >= 1, got {chunk!r}")
+
     def token_by_token(inputs: torch.Tensor) -> torch.Tensor:
         cache = cache_factory()
         logits = []
-        for t in range(inputs.shape[1]):
-            pos = torch.full((inputs.shape[0], 1), t, dtype=torch.long, device=inputs.device)
-            out = model(input_ids=inputs[:, t : t + 1], position_ids=pos, past_key_values=cache, use_cache=True)
-            logits.append(out.logits[:, -1])
-        return torch.stack(logits, dim=1)
+        for t in range(0, inputs.shape[1], chunk):
+            stop = min(t + chunk, inputs.shape[1])
+            pos = torch.arange(t, stop, dtype=torch.long, device=inputs.device).expand(inputs.shape[0], -1)
+            out = model(input_ids=inputs[:, t:stop], position_ids=pos, past_key_values=cache, use_cache=True)
+            logits.append(out.logits)
+        return torch.cat(logits, dim=1)
 
     return score_windows(
         model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size, device=device,
-        max_tokens=max_tokens, window_logits=token_by_token, progress=progress,
-        protocol="token-by-token through a bounded cache; non-overlapping windows over <bos> doc <eos> "
-                 "stream; <bos> targets not scored",
+        max_tokens=max_tokens, window_logits=token_by_token, progress=progress, min_distance=min_distance,
+        pad_short_window=True,  # decoding is causal and per row: the padded tail cannot reach scored logits
+        protocol=("token-by-token" if chunk == 1 else f"{chunk}-token chunks") + " through a bounded cache; "
+                 "non-overlapping windows over <bos> doc <eos> stream; <bos> targets not scored",
     )
 
 
@@ -296,6 +309,11 @@ def as_quality(*, rouge: Mapping[str, Any] | None = None, ppl: Mapping[str, Any]
                        eval_tokens=ppl["tokens"], eval_words=ppl["words"])
         if "window_nll" in ppl:  # per-window NLL sums and counts: the units of the paired bootstrap
             quality["ppl_windows"] = {"nll": list(ppl["window_nll"]), "tokens": list(ppl["window_tokens"])}
+        far = ppl.get("longrange")
+        if far is not None:  # the long-range task, from the same pass (None where no token qualifies)
+            quality.update(ppl_longrange=_finite_or_none(far["ppl"]), longrange_tokens=far["tokens"],
+                           longrange_min_distance=far["min_distance"],
+                           longrange_windows={"nll": list(far["window_nll"]), "tokens": list(far["window_tokens"])})
     if eval_set is not None:
         quality["eval_set"] = eval_set
     return quality

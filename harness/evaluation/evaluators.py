@@ -52,13 +52,16 @@ def evaluate_ppl(model, ctx: EvalContext) -> dict[str, Any]:
 
     cfg = ctx.eval_cfg
     ctx.log(f"{ctx.run_id}: perplexity ({'bounded cache' if ctx.evicting else 'full'})")
+    # the long-range task is scored in the same pass (``eval.longrange``; absent or null: not scored)
+    far = (cfg.get("longrange") or {}).get("min_distance")
     if ctx.evicting:
         ppl = bounded_cache_perplexity(model, ctx.tokenizer, ctx.texts, seq_len=cfg["seq_len"],
                                        cache_factory=ctx.cache_factory, batch_size=cfg["batch_size"],
-                                       device=ctx.device, max_tokens=cfg["max_tokens"])
+                                       device=ctx.device, max_tokens=cfg["max_tokens"], min_distance=far,
+                                       chunk=cfg.get("cache_chunk", 1))
     else:
         ppl = perplexity(model, ctx.tokenizer, ctx.texts, seq_len=cfg["seq_len"], batch_size=cfg["batch_size"],
-                         device=ctx.device, max_tokens=cfg["max_tokens"])
+                         device=ctx.device, max_tokens=cfg["max_tokens"], min_distance=far)
     fields = {**as_quality(ppl=ppl), "ppl_protocol": "bounded_cache" if ctx.evicting else "full"}
     if ctx.unigram_path:
         fields["ppl_unigram"] = json.loads(Path(ctx.unigram_path).read_text())["ppl_unigram"]

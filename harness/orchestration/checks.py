@@ -24,8 +24,8 @@ _EXPERIMENT_TARGET = re.compile(r"^rule (\w+):\s*\n\s+input:\s*\n\s+experiment_o
 _RULE = re.compile(r"^rule (\w+):", re.M)
 #: Stems of outputs the workflow writes beside experiment tables / figures (results/tables/<stem>.csv,
 #: results/figures/<stem>.png): an experiment of that name would share the file with another rule.
-GLOBAL_OUTPUT_STEMS = ("all", "pareto", "pareto_bytes", "pareto_latency", "perf", "table9_overheads",
-                       "figure1_token_importance")
+GLOBAL_OUTPUT_STEMS = ("all", "pareto", "pareto_bytes", "pareto_latency", "pareto_longrange", "perf",
+                       "table9_overheads", "figure1_token_importance")
 
 
 def read_config_file(path: str | Path) -> dict:
@@ -76,7 +76,7 @@ def reserved_experiment_names() -> frozenset[str]:
 
 def check_config(cfg: Mapping[str, Any]) -> None:
     """Every rule below on a schema-valid config with defaults; ConfigError listing all problems."""
-    problems = [*_experiment_names(cfg), *_paths(cfg), *_recipes(cfg), *_positions(cfg)]
+    problems = [*_experiment_names(cfg), *_paths(cfg), *_recipes(cfg), *_positions(cfg), *_longrange(cfg)]
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -144,6 +144,18 @@ def _positions(cfg: Mapping[str, Any]) -> Iterable[str]:
             if length > positions:
                 yield (f"config key '{key}': {how}{length} tokens exceed the {positions} positions of model "
                        f"{model['name']!r} (models[{i}], {model['family']} {model['size']})")
+
+
+def _longrange(cfg: Mapping[str, Any]) -> Iterable[str]:
+    """The long-range task's distance against the windows it is scored in."""
+    distance, seq_len = cfg["eval"]["longrange"]["min_distance"], cfg["eval"]["seq_len"]
+    if distance is not None and cfg["eval"]["text_set"] != "corpus":
+        yield (f"config key 'eval.longrange.min_distance': the long-range task finds identifiers with Python's "
+               f"tokenizer, so it needs the Python corpus (eval.text_set corpus), not {cfg['eval']['text_set']!r}; "
+               "set it to null")
+    if distance is not None and distance >= seq_len:
+        yield (f"config key 'eval.longrange.min_distance': {distance} tokens is not below eval.seq_len {seq_len}: "
+               "no previous occurrence that far back can lie inside a scored window, so no token would qualify")
 
 
 def check_records(records_dir: str | Path, run_ids: Iterable[str]) -> None:

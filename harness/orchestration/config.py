@@ -541,7 +541,7 @@ def training_spec(cfg: Mapping[str, Any], row: Mapping[str, Any]) -> dict:
 
 #: eval keys every run reads (its texts also give the latency prompts) / only perplexity reads
 _EVAL_ALWAYS = ("text_set", "split")
-_EVAL_PPL = ("seq_len", "batch_size", "max_tokens")
+_EVAL_PPL = ("seq_len", "batch_size", "max_tokens", "longrange", "cache_chunk")
 
 
 def eval_spec(cfg: Mapping[str, Any], row: Mapping[str, Any]) -> tuple[dict, dict]:

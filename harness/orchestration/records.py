@@ -18,7 +18,8 @@ from harness.atomic import write_json_atomic  # the project's one atomic JSON wr
 
 #: 3: identity.method_fields (architecture, eviction, keep, variant, architecture_params) from the method's spec.
 #: 4: quality.ppl_windows (per-window NLL sums and scored-token counts, for the paired bootstrap).
-SCHEMA_VERSION = 4
+#: 5: quality.ppl_longrange / longrange_tokens / longrange_min_distance / longrange_windows (the long-range task).
+SCHEMA_VERSION = 5
 TRAINING_KINDS = ("none", "cpt", "sft")
 
 _NUM = {"type": "number"}
@@ -160,6 +161,14 @@ RECORD_SCHEMA: dict = {
                         "nll": {"type": "array", "items": {"type": "number", "minimum": 0}},
                         "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}},
                     })),
+                    # the long-range task (harness.evaluation.longrange), from the same scoring pass
+                    "ppl_longrange": _POS_OR_NULL,
+                    "longrange_tokens": _INT_OR_NULL,
+                    "longrange_min_distance": {"type": ["integer", "null"], "minimum": 1},
+                    "longrange_windows": _or_null(_section({
+                        "nll": {"type": "array", "items": {"type": "number", "minimum": 0}},
+                        "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}},
+                    })),
                     "rouge_l": _POS_OR_NULL,
                     "rouge_impl": _STR_OR_NULL,
                     "gen_length": _POS_OR_NULL,
@@ -286,6 +295,14 @@ def validate_record(record: Mapping[str, Any]) -> None:
         elif record["quality"].get("eval_tokens") not in (None, sum(windows["tokens"])):
             problems.append(f"record field 'quality.ppl_windows': its tokens sum to {sum(windows['tokens'])}, "
                             f"not eval_tokens {record['quality']['eval_tokens']}")
+    far = (record.get("quality") or {}).get("longrange_windows") if not problems else None
+    if far:
+        if len(far["nll"]) != len(far["tokens"]) or (windows and len(far["tokens"]) != len(windows["tokens"])):
+            problems.append("record field 'quality.longrange_windows': not one NLL sum and token count per scored "
+                            "window of quality.ppl_windows")
+        elif record["quality"].get("longrange_tokens") not in (None, sum(far["tokens"])):
+            problems.append(f"record field 'quality.longrange_windows': its tokens sum to {sum(far['tokens'])}, "
+                            f"not longrange_tokens {record['quality']['longrange_tokens']}")
     if problems:
         raise ValueError("invalid record:\n  " + "\n  ".join(problems))
 

@@ -84,16 +84,19 @@ rule pareto_tables:
         md=PARETO_OUTPUTS[1],
         png_bytes=report(PARETO_OUTPUTS[2], caption="../report/pareto.rst", category="Pareto"),
         png_latency=report(PARETO_OUTPUTS[3], caption="../report/pareto.rst", category="Pareto"),
+        **{k: report(v, caption="../report/pareto.rst", category="Pareto") for k, v in PARETO_LONGRANGE.items()},
     params:
         experiment=MAIN,
         code=command_code("analysis pareto"),
+        longrange=" ".join(f"--longrange-figure {v}" for v in PARETO_LONGRANGE.values()),
     log:
         f"{RESULTS}/logs/pareto.log",
     conda:
         ENV
     shell:
         "python -m analysis pareto --table {input.table} --experiment {params.experiment} --csv {output.csv} "
-        "--md {output.md} --kv-figure {output.png_bytes} --latency-figure {output.png_latency} > {log} 2>&1"
+        "--md {output.md} --kv-figure {output.png_bytes} --latency-figure {output.png_latency} {params.longrange} "
+        "> {log} 2>&1"
 
 
 rule perf_tables:

@@ -213,6 +213,13 @@ PARETO_OUTPUTS = [
     f"{RESULTS}/figures/pareto_bytes.png",
     f"{RESULTS}/figures/pareto_latency.png",
 ] + experiment_outputs(MAIN)
+# The long-range task's front (long-range perplexity vs KV bytes), when eval.longrange scores it.
+PARETO_LONGRANGE = (
+    {"png_longrange": f"{RESULTS}/figures/pareto_longrange.png"}
+    if config["eval"]["longrange"]["min_distance"] is not None
+    else {}
+)
+PARETO_OUTPUTS += list(PARETO_LONGRANGE.values())
 PERF_OUTPUTS = [f"{RESULTS}/tables/perf.csv", f"{RESULTS}/tables/perf.md", f"{RESULTS}/figures/perf.png"]
 FIGURE1_OUTPUTS = [f"{RESULTS}/figures/figure1_token_importance.png"]
 TABLE9_OUTPUTS = [f"{RESULTS}/tables/table9_overheads.csv", f"{RESULTS}/tables/table9_overheads.md"]
