@@ -112,3 +112,21 @@ rule perf_tables:
     shell:
         "python -m analysis perf --table {input.table} --csv {output.csv} --md {output.md} "
         "--figure {output.png} > {log} 2>&1"
+
+
+rule recovery_curves_tables:
+    input:
+        records=recovery_records(),
+    output:
+        png=report(RECOVERY_OUTPUTS[0], caption="../report/recovery_curves.rst", category="Recovery curves"),
+        csv=RECOVERY_OUTPUTS[1],
+        md=RECOVERY_OUTPUTS[2],
+    params:
+        code=command_code("analysis recovery"),
+    log:
+        f"{RESULTS}/logs/recovery_curves.log",
+    conda:
+        ENV
+    shell:
+        "python -m analysis recovery {input.records} --csv {output.csv} --md {output.md} "
+        "--figure {output.png} > {log} 2>&1"

@@ -213,6 +213,28 @@ PARETO_OUTPUTS = [
     f"{RESULTS}/figures/pareto_bytes.png",
     f"{RESULTS}/figures/pareto_latency.png",
 ] + experiment_outputs(MAIN)
+# Held-out perplexity against uptraining tokens of the `main` grid's CPT runs (analysis/curves.py).
+RECOVERY_OUTPUTS = [
+    f"{RESULTS}/figures/recovery_curves.png",
+    f"{RESULTS}/tables/recovery_curves.csv",
+    f"{RESULTS}/tables/recovery_curves.md",
+]
+
+
+def recovery_records():
+    """Records of the runs the recovery curves compare: the `main` grid's CPT'd base, GQA / CLA / mixSGA 50 %, MQA.
+
+    The same selection as analysis.curves.selected, applied here so the target waits for these runs only.
+    """
+    from analysis.curves import selected
+
+    return [
+        f"{RESULTS}/records/{r['run_id']}.json"
+        for r in RUNS
+        if MAIN in r["experiments"] and r["training"] == "cpt" and selected(r["method"], r["budget"], r["params"])
+    ]
+
+
 PERF_OUTPUTS = [f"{RESULTS}/tables/perf.csv", f"{RESULTS}/tables/perf.md", f"{RESULTS}/figures/perf.png"]
 FIGURE1_OUTPUTS = [f"{RESULTS}/figures/figure1_token_importance.png"]
 TABLE9_OUTPUTS = [f"{RESULTS}/tables/table9_overheads.csv", f"{RESULTS}/tables/table9_overheads.md"]
@@ -226,6 +248,8 @@ def all_targets():
             targets += experiment_outputs(experiment)
     if MAIN in config["experiments"]:
         targets += PARETO_OUTPUTS + PERF_OUTPUTS
+        if recovery_records():
+            targets += RECOVERY_OUTPUTS
     targets += FIGURE1_OUTPUTS
     targets += TABLE9_OUTPUTS
     return targets
