@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True, help="experiment name as in the records (or 'all')")
     p.add_argument("--csv", required=True)
     p.add_argument("--md", required=True)
+    p.add_argument("--reference", action="append", default=[],
+                   help="trivial-reference ROUGE-L JSON (harness.evaluation.instruct_reference), printed beside")
 
     p = sub.add_parser("pareto", help="Pareto fronts of quality vs realized KV bytes and vs decode latency")
     p.add_argument("--table", required=True)
@@ -76,7 +78,7 @@ def _run(args: argparse.Namespace) -> str:
     if args.command == "table":
         from analysis.tables import write_experiment_table
 
-        rows = write_experiment_table(args.table, args.experiment, args.csv, args.md)
+        rows = write_experiment_table(args.table, args.experiment, args.csv, args.md, references=args.reference)
         return f"{args.experiment}: {len(rows)} rows -> {args.md}"
     if args.command == "pareto":
         from analysis.pareto import write_pareto

@@ -556,3 +556,24 @@ def test_recovery_curves_refuse_a_compared_run_without_curve(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "llama3__cpt__gqa__kv50__s0" in err and "curve.points" in err
     assert not (tmp_path / "c.png").exists()
+
+
+def test_sft_tables_print_the_trivial_reference_beside_them(tmp_path):
+    records = tmp_path / "records"
+    for rec in synthetic_records(seeds=(0, 1)):
+        write_record(records / f"{rec['identity']['run_id']}.json", rec)
+    t = tmp_path / "tables"
+    assert analysis_main(["collate", str(records), "--all-csv", str(t / "all.csv")]) == 0
+    ref = {"set": "offline", "split": "test", "rows": 32, "rouge_l": 7.25,
+           "predictor": "the function's name split into words", "rouge_impl": "x", "examples": []}
+    (tmp_path / "ref.json").write_text(json.dumps(ref))
+    assert analysis_main(["table", "--table", str(t / "all.csv"), "--experiment", "table1_sft", "--csv",
+                          str(t / "t1.csv"), "--md", str(t / "t1.md"), "--reference", str(tmp_path / "ref.json")]) == 0
+    md = (t / "t1.md").read_text()
+    assert "Trivial reference" in md and "offline:test (32 rows): ROUGE-L 7.25 with the function's name" in md
+    csv = pd.read_csv(t / "t1.csv")
+    assert (csv["rouge_l_trivial_offline"] == 7.25).all()
+    # without one the table is as before
+    assert analysis_main(["table", "--table", str(t / "all.csv"), "--experiment", "table1_sft", "--csv",
+                          str(t / "t0.csv"), "--md", str(t / "t0.md")]) == 0
+    assert "Trivial" not in (t / "t0.md").read_text() and md.startswith((t / "t0.md").read_text().rstrip("\n"))

@@ -77,6 +77,7 @@ wildcard_constraints:
     train_id=r"[A-Za-z0-9][^/]*__s[0-9]{1,9}",
     experiment="|".join(EXPERIMENTS),
     split=r"validation|test",
+    instruct_set=r"[A-Za-z0-9_-]+",
 
 
 def command_code(command):
@@ -213,6 +214,19 @@ PARETO_OUTPUTS = [
     f"{RESULTS}/figures/pareto_bytes.png",
     f"{RESULTS}/figures/pareto_latency.png",
 ] + experiment_outputs(MAIN)
+def trivial_references(experiment):
+    """The trivial-reference ROUGE-L files an experiment's table prints beside it: one per instruction set
+    its runs score (none for an experiment without ROUGE-L). Computed once per set, shared by the tables."""
+    if not any(experiment in r["experiments"] and "rouge" in r["evaluate"] for r in RUNS):
+        return []
+    return [f"{WORK}/reference/trivial_rouge_{name}.json" for name in config["eval"]["instruct"]["sets"]]
+
+
+def trivial_reference_inputs(wildcards):
+    """The offline instruction set's directory (hub sets are read where datasets.<name> says)."""
+    return {"instruct": INSTRUCT} if wildcards.instruct_set == "offline" else {}
+
+
 # Held-out perplexity against uptraining tokens of the `main` grid's CPT runs (analysis/curves.py).
 RECOVERY_OUTPUTS = [
     f"{RESULTS}/figures/recovery_curves.png",
