@@ -135,6 +135,7 @@ def plot_recovery(points: pd.DataFrame, out: str | Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
     families = sorted(points["family"].dropna().unique())
     fig, axes, left = facet_axes(plt, ["curves"], families, height=3.8)
@@ -153,6 +154,11 @@ def plot_recovery(points: pd.DataFrame, out: str | Path) -> Path:
         last = points.loc[points["family"] == family, "tokens"].max()
         ax.axvspan(LAST_QUARTER * last, last, color="0.9", zorder=0)
         ax.set_yscale("log")
+        # plain numbers on the log axis; the minor ticks labelled too when the panel spans under a decade
+        low, high = ax.get_ylim()
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ax.yaxis.set_major_formatter(plain)
+        ax.yaxis.set_minor_formatter(plain if high / low < 10 else NullFormatter())
         ax.set_title(family, fontsize=10)
         ax.set_xlabel("uptraining tokens (CPT)")
         if ax in left:
