@@ -57,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--figure", help="optional PNG: decode tokens/s vs realized KV bytes, per device")
 
     p = sub.add_parser("recovery", help="held-out perplexity vs uptraining tokens of the CPT runs (recovery curves)")
-    p.add_argument("records", nargs="+", help="record JSON files or directories of them")
+    # none is an error named by the analysis (a config whose `main` grid has no compared CPT run)
+    p.add_argument("records", nargs="*", help="record JSON files or directories of them")
     p.add_argument("--csv", required=True, help="per family x method: final ppl, last-quarter change, plateaued")
     p.add_argument("--md", required=True)
     p.add_argument("--figure", required=True, help="PNG: one panel per family")
