@@ -20,6 +20,8 @@ Reads only run records (``harness.orchestration.records``) and the JSON of ``har
     python -m analysis perf --table results/tables/all.csv --csv results/tables/perf.csv \\
         --md results/tables/perf.md [--figure results/figures/perf.png]
     python -m analysis plot-perplexity --table results/tables/all.csv --out results/figures/perplexity.png
+    python -m analysis recovery results/records/*__cpt__*.json --csv results/tables/recovery_curves.csv \\
+        --md results/tables/recovery_curves.md --figure results/figures/recovery_curves.png
 
 Every command exits 2 with ``error: <reason>`` on missing inputs or data it cannot use.
 """

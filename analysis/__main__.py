@@ -22,6 +22,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--experiment", required=True, help="experiment name as in the records (or 'all')")
     p.add_argument("--csv", required=True)
     p.add_argument("--md", required=True)
+    p.add_argument("--reference", action="append", default=[],
+                   help="trivial-reference ROUGE-L JSON (harness.evaluation.instruct_reference), printed beside")
 
     p = sub.add_parser("pareto", help="Pareto fronts of quality vs realized KV bytes and vs decode latency")
     p.add_argument("--table", required=True)
@@ -55,6 +57,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--md", required=True)
     p.add_argument("--figure", help="optional PNG: decode tokens/s vs realized KV bytes, per device")
 
+    p = sub.add_parser("recovery", help="held-out perplexity vs uptraining tokens of the CPT runs (recovery curves)")
+    # none is an error named by the analysis (a config whose `main` grid has no compared CPT run)
+    p.add_argument("records", nargs="*", help="record JSON files or directories of them")
+    p.add_argument("--csv", required=True, help="per family x method: final ppl, last-quarter change, plateaued")
+    p.add_argument("--md", required=True)
+    p.add_argument("--figure", required=True, help="PNG: one panel per family")
+
     p = sub.add_parser("plot-perplexity", help="bar chart of base-model perplexity vs the unigram baseline")
     p.add_argument("--table", required=True)
     p.add_argument("--out", required=True, help="PNG path")
@@ -71,7 +80,7 @@ def _run(args: argparse.Namespace) -> str:
     if args.command == "table":
         from analysis.tables import write_experiment_table
 
-        rows = write_experiment_table(args.table, args.experiment, args.csv, args.md)
+        rows = write_experiment_table(args.table, args.experiment, args.csv, args.md, references=args.reference)
         return f"{args.experiment}: {len(rows)} rows -> {args.md}"
     if args.command == "pareto":
         from analysis.pareto import write_pareto
@@ -103,6 +112,11 @@ def _run(args: argparse.Namespace) -> str:
 
         rows = write_perf(args.table, csv=args.csv, md=args.md, figure=args.figure)
         return f"perf: {len(rows)} rows -> {args.md}"
+    if args.command == "recovery":
+        from analysis.curves import write_recovery
+
+        table = write_recovery(args.records, csv=args.csv, md=args.md, figure=args.figure)
+        return f"recovery curves: {len(table)} family x method rows -> {args.figure}"
     from analysis.plots import plot_perplexity
 
     return f"figure -> {plot_perplexity(args.table, args.out)}"

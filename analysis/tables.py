@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import pandas as pd
 
@@ -568,9 +568,22 @@ def paired_note(label: str, reference: str = DEFAULT_REFERENCE_TEXT) -> str:
 
 
 def write_experiment_table(table: pd.DataFrame | str | Path, experiment: str, csv: str | Path,
-                           md: str | Path) -> pd.DataFrame:
-    """Write one experiment's table as CSV and Markdown; return the CSV table."""
+                           md: str | Path, references: Sequence[str | Path] = ()) -> pd.DataFrame:
+    """Write one experiment's table as CSV and Markdown; return the CSV table.
+
+    ``references``: trivial-reference ROUGE-L files (``harness.evaluation.instruct_reference``), printed
+    under the Markdown table and, as ``rouge_l_trivial_<set>``, as CSV columns beside the models' ROUGE-L.
+    """
     summary, text = experiment_table(table, experiment)
+    notes = []
+    for path in references:
+        ref = json.loads(Path(path).read_text())
+        summary[f"rouge_l_trivial_{ref['set']}"] = ref["rouge_l"]
+        notes.append(f"- {ref['set']}:{ref['split']} ({ref['rows']} rows): ROUGE-L {ref['rouge_l']:.2f} "
+                     f"with {ref['predictor']} as the prediction")
+    if notes:
+        text = (text.rstrip("\n") + "\n\nTrivial reference on the same test rows (no trained model; "
+                "a model below it has not learned the task):\n" + "\n".join(notes) + "\n")
     write_atomic(csv, summary.to_csv(index=False))
     write_atomic(md, text)
     return summary

@@ -503,3 +503,99 @@ def test_a_quantized_cache_is_paired_with_its_unquantized_model():
     on_base = main[main["method"] == "kvquant"].iloc[0]
     assert on_base["delta"] == pytest.approx(3.5) and on_base["delta_ref"] == "base, not quantized"
     assert "unquantized cache for KV-cache quantization" in md
+
+
+# ---- recovery curves -------------------------------------------------------------------------------
+
+def curve_record(family: str, method: str, budget: float, seed: int, losses: list[float], *,
+                 params=None, explicit=None, run_id=None, tokens_per_point: int = 1024) -> dict:
+    """A CPT record whose training summary carries a held-out curve of ``losses`` at even token counts.
+
+    ``params``: the resolved params; ``explicit``: the grid entry's (an ablation's) params.
+    """
+    rec = make_run(family=family, method=method, budget=budget, seed=seed, params=params,
+                   run_id=run_id or f"{family}__cpt__{method}__kv{round(100 * budget)}__s{seed}")
+    rec["identity"]["config"]["params"] = dict(explicit or {})
+    steps = len(losses) - 1
+    rec["identity"]["training_summary"] = {
+        "train_id": rec["identity"]["run_id"], "recipe": "cpt_offline", "steps": steps,
+        "tokens": steps * tokens_per_point, "target_tokens": steps * tokens_per_point, "token_hash": "ab" * 32,
+        "final_loss": losses[-1], "final_loss_avg": losses[-1], "aux_loss_final": None, "agreement_final": None,
+        "precision": "fp32", "wall_time_s": 1.0, "curve_time_s": 0.1,
+        "curve": [{"step": i, "tokens": i * tokens_per_point, "loss": l, "ppl": math.exp(l)}
+                  for i, l in enumerate(losses)]}
+    return rec
+
+
+def test_recovery_curves_from_records(tmp_path):
+    from analysis.curves import last_quarter_change, load_curves, recovery_table
+
+    flat = [7.0, 6.0, 5.5, 5.3, 5.20, 5.19, 5.185, 5.182, 5.18]  # last quarter (points 6 to 8): -0.1 %
+    moving = [7.0, 6.5, 6.0, 5.8, 5.6, 5.4, 5.2, 5.0, 4.8]  # 5.2 -> 4.8, -7.7 %
+    records = tmp_path / "records"
+    for seed in (0, 1):
+        shift = 0.01 * seed
+        for rec in (curve_record("llama3", "gqa", 0.5, seed, [l + shift for l in flat]),
+                    curve_record("llama3", "mixsga", 0.5, seed, [l + shift for l in moving],
+                                 params=mixsga_params((3, 1, 6))),
+                    curve_record("llama3", "base", 1.0, seed, [l - 1 for l in flat]),
+                    curve_record("tinyllama", "mqa", 0.25, seed, moving),
+                    # not compared: another budget, an eviction method, an ablation (explicit params)
+                    curve_record("llama3", "cla", 0.25, seed, moving, params={"share": 4}),
+                    curve_record("llama3", "h2o", 0.5, seed, moving, params={"keep": 0.5}),
+                    curve_record("llama3", "mixsga", 0.5, seed, moving, explicit={"router_grad": "straight_through"},
+                                 run_id=f"llama3__cpt__mixsga-st__kv50__s{seed}")):
+            write_record(records / f"{rec['identity']['run_id']}.json", rec)
+    points = load_curves([records])
+    assert set(zip(points["family"], points["method"])) == {("llama3", "gqa"), ("llama3", "mixsga"),
+                                                           ("llama3", "base"), ("tinyllama", "mqa")}
+    table = recovery_table(points).set_index(["family", "method"])
+    gqa = table.loc[("llama3", "gqa")]
+    assert gqa["status"] == "plateaued" and gqa["seeds"] == 2 and gqa["tokens"] == 8 * 1024
+    assert gqa["ppl_final"] == pytest.approx(math.exp(5.185))  # seed-mean loss of 5.18 and 5.19
+    assert gqa["loss_change_last_quarter"] == pytest.approx((5.185 - 5.19) / 5.19)  # from 6 of 8 points to the end
+    assert table.loc[("llama3", "mixsga"), "status"] == "moving"
+    assert table.loc[("tinyllama", "mqa"), "loss_change_last_quarter"] == pytest.approx((4.8 - 5.2) / 5.2)
+    assert table.loc[("llama3", "base"), "ppl_step0"] == pytest.approx(math.exp(6.0))
+    # between curve points the start of the last quarter is interpolated
+    assert last_quarter_change([0, 10, 20], [3.0, 2.0, 1.0]) == pytest.approx((1.0 - 1.5) / 1.5)
+
+    t, f = tmp_path / "tables", tmp_path / "figures"
+    assert analysis_main(["recovery", str(records), "--csv", str(t / "recovery_curves.csv"),
+                          "--md", str(t / "recovery_curves.md"), "--figure", str(f / "recovery_curves.png")]) == 0
+    assert (f / "recovery_curves.png").stat().st_size > 10_000
+    md = (t / "recovery_curves.md").read_text()
+    assert "plateaued" in md and "moving" in md and "-0.10%" in md
+    assert len(pd.read_csv(t / "recovery_curves.csv")) == 4
+
+
+def test_recovery_curves_refuse_a_compared_run_without_curve(tmp_path, capsys):
+    rec = curve_record("llama3", "gqa", 0.5, 0, [6.0, 5.0])
+    rec["identity"]["training_summary"].pop("curve")
+    write_record(tmp_path / "r.json", rec)
+    assert analysis_main(["recovery", str(tmp_path / "r.json"), "--csv", str(tmp_path / "c.csv"),
+                          "--md", str(tmp_path / "c.md"), "--figure", str(tmp_path / "c.png")]) == 2
+    err = capsys.readouterr().err
+    assert "llama3__cpt__gqa__kv50__s0" in err and "curve.points" in err
+    assert not (tmp_path / "c.png").exists()
+
+
+def test_sft_tables_print_the_trivial_reference_beside_them(tmp_path):
+    records = tmp_path / "records"
+    for rec in synthetic_records(seeds=(0, 1)):
+        write_record(records / f"{rec['identity']['run_id']}.json", rec)
+    t = tmp_path / "tables"
+    assert analysis_main(["collate", str(records), "--all-csv", str(t / "all.csv")]) == 0
+    ref = {"set": "offline", "split": "test", "rows": 32, "rouge_l": 7.25,
+           "predictor": "the function's name split into words", "rouge_impl": "x", "examples": []}
+    (tmp_path / "ref.json").write_text(json.dumps(ref))
+    assert analysis_main(["table", "--table", str(t / "all.csv"), "--experiment", "table1_sft", "--csv",
+                          str(t / "t1.csv"), "--md", str(t / "t1.md"), "--reference", str(tmp_path / "ref.json")]) == 0
+    md = (t / "t1.md").read_text()
+    assert "Trivial reference" in md and "offline:test (32 rows): ROUGE-L 7.25 with the function's name" in md
+    csv = pd.read_csv(t / "t1.csv")
+    assert (csv["rouge_l_trivial_offline"] == 7.25).all()
+    # without one the table is as before
+    assert analysis_main(["table", "--table", str(t / "all.csv"), "--experiment", "table1_sft", "--csv",
+                          str(t / "t0.csv"), "--md", str(t / "t0.md")]) == 0
+    assert "Trivial" not in (t / "t0.md").read_text() and md.startswith((t / "t0.md").read_text().rstrip("\n"))

@@ -61,6 +61,11 @@ CONFIG_CASES = [
      # a profile's overrides replace the default's whole: the recipe's own batch x seq_len is the batch
      [r"training\.cpt\.overrides\.total_tokens", r"\b100\b", "less than one batch"]),
     ("unknown-recipe", _yaml(training={"sft": {"recipe": "sft_bogus"}}), [r"training\.sft\.recipe", "sft_bogus"]),
+    ("curve-slice-below-one-window", _yaml(training={"cpt": {"curve": {"points": 4, "val_tokens": 32}}}),
+     [r"training\.cpt\.curve\.val_tokens", r"\b32\b", "less than one window", r"seq_len 64"]),
+    ("curve-negative-points", _yaml(training={"sft": {"curve": {"points": -1}}}),
+     [r"training\.sft\.curve\.points", "-1"]),
+    ("curve-unknown-key", _yaml(training={"cpt": {"curve": {"every": 3}}}), [r"training\.cpt\.curve", "every"]),
     ("recipe-of-the-wrong-kind", _yaml(training={"cpt": {"recipe": "sft_offline"}}),
      [r"training\.cpt\.recipe", "sft_offline"]),
     ("recipe-override-typo", _yaml(training={"sft": {"overrides": {"lrr": 0.1}}}),

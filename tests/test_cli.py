@@ -96,9 +96,10 @@ def tiny_setup(tmp_path_factory):
         "eval": {"seq_len": 32, "batch_size": 4, "max_tokens": 300, "cache_tokens": 12,
                  "instruct": {"max_rows": 3, "max_new_tokens": 4, "batch_size": 3}},
         "training": {"cpt": {"overrides": {"total_tokens": 128, "batch_size": 2, "micro_batch_size": 2,
-                                           "seq_len": 32, "checkpoint_every": 1}},
+                                           "seq_len": 32, "checkpoint_every": 1},
+                             "curve": {"points": 2, "val_tokens": 96}},
                      "sft": {"overrides": {"epochs": 1.0, "batch_size": 2, "micro_batch_size": 2, "seq_len": 512},
-                             "max_rows": 4}},
+                             "max_rows": 4, "curve": {"points": 2, "val_rows": 2}}},
         "measure": {"context_lengths": [12, 20], "new_tokens": 4, "repeats": 5, "warmup": 0},
         "experiments": TINY_EXPERIMENTS,
     })
@@ -200,6 +201,12 @@ def test_trained_runs_share_checkpoints_and_tokens(tiny_setup, capsys):
     assert mix["summary"]["token_hash"] == base["summary"]["token_hash"]
     assert mix["summary"]["steps"] == 2 and mix["summary"]["aux_loss_final"] is not None
     assert base["summary"]["aux_loss_final"] is None
+    # the held-out curve: step 0 (converted, untrained) and the 2 steps, 3 windows of 32 validation tokens
+    curve = mix["summary"]["curve"]
+    assert [(p["step"], p["tokens"]) for p in curve] == [(0, 0), (1, 64), (2, 128)]
+    assert mix["result"]["curve"] == curve and base["summary"]["curve"] != curve  # another model, same slice
+    stored = json.loads((tiny_setup["root"] / "trained" / "llama3__cpt__mixsga__kv50__s0" / "curve.json").read_text())
+    assert stored["curve"] == curve and stored["slice"]["blocks"] == 3
     # a finished checkpoint is not retrained
     assert _train(tiny_setup, "llama3__cpt__mixsga__kv50__s0")["summary"] == mix["summary"]
     assert "trained checkpoint exists" in capsys.readouterr().err
@@ -267,6 +274,9 @@ def test_sft_run_scores_rouge_and_saves_predictions(tiny_setup):
     assert q["rouge_by_set"]["offline"]["rows"] == 3 and q["instruct_set"] == "offline:test"
     assert len((preds / f"{run_id}.offline.jsonl").read_text().splitlines()) == 3
     assert record["identity"]["training"] == "sft" and record["identity"]["training_summary"]["recipe"] == "sft_offline"
+    # the SFT curve: response loss of the first 2 validation pairs at step 0 and after the one step
+    curve = record["identity"]["training_summary"]["curve"]
+    assert [p["step"] for p in curve] == [0, 1] and all(p["loss"] > 0 for p in curve)  # 3 pairs, batch 2: 1 step
 
 
 def test_trained_run_needs_its_checkpoint(tiny_setup, capsys):

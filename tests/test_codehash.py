@@ -25,7 +25,7 @@ CI_CONFIG = ".test/config/config.yaml"
 EVICTIONS = ("h2o", "streamingllm", "snapkv", "tova")
 #: The rules running `python -m analysis`.
 ANALYSIS_RULES = {"collate_all", "collate_experiment", "experiment", "experiment_figure", "pareto_tables",
-                  "perf_tables", "figure1_tables", "table9_tables"}
+                  "perf_tables", "figure1_tables", "table9_tables", "recovery_curves_tables"}
 
 
 def write(root: Path, files: dict[str, str]) -> None:
@@ -232,7 +232,8 @@ def test_analysis_and_unrelated_edits(scratch):
     jobs = planned_after_edit(scratch, "analysis/pareto.py")
     assert {rule for rule, _ in jobs} == ANALYSIS_RULES | {"all"}
     # the analysis rules reading records or JSON (the others read their tables)
-    assert all(by_hash(jobs, rule) for rule in ("collate_all", "collate_experiment", "figure1_tables", "table9_tables"))
+    assert all(by_hash(jobs, rule) for rule in ("collate_all", "collate_experiment", "figure1_tables", "table9_tables",
+                                                "recovery_curves_tables"))
     # no rule runs the benchmarks
     assert planned_after_edit(scratch, "benchmarks/decode.py") == {}
 

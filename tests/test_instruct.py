@@ -12,6 +12,7 @@ from harness.data.instruct import (
     extract_pairs,
     first_sentence,
     format_prompt,
+    name_words,
     read_instruct,
 )
 
@@ -101,3 +102,40 @@ def test_build_instruct_splits_like_the_corpus(tmp_path):
         build_instruct(tmp_path / "x", tmp_path / "corpus", min_words=0)
     with pytest.raises(FileNotFoundError):
         build_instruct(tmp_path / "x", tmp_path / "nothing")
+
+
+def test_name_words_split_the_function_name_of_a_row_id():
+    assert name_words("shlex:_read_split:3") == "read split"
+    assert name_words("logging:getLogger:10") == "get logger"
+    assert name_words("http.server:HTTPServer.parse_URL:9") == "parse url"  # the function, not its class
+    assert name_words("m:Box.method.inner:40") == "inner"
+    with pytest.raises(ValueError, match="module:qualname:line"):
+        name_words("dolly-17")
+
+
+def test_trivial_reference_scores_the_runs_rows_with_the_runs_rouge(tmp_path, capsys):
+    from harness.evaluation.evaluate import rouge_l
+    from harness.evaluation.instruct_reference import main, reference_rouge, trivial_prediction
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for i, name in enumerate(["colorsys", "shlex", "string", "bisect"]):
+        (src / f"{name}.py").write_text(SOURCE + f"\n\ndef add_value_{i}(v):\n    \"\"\"Add the value {i} to v and "
+                                         f"return it.\"\"\"\n    return v + {i}\n")
+    build_corpus(tmp_path / "corpus", source_dir=src, val_fraction=0.25, test_fraction=0.2)
+    build_instruct(tmp_path / "instruct", tmp_path / "corpus")
+    rows = read_instruct(tmp_path / "instruct", "test")
+    got = reference_rouge("offline", rows, "test")
+    preds = [name_words(r["id"]) for r in rows]
+    assert got["rows"] == len(rows) and got["rouge_l"] == rouge_l(preds, [r["references"] for r in rows])["rouge_l"]
+    assert got["examples"][0]["prediction"].startswith("add value")
+    assert 0 < got["rouge_l"] < 100  # "add value i" shares words with "Add the value i to v and return it."
+    # another set echoes the prompt's instruction
+    assert trivial_prediction("dolly", {"id": "dolly-1", "prompt": format_prompt("Name a colour.")}) == "Name a colour."
+
+    out = tmp_path / "ref.json"
+    assert main(["--set", "offline", "--split", "test", "--max-rows", "1", "--instruct", str(tmp_path / "instruct"),
+                 "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["rows"] == 1
+    assert main(["--set", "offline", "--out", str(tmp_path / "no.json")]) == 2
+    assert "needs --instruct" in capsys.readouterr().err and not (tmp_path / "no.json").exists()

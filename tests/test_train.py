@@ -23,6 +23,9 @@ from harness.training.recipes import (
 from harness.training.train import (
     CHECKPOINT_FILE,
     IGNORE_INDEX,
+    Curve,
+    curve_steps,
+    held_out_loss,
     RESULT_FILE,
     cpt_data,
     lr_multiplier,
@@ -246,6 +249,81 @@ def test_mixsga_aux_loss_and_routing_stats_are_logged(tok, tmp_path):
     params = dict(model.named_parameters())
     assert any(not torch.equal(v, params[k]) for k, v in routers.items())  # the aux loss trains the routers
     json.dumps(res, allow_nan=False)
+
+
+VAL_TEXTS = [f"def g{i}(y):\n    return y - {i}  # held out {i}\n" for i in range(12)]
+
+
+def test_held_out_curve_is_scored_and_resumes_identically(tok, tmp_path):
+    # OPT with dropout: the curve must be scored without dropout and must not move any RNG.
+    data, val = cpt_data(tok, TEXTS, 32), cpt_data(tok, VAL_TEXTS, 32, max_tokens=96)
+    recipe = _cpt_recipe(max_steps=6)
+    curve = Curve(val, points=3, batch_size=2)
+    assert curve_steps(6, 3) == [0, 2, 4, 6] and curve_steps(2, 8) == [0, 1, 2]
+    untrained = tiny_model("opt", vocab_size=len(tok), dropout=0.1).train()
+    start_loss, scored = held_out_loss(untrained, val, batch_size=2, device=torch.device("cpu"))
+    assert scored == len(val) * 31 and untrained.training  # mode restored
+    straight_model = tiny_model("opt", vocab_size=len(tok), dropout=0.1)
+    straight = train(straight_model, data, recipe, tmp_path / "a", seed=3, progress=False, curve=curve)
+    points = straight["curve"]
+    assert [p["step"] for p in points] == [0, 2, 4, 6]
+    assert [p["tokens"] for p in points] == [0, 2 * 4 * 32, 4 * 4 * 32, 6 * 4 * 32]
+    assert points[0]["loss"] == start_loss  # step 0 is the model before any update, in eval mode
+    assert all(p["ppl"] == pytest.approx(math.exp(p["loss"])) for p in points)
+    assert points[-1]["loss"] < points[0]["loss"]  # training on the same kind of text helps held-out loss
+    assert straight["curve_time_s"] > 0
+
+    # The curve changes nothing about training: same losses and weights without it.
+    plain_model = tiny_model("opt", vocab_size=len(tok), dropout=0.1)
+    plain = train(plain_model, data, recipe, tmp_path / "p", seed=3, progress=False)
+    assert [h["loss"] for h in plain["history"]] == [h["loss"] for h in straight["history"]]
+    assert plain["curve"] == []
+
+    # Killed after step 3 (points 0 and 2 saved with the resume state), resumed: bit-identical.
+    crashed = train(tiny_model("opt", vocab_size=len(tok), dropout=0.1), data, recipe, tmp_path / "b", seed=3,
+                    progress=False, stop_after=3, curve=curve)
+    assert [p["step"] for p in crashed["curve"]] == [0, 2]
+    resumed_model = tiny_model("opt", seed=7, vocab_size=len(tok), dropout=0.1)
+    resumed = train(resumed_model, data, recipe, tmp_path / "b", seed=3, progress=False, curve=curve)
+    assert resumed["resumed_from"] == 3 and resumed["curve"] == points
+    a, b = _params(straight_model), _params(resumed_model)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "b" / RESULT_FILE).read_text())["curve"] == points
+    # Another slice is another run: its checkpoint is not resumed with a different curve.
+    other = Curve(cpt_data(tok, VAL_TEXTS[::-1], 32, max_tokens=96), points=3, batch_size=2)
+    train(tiny_model("opt", vocab_size=len(tok)), data, recipe, tmp_path / "c", seed=3, progress=False,
+          stop_after=1, curve=curve)
+    with pytest.raises(ValueError, match="different run"):
+        train(tiny_model("opt", vocab_size=len(tok)), data, recipe, tmp_path / "c", seed=3, progress=False,
+              curve=other)
+
+
+def test_sft_curve_scores_response_tokens_only(tok, tmp_path):
+    val = sft_data(tok, ROWS[:4], 64)
+    model = tiny_model("llama", vocab_size=len(tok))
+    loss, scored = held_out_loss(model, val, batch_size=3, device=torch.device("cpu"))
+    assert scored == sum(int((y[1:] != IGNORE_INDEX).sum()) for y in val.labels)
+    # one example at a time gives the same token-weighted mean
+    sums = []
+    for i in range(len(val)):
+        one_loss, one_n = held_out_loss(model, sft_data(tok, ROWS[i : i + 1], 64), batch_size=1,
+                                        device=torch.device("cpu"))
+        sums.append((one_loss * one_n, one_n))
+    assert loss == pytest.approx(sum(a for a, _ in sums) / sum(n for _, n in sums), rel=1e-5)
+    with pytest.raises(ValueError, match="points"):
+        Curve(val, points=0)
+
+
+def test_mixsga_random_router_curve_leaves_routing_rng_alone(tok, tmp_path):
+    data, val = cpt_data(tok, TEXTS, 32), cpt_data(tok, VAL_TEXTS, 32, max_tokens=64)
+    recipe = _cpt_recipe(max_steps=3)
+    losses = []
+    for curve in (None, Curve(val, points=3, batch_size=2)):
+        model = convert_to_mixsga(tiny_model("llama", vocab_size=len(tok)),
+                                  MixSGAConfig(ratios=(3, 1, 6), router="random"))
+        res = train(model, data, recipe, tmp_path / str(curve is None), seed=0, progress=False, curve=curve)
+        losses.append([h["loss"] for h in res["history"]])
+    assert losses[0] == losses[1]
 
 
 def test_bad_inputs_are_named(tok, tmp_path):

@@ -53,7 +53,7 @@ def all_rules() -> set[str]:
 TARGETS = (
     "figure1_token_importance", "table1_sft", "table2_cpt", "table3_eviction_stack", "table4_middle_ratio",
     "table5_expert_count", "table6_router", "table9_overheads", "table11_ratio_grid", "figure3_budget_sweep",
-    "pareto", "perf", "report",
+    "pareto", "perf", "recovery_curves", "report",
 )
 
 

@@ -36,6 +36,8 @@ _TEMPLATE_NO_INPUT = (
 # A sentence ends at . ! ? followed by whitespace and a capital / quote / bracket,
 # unless the dot belongs to a common abbreviation.
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z\"'`(\[])")
+# A word of an identifier: an acronym before a capitalised word, a (capitalised) word, an acronym, digits.
+_NAME_WORD = re.compile(r"[A-Z]+(?=[A-Z][a-z])|[A-Z]?[a-z]+|[A-Z]+|\d+")
 _ABBREVIATIONS = ("e.g.", "i.e.", "etc.", "vs.", "cf.", "Mr.", "Dr.", "No.")
 
 
@@ -161,6 +163,21 @@ def build_instruct(
     }
     write_splits(out_dir, rows, META_FILE, meta)
     return meta
+
+
+def name_words(row_id: str) -> str:
+    """The function's name of an offline row id (``module:qualname:line``) split into lower-case words.
+
+    ``_read_split`` -> ``read split``, ``getLogger`` -> ``get logger``, ``HTTPServer.parse_URL`` ->
+    ``parse url``: the trivial reference summary that the ROUGE-L tables print beside the models
+    (a model that learned nothing beyond copying the name from the code scores about this).
+    """
+    parts = str(row_id).split(":")
+    if len(parts) < 3:
+        raise ValueError(f"{row_id!r} is not an offline instruction row id (module:qualname:line)")
+    name = parts[-2].rsplit(".", 1)[-1]
+    words = [w.lower() for piece in name.split("_") for w in _NAME_WORD.findall(piece)]
+    return " ".join(words) or name
 
 
 def read_instruct(data_dir: str | os.PathLike, split: str) -> list[dict]:

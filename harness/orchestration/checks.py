@@ -121,6 +121,10 @@ def _recipes(cfg: Mapping[str, Any]) -> Iterable[str]:
             yield (f"{where}.overrides.total_tokens': {recipe.total_tokens} tokens are less than one batch "
                    f"(batch_size {recipe.batch_size} x seq_len {recipe.seq_len} = {recipe.tokens_per_step}): "
                    "0 optimiser steps")
+        curve = section.get("curve") or {}
+        if kind == "cpt" and curve.get("points") and curve["val_tokens"] < recipe.seq_len:
+            yield (f"{where}.curve.val_tokens': {curve['val_tokens']} held-out tokens are less than one window "
+                   f"of the recipe's seq_len {recipe.seq_len}: the curve would score nothing")
 
 
 def _positions(cfg: Mapping[str, Any]) -> Iterable[str]:

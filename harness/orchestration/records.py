@@ -59,6 +59,9 @@ _TIMING = _section(
         "memory_source": {"enum": ["rss", "nvml"]},
     }
 )
+#: One held-out point of the uptraining curve (harness.training.train.Curve).
+_CURVE_POINT = _section({"step": {"type": "integer", "minimum": 0}, "tokens": {"type": "integer", "minimum": 0},
+                         "loss": _NUM, "ppl": _NUM})
 _TRAINING_SUMMARY = _section(
     {
         "train_id": {"type": "string", "minLength": 1},
@@ -73,7 +76,12 @@ _TRAINING_SUMMARY = _section(
         "agreement_final": _NUM_OR_NULL,
         "precision": {"type": "string"},
         "wall_time_s": {"type": "number", "minimum": 0},
-    }
+        "curve": {"type": "array", "items": _CURVE_POINT},
+        "curve_time_s": {"type": "number", "minimum": 0},
+    },
+    # the curve came later: a record trained without one stays valid
+    required=["train_id", "recipe", "steps", "tokens", "target_tokens", "token_hash", "final_loss", "final_loss_avg",
+              "aux_loss_final", "agreement_final", "precision", "wall_time_s"],
 )
 
 RECORD_SCHEMA: dict = {

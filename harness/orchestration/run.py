@@ -33,6 +33,8 @@ from harness.orchestration.records import existing_record, new_record, read_reco
 
 #: What a trained checkpoint directory holds besides the Hugging Face files: the training summary.
 SUMMARY_FILE = "train.json"
+#: The held-out curve beside the checkpoint (also in train.json and the records' training summary).
+CURVE_FILE = "curve.json"
 #: The weight file of checkpoints written before they were Hugging Face directories.
 LEGACY_MODEL_FILE = "model.pt"
 
@@ -88,6 +90,37 @@ def training_data(spec: Mapping[str, Any], tokenizer, recipe, *, corpus_dir, ins
     return sft_data(tokenizer, rows, recipe.seq_len)
 
 
+def curve_data(spec: Mapping[str, Any], tokenizer, recipe, *, corpus_dir, instruct_dir):
+    """The held-out curve of a training spec (``spec["curve"]``), or None when ``points`` is 0.
+
+    The slice is the same for every method of a seed: CPT scores the first ``val_tokens`` tokens of
+    the validation split (corpus or hub text set) in the recipe's ``seq_len`` windows; SFT the
+    response tokens of the first ``val_rows`` validation pairs of the instruction set.
+    """
+    from harness.training.train import Curve, cpt_data, sft_data
+
+    cfg = spec.get("curve") or {}
+    if not cfg.get("points"):
+        return None
+    if spec["kind"] == "cpt":
+        if spec["data"] == "corpus":
+            if corpus_dir is None:
+                raise ValueError("the CPT curve on the corpus needs --corpus")
+            from harness.data.corpus import read_split
+
+            texts = read_split(corpus_dir, "validation")
+        else:
+            from harness.data.hub_data import load_text_set
+
+            texts = load_text_set(spec["data"], path=(spec.get("dataset") or {}).get("path"), split="validation")
+        data = cpt_data(tokenizer, texts, recipe.seq_len, max_tokens=int(cfg["val_tokens"]))
+    else:
+        rows = load_instruction_rows(spec["data"], "validation", instruct_dir=instruct_dir,
+                                     source=spec.get("dataset"), max_rows=int(cfg["val_rows"]))
+        data = sft_data(tokenizer, rows, recipe.seq_len)
+    return Curve(data, points=int(cfg["points"]), batch_size=recipe.micro_batch_size)
+
+
 def training_summary(result: Mapping[str, Any], train_id: str) -> dict:
     """The record's ``identity.training_summary`` from a ``harness.training.train.train`` result."""
     aux = result.get("aux_loss_history") or []
@@ -106,6 +139,9 @@ def training_summary(result: Mapping[str, Any], train_id: str) -> dict:
         "agreement_final": float(agreement) if agreement is not None else None,
         "precision": result["precision"],
         "wall_time_s": float(result["wall_time_s"]),
+        # held-out loss during training ({tokens, step, loss, ppl}; step 0 = the converted, untrained model)
+        "curve": [dict(p) for p in result.get("curve") or []],
+        "curve_time_s": float(result.get("curve_time_s") or 0.0),
     }
 
 
@@ -149,9 +185,11 @@ def execute_train(
     model = method.convert(model, params)
     recipe = get_recipe(spec["recipe"], **spec["overrides"])
     data = training_data(spec, tokenizer, recipe, corpus_dir=corpus_dir, instruct_dir=instruct_dir)
-    log(f"{spec['train_id']}: {spec['kind']} with {recipe.name} on {len(data)} examples")
+    curve = curve_data(spec, tokenizer, recipe, corpus_dir=corpus_dir, instruct_dir=instruct_dir)
+    log(f"{spec['train_id']}: {spec['kind']} with {recipe.name} on {len(data)} examples"
+        + (f", held-out curve on {len(curve.data)} examples at {curve.points} points" if curve else ""))
     ckpt = out.parent / f".{out.name}.ckpt"
-    result = train(model, data, recipe, ckpt, seed=seed, device=device, progress=True)
+    result = train(model, data, recipe, ckpt, seed=seed, device=device, progress=True, curve=curve)
     if not result["completed"]:
         raise RuntimeError(f"{spec['train_id']}: training stopped after {result['steps']} steps")
     summary = {"spec": json.loads(json.dumps(dict(spec))), "params": params,
@@ -159,6 +197,9 @@ def execute_train(
     with atomic_directory(out) as tmp:
         save_converted(model, tmp, tokenizer)  # refuses a conversion its config would not record
         write_json_atomic(tmp / SUMMARY_FILE, summary)
+        write_json_atomic(tmp / CURVE_FILE, {"train_id": spec["train_id"], "curve": result["curve"],
+                                             "curve_time_s": result["curve_time_s"],
+                                             "slice": curve.data.meta if curve else None})
     shutil.rmtree(ckpt, ignore_errors=True)
     s = summary["summary"]
     log(f"{spec['train_id']}: {s['steps']} steps, {s['tokens']} tokens, final loss {s['final_loss_avg']:.4f}")

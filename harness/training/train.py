@@ -27,6 +27,12 @@ then per step forward / backward / clip / step, checkpoint, result); a *data sou
 * Several GPUs: ``accelerate`` (DDP) on the same code path; each process takes every
   ``world_size``-th micro-batch of the global batch, so the plan and the loss are the
   same for any number of processes. On one CPU the accelerator is a pass-through.
+* Held-out curve (:class:`Curve`, optional): a small fixed validation slice (:func:`cpt_data` /
+  :func:`sft_data` of the validation split, same for every method of a seed) scored in eval
+  mode without gradients at step 0 (the untrained, converted model) and at ``points`` evenly
+  spaced steps (:func:`curve_steps`); each point is ``{step, tokens, loss, ppl}`` in the
+  result's ``curve``. The scoring leaves every RNG as it found it, so a run trains on the same
+  batches with or without a curve, and the points so far are saved with the resume state.
 * Resume: every ``checkpoint_every`` steps (and when stopped) ``checkpoint.pt`` holds the
   model, optimiser, scheduler, RNG states, step and history, written atomically
   (:mod:`harness.atomic`). A rerun with the same data, recipe and seed continues from it;
@@ -217,6 +223,61 @@ def stream_data(tokenizer, texts: Sequence[str], seq_len: int) -> TokenStream:
                                                                            "seq_len": seq_len})
 
 
+@dataclass
+class Curve:
+    """What the held-out curve scores: ``data`` (a :class:`TrainData` of the validation slice) at ``points``
+    evenly spaced steps plus step 0, in micro-batches of ``batch_size`` examples."""
+
+    data: TrainData
+    points: int
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.points, int) or self.points < 1:
+            raise ValueError(f"curve points must be a positive integer, got {self.points!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ValueError(f"curve batch_size must be a positive integer, got {self.batch_size!r}")
+        if sum(target_tokens(y.unsqueeze(0)) for y in self.data.labels) == 0:
+            raise ValueError("the held-out curve's slice has no target tokens")
+
+    def identity(self) -> dict:
+        """What a resumed run's curve must share with the checkpoint's (slice, points, batching)."""
+        return {"data": self.data.fingerprint, "points": self.points, "batch_size": self.batch_size}
+
+
+def curve_steps(total: int, points: int) -> list[int]:
+    """Steps after which the curve is scored: 0 and ``ceil(i * total / points)`` for i = 1..points (deduplicated)."""
+    if total < 1 or points < 1:
+        raise ValueError(f"need total >= 1 and points >= 1, got total={total!r}, points={points!r}")
+    return sorted({0} | {math.ceil(i * total / points) for i in range(1, points + 1)})
+
+
+@torch.no_grad()
+def held_out_loss(model: torch.nn.Module, data: TrainData, *, batch_size: int, device: torch.device,
+                  autocast: Callable[[], Any] = nullcontext) -> tuple[float, int]:
+    """``(mean next-token loss, scored tokens)`` of ``data`` in eval mode (no dropout), token-weighted.
+
+    The loss is computed from the logits, not ``out.loss``: a mixSGA model adds its aux loss there.
+    The model's train / eval mode is restored.
+    """
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    try:
+        for i in range(0, len(data), batch_size):
+            batch = {k: v.to(device) for k, v in data.collate(range(i, min(i + batch_size, len(data)))).items()}
+            labels = batch.pop("labels")
+            with autocast():
+                logits = model(**batch, use_cache=False).logits
+            targets = labels[:, 1:]
+            total += float(F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.size(-1)), targets.reshape(-1),
+                                           ignore_index=IGNORE_INDEX, reduction="sum").double())
+            count += int((targets != IGNORE_INDEX).sum())
+    finally:
+        model.train(was_training)
+    return total / count, count
+
+
 def window_starts(n_tokens: int, step: int, *, seed: int, batch_size: int, seq_len: int) -> list[int]:
     """Offsets of the ``batch_size`` windows of step ``step`` in an ``n_tokens`` stream; depend only on (seed, step)."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -398,6 +459,7 @@ def train(
     log: Callable[[dict], None] | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    curve: Curve | None = None,
 ) -> dict:
     """Train ``model`` in place on ``data`` with ``recipe``; return the result (also ``out_dir/train.json``).
 
@@ -409,7 +471,9 @@ def train(
     simulate a crash); the result then has ``"completed": False``. ``log`` receives each logged
     history entry. ``identity`` adds what else a checkpoint must match to be resumed (pretraining:
     the model's settings); ``restart_stale`` starts over from a checkpoint of another run instead
-    of refusing it (see :func:`load_checkpoint`).
+    of refusing it (see :func:`load_checkpoint`). ``curve``: score a held-out slice during training
+    (:class:`Curve`); the result's ``curve`` lists the points (empty without one) and ``curve_time_s``
+    the seconds they took.
     """
     if data.kind != recipe.kind:
         raise ValueError(f"recipe {recipe.name!r} is for {recipe.kind!r} but the data are {data.kind!r}")
@@ -436,6 +500,9 @@ def train(
     run_identity = {"recipe": trained_by, "seed": seed, "token_hash": stream_hash, "steps": total}
     if identity:
         run_identity["extra"] = dict(identity)
+    if curve is not None:  # absent without a curve: checkpoints of runs without one stay resumable
+        run_identity["curve"] = curve.identity()
+    scored_at = set(curve_steps(total, curve.points)) if curve is not None else set()
 
     # Seed, optimiser, schedule; then continue from a checkpoint of this run if there is one.
     seed_everything(seed)
@@ -444,6 +511,8 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_multiplier(s, total=total, warmup=warmup, min_ratio=recipe.min_lr_ratio))
     start, history, wall_before, cpu_before, resumed_from = 0, [], 0.0, 0.0, None
+    points: list[dict] = []  # the held-out curve so far
+    curve_before = 0.0
     ckpt_path = out / CHECKPOINT_FILE
     if not resume:
         ckpt_path.unlink(missing_ok=True)
@@ -455,6 +524,7 @@ def train(
         _set_rng_state(state["rng"])
         start, history, wall_before = state["step"], state["history"], state["wall_time_s"]
         cpu_before = state.get("cpu_time_s", 0.0)
+        points, curve_before = list(state.get("curve", [])), state.get("curve_time_s", 0.0)
         resumed_from = start
 
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -473,11 +543,31 @@ def train(
                 "model": inner.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "rng": _rng_state(), "history": history,
                 "wall_time_s": wall_before + time.perf_counter() - t0,
-                "cpu_time_s": cpu_before + time.process_time() - c0})
+                "cpu_time_s": cpu_before + time.process_time() - c0,
+                "curve": points, "curve_time_s": curve_before + curve_time})
         accelerator.wait_for_everyone()
+
+    curve_time = 0.0
+
+    def score(step: int) -> None:
+        """Append the held-out point after ``step`` steps; every RNG is left as it was (dropout, random routers)."""
+        nonlocal curve_time
+        t = time.perf_counter()
+        rng = _rng_state()
+        generator = getattr(runtime, "generator", None)
+        gen_state = generator.get_state() if isinstance(generator, torch.Generator) else None
+        loss, _ = held_out_loss(inner, curve.data, batch_size=curve.batch_size, device=dev, autocast=autocast)
+        _set_rng_state(rng)
+        if gen_state is not None:
+            generator.set_state(gen_state)
+        seen = sum(h["tokens"] for h in history[:step])
+        points.append({"step": step, "tokens": seen, "loss": loss, "ppl": math.exp(min(loss, 700.0))})
+        curve_time += time.perf_counter() - t
 
     t0, c0 = time.perf_counter(), time.process_time()  # CPU seconds (all threads) show the cost on a shared machine
     end = total if stop_after is None else min(total, start + stop_after)
+    if 0 in scored_at and not any(p["step"] == 0 for p in points):
+        score(0)  # the converted model before any update: where the recovery starts
     bar = tqdm(total=total, initial=start, desc=f"train {recipe.name}", dynamic_ncols=True, mininterval=2.0,
                disable=not progress or not accelerator.is_main_process)
     for step in range(start, end):
@@ -542,6 +632,8 @@ def train(
         bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{entry['lr']:.2e}", refresh=False)
         bar.update(1)
         done = step + 1
+        if done in scored_at:
+            score(done)
         if done % recipe.checkpoint_every == 0 or done == end:
             save(done)
     bar.close()
@@ -571,6 +663,8 @@ def train(
         "routing_history": [{"step": h["step"], **h["routing"]} for h in history if "routing" in h],
         "history": history,
         "resumed_from": resumed_from,
+        "curve": points,
+        "curve_time_s": curve_before + curve_time,
         "wall_time_s": wall_before + time.perf_counter() - t0,
         "cpu_time_s": cpu_before + time.process_time() - c0,
     }

@@ -36,6 +36,7 @@ rule collate_experiment:
 rule experiment:
     input:
         table=f"{RESULTS}/tables/records/{{experiment}}.csv",
+        references=lambda wildcards: trivial_references(wildcards.experiment),
     output:
         csv=report(
             f"{RESULTS}/tables/{{experiment}}.csv",
@@ -45,6 +46,7 @@ rule experiment:
         ),
         md=f"{RESULTS}/tables/{{experiment}}.md",
     params:
+        references=lambda wildcards, input: " ".join(f"--reference {p}" for p in input.references),
         code=command_code("analysis table"),
     log:
         f"{RESULTS}/logs/experiment_{{experiment}}.log",
@@ -52,7 +54,7 @@ rule experiment:
         ENV
     shell:
         "python -m analysis table --table {input.table} --experiment {wildcards.experiment} "
-        "--csv {output.csv} --md {output.md} > {log} 2>&1"
+        "--csv {output.csv} --md {output.md} {params.references} > {log} 2>&1"
 
 
 rule experiment_figure:
@@ -115,3 +117,45 @@ rule perf_tables:
     shell:
         "python -m analysis perf --table {input.table} --csv {output.csv} --md {output.md} "
         "--figure {output.png} > {log} 2>&1"
+
+
+rule recovery_curves_tables:
+    input:
+        records=recovery_records(),
+    output:
+        png=report(RECOVERY_OUTPUTS[0], caption="../report/recovery_curves.rst", category="Recovery curves"),
+        csv=RECOVERY_OUTPUTS[1],
+        md=RECOVERY_OUTPUTS[2],
+    params:
+        code=command_code("analysis recovery"),
+    log:
+        f"{RESULTS}/logs/recovery_curves.log",
+    conda:
+        ENV
+    shell:
+        "python -m analysis recovery {input.records} --csv {output.csv} --md {output.md} "
+        "--figure {output.png} > {log} 2>&1"
+
+
+rule trivial_reference:
+    input:
+        unpack(trivial_reference_inputs),
+    output:
+        f"{WORK}/reference/trivial_rouge_{{instruct_set}}.json",
+    params:
+        split=config["eval"]["instruct"]["split"],
+        max_rows=lambda wildcards: (
+            ""
+            if config["eval"]["instruct"]["max_rows"] is None
+            else f"--max-rows {config['eval']['instruct']['max_rows']}"
+        ),
+        instruct=optional_args(["instruct"]),
+        source=lambda wildcards: json.dumps(config["datasets"].get(wildcards.instruct_set) or {}, sort_keys=True),
+        code=command_code("harness.evaluation.instruct_reference"),
+    log:
+        f"{RESULTS}/logs/trivial_reference_{{instruct_set}}.log",
+    conda:
+        ENV
+    shell:
+        "python -m harness.evaluation.instruct_reference --set {wildcards.instruct_set} --split {params.split} "
+        "{params.max_rows} {params.instruct} --source {params.source:q} --out {output} > {log} 2>&1"

@@ -77,6 +77,7 @@ wildcard_constraints:
     train_id=r"[A-Za-z0-9][^/]*__s[0-9]{1,9}",
     experiment="|".join(EXPERIMENTS),
     split=r"validation|test",
+    instruct_set=r"[A-Za-z0-9_-]+",
 
 
 def command_code(command):
@@ -220,6 +221,43 @@ PARETO_LONGRANGE = (
     else {}
 )
 PARETO_OUTPUTS += list(PARETO_LONGRANGE.values())
+
+
+def trivial_references(experiment):
+    """The trivial-reference ROUGE-L files an experiment's table prints beside it: one per instruction set
+    its runs score (none for an experiment without ROUGE-L). Computed once per set, shared by the tables."""
+    if not any(experiment in r["experiments"] and "rouge" in r["evaluate"] for r in RUNS):
+        return []
+    return [f"{WORK}/reference/trivial_rouge_{name}.json" for name in config["eval"]["instruct"]["sets"]]
+
+
+def trivial_reference_inputs(wildcards):
+    """The offline instruction set's directory (hub sets are read where datasets.<name> says)."""
+    return {"instruct": INSTRUCT} if wildcards.instruct_set == "offline" else {}
+
+
+# Held-out perplexity against uptraining tokens of the `main` grid's CPT runs (analysis/curves.py).
+RECOVERY_OUTPUTS = [
+    f"{RESULTS}/figures/recovery_curves.png",
+    f"{RESULTS}/tables/recovery_curves.csv",
+    f"{RESULTS}/tables/recovery_curves.md",
+]
+
+
+def recovery_records():
+    """Records of the runs the recovery curves compare: the `main` grid's CPT'd base, GQA / CLA / mixSGA 50 %, MQA.
+
+    The same selection as analysis.curves.selected, applied here so the target waits for these runs only.
+    """
+    from analysis.curves import selected
+
+    return [
+        f"{RESULTS}/records/{r['run_id']}.json"
+        for r in RUNS
+        if MAIN in r["experiments"] and r["training"] == "cpt" and selected(r["method"], r["budget"], r["params"])
+    ]
+
+
 PERF_OUTPUTS = [f"{RESULTS}/tables/perf.csv", f"{RESULTS}/tables/perf.md", f"{RESULTS}/figures/perf.png"]
 FIGURE1_OUTPUTS = [f"{RESULTS}/figures/figure1_token_importance.png"]
 TABLE9_OUTPUTS = [f"{RESULTS}/tables/table9_overheads.csv", f"{RESULTS}/tables/table9_overheads.md"]
@@ -233,6 +271,8 @@ def all_targets():
             targets += experiment_outputs(experiment)
     if MAIN in config["experiments"]:
         targets += PARETO_OUTPUTS + PERF_OUTPUTS
+        if recovery_records():
+            targets += RECOVERY_OUTPUTS
     targets += FIGURE1_OUTPUTS
     targets += TABLE9_OUTPUTS
     return targets

@@ -156,6 +156,11 @@ rule perf:
         PERF_OUTPUTS,
 
 
+rule recovery_curves:
+    input:
+        RECOVERY_OUTPUTS,
+
+
 rule report:
     input:
         all_targets(),
