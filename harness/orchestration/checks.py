@@ -76,7 +76,7 @@ def reserved_experiment_names() -> frozenset[str]:
 
 def check_config(cfg: Mapping[str, Any]) -> None:
     """Every rule below on a schema-valid config with defaults; ConfigError listing all problems."""
-    problems = [*_experiment_names(cfg), *_paths(cfg), *_recipes(cfg), *_positions(cfg)]
+    problems = [*_experiment_names(cfg), *_paths(cfg), *_recipes(cfg), *_positions(cfg), *_perf(cfg)]
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -133,6 +133,10 @@ def _positions(cfg: Mapping[str, Any]) -> Iterable[str]:
         "measure.context_lengths": (longest + measure["new_tokens"],
                                     f"context length {longest} + measure.new_tokens {measure['new_tokens']} = "),
         "eval.seq_len": (cfg["eval"]["seq_len"], ""),
+        # "window" is cut to the positions by the benchmark; a given length is taken as given
+        **{f"perf.context_lengths[{i}]": (n + cfg["perf"]["new_tokens"],
+                                          f"context length {n} + perf.new_tokens {cfg['perf']['new_tokens']} = ")
+           for i, n in enumerate(cfg["perf"]["context_lengths"]) if isinstance(n, int)},
         "eval.cache_tokens": (cfg["eval"]["cache_tokens"], ""),
     }
     for i, model in enumerate(cfg["models"]):
@@ -144,6 +148,17 @@ def _positions(cfg: Mapping[str, Any]) -> Iterable[str]:
             if length > positions:
                 yield (f"config key '{key}': {how}{length} tokens exceed the {positions} positions of model "
                        f"{model['name']!r} (models[{i}], {model['family']} {model['size']})")
+
+
+def _perf(cfg: Mapping[str, Any]) -> Iterable[str]:
+    """The cost benchmark takes ratios to the base model: the ``main`` grid it times must have a base run."""
+    main = cfg["experiments"].get("main")
+    if main is not None and not any(run["method"] == "base" for run in main["runs"]):
+        yield ("config key 'experiments.main.runs': the cost benchmark (config key 'perf') reports ratios to the "
+               "base model, but the main grid has no {method: base} run")
+    lengths = [n for n in cfg["perf"]["context_lengths"]]
+    if len(set(map(str, lengths))) != len(lengths):
+        yield f"config key 'perf.context_lengths': {lengths} lists a context length twice"
 
 
 def check_records(records_dir: str | Path, run_ids: Iterable[str]) -> None:

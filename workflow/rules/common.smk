@@ -213,6 +213,53 @@ PARETO_OUTPUTS = [
     f"{RESULTS}/figures/pareto_bytes.png",
     f"{RESULTS}/figures/pareto_latency.png",
 ] + experiment_outputs(MAIN)
+# The cost benchmark: one job per model of the main grid, on the grid's first seed's checkpoints
+# (timing does not need every seed: the weights' values barely move decode cost; the repeats do).
+PERF_MODELS = sorted({r["model"] for r in RUNS if MAIN in r["experiments"]})
+PERF_BENCH = [f"{RESULTS}/perf/{name}.json" for name in PERF_MODELS]
+
+
+def perf_runs(model):
+    """The main grid's runs of ``model`` at its first seed, in grid order (base first where listed so)."""
+    rows = [r for r in RUNS if MAIN in r["experiments"] and r["model"] == model]
+    if not rows:
+        raise ValueError(f"model {model!r} has no run in the {MAIN!r} grid; the benchmark times {PERF_MODELS}")
+    seed = min(r["seed"] for r in rows)
+    return seed, [r for r in rows if r["seed"] == seed]
+
+
+def perf_spec(model):
+    """The benchmark job's spec: the model, its runs (method, params, training, checkpoint), the `perf` settings."""
+    seed, rows = perf_runs(model)
+    runs = []
+    for row in rows:
+        spec = run_spec(config, row["run_id"], RUNS)
+        runs.append({key: spec[key] for key in ("run_id", "method", "budget", "params", "training")}
+                    | {"trained": f"{WORK}/trained/{row['train_id']}" if row["train_id"] else None})
+    first = run_spec(config, rows[0]["run_id"], RUNS)
+    window = max(config["eval"]["seq_len"], pretrain_settings(config, model)["seq_len"])
+    return {"model": model_entry(config, model), "seed": seed, "device": config["device"], "dtype": config["dtype"],
+            "eval": first["eval"], "datasets": first.get("datasets") or {}, "window": window,
+            "bench": config["perf"], "runs": runs}
+
+
+def perf_inputs(wildcards):
+    """Inputs of one benchmark job: the base model if pretrained here, every trained checkpoint, the corpus."""
+    _, rows = perf_runs(wildcards.model)
+    model = model_entry(config, wildcards.model)
+    inputs = {"trained": sorted({f"{WORK}/trained/{r['train_id']}" for r in rows if r["train_id"]})}
+    _model_input(model, inputs)
+    if config["eval"]["text_set"] == "corpus" or pretrained_here(model):
+        inputs["corpus"] = CORPUS
+    return inputs
+
+
+def bench_code(wildcards):
+    """Hash of the code one benchmark job executes: the benchmark and every method it times."""
+    _, rows = perf_runs(wildcards.model)
+    return CODE_HASHES.methods_job_hash("harness.measurement.bench", sorted({r["method"] for r in rows}))
+
+
 PERF_OUTPUTS = [f"{RESULTS}/tables/perf.csv", f"{RESULTS}/tables/perf.md", f"{RESULTS}/figures/perf.png"]
 FIGURE1_OUTPUTS = [f"{RESULTS}/figures/figure1_token_importance.png"]
 TABLE9_OUTPUTS = [f"{RESULTS}/tables/table9_overheads.csv", f"{RESULTS}/tables/table9_overheads.md"]
