@@ -13,6 +13,9 @@ os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.env
 
 from harness.orchestration.codehash import CodeHashes
 from harness.orchestration.config import (
+    BENCH_EXPERIMENT,
+    bench_runs,
+    bench_spec,
     check_offline,
     model_entry,
     pretrain_settings,
@@ -64,7 +67,7 @@ NAMED_EXPERIMENTS = [
     "figure3_budget_sweep",
 ]
 # The grid behind `pareto` and `perf`.
-MAIN = "main"
+MAIN = BENCH_EXPERIMENT  # harness.orchestration.config: the benchmark times the same grid
 
 # Each job's code hash is a param, so editing code reruns exactly the jobs that run it. The hashes
 # follow the imports of the module each job runs, parsed once, here (harness/orchestration/codehash.py).
@@ -215,37 +218,18 @@ PARETO_OUTPUTS = [
 ] + experiment_outputs(MAIN)
 # The cost benchmark: one job per model of the main grid, on the grid's first seed's checkpoints
 # (timing does not need every seed: the weights' values barely move decode cost; the repeats do).
-PERF_MODELS = sorted({r["model"] for r in RUNS if MAIN in r["experiments"]})
+PERF_MODELS = sorted({r["model"] for r in RUNS if BENCH_EXPERIMENT in r["experiments"]})
 PERF_BENCH = [f"{RESULTS}/perf/{name}.json" for name in PERF_MODELS]
 
 
-def perf_runs(model):
-    """The main grid's runs of ``model`` at its first seed, in grid order (base first where listed so)."""
-    rows = [r for r in RUNS if MAIN in r["experiments"] and r["model"] == model]
-    if not rows:
-        raise ValueError(f"model {model!r} has no run in the {MAIN!r} grid; the benchmark times {PERF_MODELS}")
-    seed = min(r["seed"] for r in rows)
-    return seed, [r for r in rows if r["seed"] == seed]
-
-
 def perf_spec(model):
-    """The benchmark job's spec: the model, its runs (method, params, training, checkpoint), the `perf` settings."""
-    seed, rows = perf_runs(model)
-    runs = []
-    for row in rows:
-        spec = run_spec(config, row["run_id"], RUNS)
-        runs.append({key: spec[key] for key in ("run_id", "method", "budget", "params", "training")}
-                    | {"trained": f"{WORK}/trained/{row['train_id']}" if row["train_id"] else None})
-    first = run_spec(config, rows[0]["run_id"], RUNS)
-    window = max(config["eval"]["seq_len"], pretrain_settings(config, model)["seq_len"])
-    return {"model": model_entry(config, model), "seed": seed, "device": config["device"], "dtype": config["dtype"],
-            "eval": first["eval"], "datasets": first.get("datasets") or {}, "window": window,
-            "bench": config["perf"], "runs": runs}
+    """The benchmark job's spec (harness.orchestration.config.bench_spec)."""
+    return bench_spec(config, model, RUNS, WORK)
 
 
 def perf_inputs(wildcards):
     """Inputs of one benchmark job: the base model if pretrained here, every trained checkpoint, the corpus."""
-    _, rows = perf_runs(wildcards.model)
+    _, rows = bench_runs(RUNS, wildcards.model)
     model = model_entry(config, wildcards.model)
     inputs = {"trained": sorted({f"{WORK}/trained/{r['train_id']}" for r in rows if r["train_id"]})}
     _model_input(model, inputs)
@@ -256,7 +240,7 @@ def perf_inputs(wildcards):
 
 def bench_code(wildcards):
     """Hash of the code one benchmark job executes: the benchmark and every method it times."""
-    _, rows = perf_runs(wildcards.model)
+    _, rows = bench_runs(RUNS, wildcards.model)
     return CODE_HASHES.methods_job_hash("harness.measurement.bench", sorted({r["method"] for r in rows}))
 
 
