@@ -218,7 +218,8 @@ def test_method_edit_replans_only_that_methods_jobs(scratch, grid):
     # the overheads measure mixSGA and GQA through the registry, which imports every method; the cost
     # benchmark of each model whose main grid has a mixSGA run times it
     assert other_rules(jobs) == {"overheads", "perf_bench"} and by_hash(jobs, "overheads")
-    assert bench_jobs(jobs, rows, "mixsga") and by_hash(jobs, "perf_bench")
+    # (Snakemake names only the retrained checkpoints as their reason; the eviction edit below shows the hash)
+    assert bench_jobs(jobs, rows, "mixsga")
 
     jobs = planned_after_edit(scratch, "baselines/eviction.py")
     runs, trained = runs_and_trains(jobs)
