@@ -120,7 +120,8 @@ def read_bench(bench, table: pd.DataFrame | str | Path | None = None) -> pd.Data
     if table is not None:
         runs = read_table(table)
         labels = runs.drop_duplicates("run_id").set_index("run_id")
-        missing = sorted(set(out["run_id"]) - set(labels.index))
+        # a null run id: the untrained base model, timed as the reference of a grid without a base run
+        missing = sorted(set(out["run_id"].dropna()) - set(labels.index))
         if missing:
             raise ValueError(f"benchmark rows of runs without a record in the table: {missing[:5]}")
         for key in ["variant", "ratio", "keep", "kv_bytes_per_token"]:
@@ -158,7 +159,7 @@ def perf_table(table: pd.DataFrame | str | Path, bench) -> tuple[pd.DataFrame, d
         worst = float(part[["decode_ratio_cv", "prefill_ratio_cv"]].max().max())
         source = ", ".join(sorted(set(part["memory_source"])))
         texts[str(device)] = (
-            f"## {device}\n\nOne benchmark job per model, alone on the machine: every method timed in alternation, "
+            f"## {device}\n\nOne benchmark job per model, alone among the workflow's jobs: every method timed in alternation, "
             f"{int(part['rounds'].max())} rounds of {int(part['new_tokens'].max())} new tokens; values are medians "
             "over rounds, `× base` the median of each round's ratio to the base model in the same round, CV that "
             f"ratio's coefficient of variation (largest here: {100 * worst:.1f} %). Peak memory: {source}.\n\n"

@@ -158,8 +158,6 @@ CONFIG_CASES = [
     ("perf-duplicate-context", "perf: {context_lengths: [48, 48]}\n", [r"perf\.context_lengths", "twice"]),
     ("perf-context-beyond-positions", "perf: {context_lengths: [2040], new_tokens: 16}\n",
      [r"perf\.context_lengths\[0\]", r"\b2056\b", r"\b2048\b", "'llama3'"]),
-    ("perf-main-grid-without-base", _runs({"method": "gqa", "budgets": [0.5]}),
-     [r"experiments\.main\.runs", "base", r"config key 'perf'"]),
 ]
 
 

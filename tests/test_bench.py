@@ -155,4 +155,15 @@ def test_benchmark_refuses_a_grid_without_base(tiny, tmp_path, capsys):
     spec["runs"] = [r for r in spec["runs"] if r["method"] != "base"]
     assert main(["--spec", json.dumps(spec), "--model", str(tiny["model"]), "--corpus", str(tiny["corpus"]),
                  "--out", str(tmp_path / "x.json")]) == 2
-    assert "no 'base' run" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+    assert "exactly one 'base' run" in capsys.readouterr().err and not (tmp_path / "x.json").exists()
+
+
+def test_a_grid_without_base_is_timed_against_the_untrained_base_model():
+    cfg = validate_config({"models": [{"name": "llama3", "family": "llama3", "size": "tiny"}],
+                           "experiments": {"main": {"training": "cpt", "runs": [{"method": "gqa", "budgets": [0.5]}]}}})
+    rows = run_table(cfg)
+    spec = bench_spec(cfg, "llama3", rows, "work")
+    assert [r["method"] for r in spec["runs"]] == ["base", "gqa"]
+    assert spec["runs"][0] == {"run_id": None, "method": "base", "budget": 1.0, "params": {},
+                               "training": {"kind": "none"}, "trained": None}
+    assert spec["runs"][1]["trained"].startswith("work/trained/llama3__cpt__gqa")

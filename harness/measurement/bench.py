@@ -143,8 +143,9 @@ def run_bench(spec: Mapping[str, Any], out: str | Path, *, model_path: str | Pat
 
     bench = spec["bench"]
     runs = list(spec["runs"])
-    if not any(r["method"] == REFERENCE for r in runs):
-        raise ValueError(f"the benchmark of {spec['model']['name']!r} has no {REFERENCE!r} run to take ratios against")
+    if sum(r["method"] == REFERENCE for r in runs) != 1:
+        raise ValueError(f"the benchmark of {spec['model']['name']!r} needs exactly one {REFERENCE!r} run to take "
+                         "ratios against (harness.orchestration.config.bench_spec adds it)")
     started, t0 = utc_now(), time.perf_counter()
     torch.set_num_threads(max(1, int(threads)))
     device = resolve_device(spec["device"])

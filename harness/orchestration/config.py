@@ -664,14 +664,20 @@ def bench_runs(rows: list[dict], model: str) -> tuple[int, list[dict]]:
 
 
 def bench_spec(cfg: Mapping[str, Any], model: str, rows: list[dict], work: str | Path) -> dict:
-    """The benchmark job's spec: the model, each run (method, params, training, checkpoint under ``work``),
-    the eval texts the prompts come from, the model's longest configured window and the ``perf`` section."""
+    """The benchmark job's spec: the model, each run (method, params, training, checkpoint under ``work``;
+    the base model first if the grid has no base run), the eval texts the prompts come from, the model's
+    longest configured window and the ``perf`` section."""
     seed, mine = bench_runs(rows, model)
     runs = []
     for row in mine:
         spec = run_spec(cfg, row["run_id"], rows)
         runs.append({**{k: spec[k] for k in ("run_id", "method", "budget", "params", "training")},
                      "trained": f"{work}/trained/{row['train_id']}" if row["train_id"] else None})
+    if not any(r["method"] == "base" for r in runs):
+        # the reference of every ratio; without a base run in the grid, the untrained base model
+        # (decode cost follows the architecture and the cache, not the values of the weights)
+        runs.insert(0, {"run_id": None, "method": "base", "budget": 1.0, "params": {}, "training": {"kind": "none"},
+                        "trained": None})
     first = run_spec(cfg, mine[0]["run_id"], rows)
     entry = model_entry(cfg, model)
     window = max(cfg["eval"]["seq_len"], pretrain_settings(cfg, model)["seq_len"] if pretrained_here(entry) else 0)
