@@ -32,6 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--kv-figure", help="PNG: quality vs realized KV bytes, a panel per family")
     p.add_argument("--latency-figure", help="PNG: quality vs decode ms/token, a panel per family x device")
     p.add_argument("--longrange-figure", help="PNG: long-range perplexity vs realized KV bytes, a panel per family")
+    p.add_argument("--bench", nargs="+", help="benchmark JSONs (harness.measurement.bench): the latency axis")
     p.add_argument("--quality", default="ppl_token", help="ppl_token (default), ppl_word, ppl_longrange, rouge_l or zs_avg")
     p.add_argument("--experiment", default="all", help="only runs of this experiment (default: all runs)")
 
@@ -51,11 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--csv", required=True)
     p.add_argument("--md", required=True)
 
-    p = sub.add_parser("perf", help="prefill ms, decode tokens/s, peak memory per method x budget x family")
-    p.add_argument("--table", required=True)
+    p = sub.add_parser("perf", help="prefill ms, decode tokens/s, peak memory and ratios to base, from the benchmark")
+    p.add_argument("--table", required=True, help="tidy table CSV (labels and realized KV bytes by run id)")
+    p.add_argument("--bench", nargs="+", required=True, help="benchmark JSONs (harness.measurement.bench)")
     p.add_argument("--csv", required=True)
     p.add_argument("--md", required=True)
-    p.add_argument("--figure", help="optional PNG: decode tokens/s vs realized KV bytes, per device")
+    p.add_argument("--figure", help="optional PNG: decode tokens/s x base vs realized KV bytes, per device x context")
 
     p = sub.add_parser("recovery", help="held-out perplexity vs uptraining tokens of the CPT runs (recovery curves)")
     # none is an error named by the analysis (a config whose `main` grid has no compared CPT run)
@@ -87,7 +89,8 @@ def _run(args: argparse.Namespace) -> str:
 
         fronts = write_pareto(args.table, csv=args.csv, md=args.md, kv_figure=args.kv_figure,
                               latency_figure=args.latency_figure, quality=args.quality,
-                              experiment=args.experiment, longrange_figure=args.longrange_figure)
+                              experiment=args.experiment, longrange_figure=args.longrange_figure,
+                              bench=args.bench)
         return f"pareto: {int(fronts['on_front'].sum())} front points of {len(fronts)} -> {args.csv}"
     if args.command == "figure3":
         from analysis.figures import figure3
@@ -110,7 +113,7 @@ def _run(args: argparse.Namespace) -> str:
     if args.command == "perf":
         from analysis.reports import write_perf
 
-        rows = write_perf(args.table, csv=args.csv, md=args.md, figure=args.figure)
+        rows = write_perf(args.table, args.bench, csv=args.csv, md=args.md, figure=args.figure)
         return f"perf: {len(rows)} rows -> {args.md}"
     if args.command == "recovery":
         from analysis.curves import write_recovery

@@ -2,7 +2,8 @@
 
 A configuration is a (model, method, params) with its runs averaged over seeds. Costs: the
 realized KV bytes per token, and the decode latency (ms per token, per device: CPU and GPU
-timings never share a front).
+timings never share a front) from the interleaved benchmark job of each model
+(``harness.measurement.bench``, at its longest context), never from the runs' own timings.
 """
 
 from __future__ import annotations
@@ -59,12 +60,39 @@ def configurations(table: pd.DataFrame, quality: str, *, by_device: bool) -> pd.
     return out
 
 
-def pareto_fronts(table: pd.DataFrame | str | Path, quality: str = "ppl_token", experiment: str = "all") -> pd.DataFrame:
+def bench_latency(table: pd.DataFrame, bench) -> pd.DataFrame:
+    """Decode ms per token per configuration and device: the benchmark's rows at each model's longest context,
+    labelled with the configuration keys of the run they timed."""
+    from analysis.reports import read_bench
+
+    rows = read_bench(bench, table)
+    rows = rows[rows["context_len"] == rows.groupby("model")["context_len"].transform("max")]
+    keys = table.drop_duplicates("run_id").set_index("run_id")
+    out = pd.DataFrame({k: rows["run_id"].map(keys[k]) if k in keys.columns else None for k in CONFIG_KEYS})
+    out["device"] = rows["device"].to_numpy()
+    out["decode_ms_per_token"] = rows["decode_ms_per_token"].to_numpy()
+    out["context_len"] = rows["context_len"].to_numpy()
+    return out
+
+
+def _with_latency(conf: pd.DataFrame, latency: pd.DataFrame) -> pd.DataFrame:
+    """``conf`` (one row per configuration) crossed with the benchmark's latency of it, per device."""
+    conf = conf.drop(columns=["device", "decode_ms_per_token"], errors="ignore")
+    # NaN keys (no ratio, no keep) must match each other: compare the keys as text
+    left, right = conf.copy(), latency.copy()
+    for k in CONFIG_KEYS:
+        left[f"_{k}"], right[f"_{k}"] = left[k].astype(str), right[k].astype(str)
+    joined = left.merge(right.drop(columns=CONFIG_KEYS), on=[f"_{k}" for k in CONFIG_KEYS], how="inner")
+    return joined.drop(columns=[f"_{k}" for k in CONFIG_KEYS])
+
+
+def pareto_fronts(table: pd.DataFrame | str | Path, quality: str = "ppl_token", experiment: str = "all",
+                  bench=None) -> pd.DataFrame:
     """Every configuration with ``axis`` (kv / latency), ``cost``, ``quality`` and ``on_front``, per family.
 
     ``experiment`` restricts the runs (e.g. the main grid, so that SFT or ablation runs do not mix in).
-    Latency fronts are computed per device (``device``); KV fronts over all devices (bytes do not
-    depend on the device).
+    Latency fronts (only with ``bench``: the benchmark JSONs) are computed per device (``device``); KV
+    fronts over all devices (bytes do not depend on the device).
     """
     if quality not in QUALITY:
         raise ValueError(f"unknown quality metric {quality!r}; known: {sorted(QUALITY)}")
@@ -73,7 +101,11 @@ def pareto_fronts(table: pd.DataFrame | str | Path, quality: str = "ppl_token", 
         raise ValueError(f"no run has a {quality!r} value: nothing to put on a Pareto front")
     parts = []
     for axis, (column, _) in COSTS.items():
-        conf = configurations(table, quality, by_device=axis == "latency")
+        if axis == "latency" and bench is None:
+            continue  # the runs' own timings are never plotted: they ran beside other jobs
+        conf = configurations(table.drop(columns=["decode_ms_per_token"], errors="ignore"), quality, by_device=False)
+        if axis == "latency":
+            conf = _with_latency(conf, bench_latency(table, bench))
         if column not in conf.columns:
             continue
         groups = ["family"] if axis == "kv" else ["family", "device"]
@@ -158,18 +190,21 @@ def _message_figure(out: str | Path, message: str) -> Path:
 def write_pareto(table: pd.DataFrame | str | Path, *, csv: str | Path, md: str | Path | None = None,
                  kv_figure: str | Path | None = None, latency_figure: str | Path | None = None,
                  quality: str = "ppl_token", experiment: str = "all",
-                 longrange_figure: str | Path | None = None) -> pd.DataFrame:
+                 longrange_figure: str | Path | None = None, bench=None) -> pd.DataFrame:
     """Write the fronts (front rows only) as CSV / Markdown and the two faceted figures; return all rows.
 
-    ``longrange_figure``: also the long-range perplexity against realized KV bytes (the tokens whose
-    earlier occurrence lies far back, where discarding tokens costs and keeping every token at a
-    smaller size does not), with its fronts as a second Markdown section.
+    The latency figure needs ``bench`` (the benchmark JSONs). ``longrange_figure``: also the long-range
+    perplexity against realized KV bytes (the tokens whose earlier occurrence lies far back, where
+    discarding tokens costs and keeping every token at a smaller size does not), with its fronts as a
+    second Markdown section.
     """
-    fronts = pareto_fronts(table, quality, experiment)
+    if latency_figure is not None and bench is None:
+        raise ValueError("the latency Pareto figure reads the benchmark JSONs (--bench): give them")
+    fronts = pareto_fronts(table, quality, experiment, bench)
     far = None
     if longrange_figure is not None:
         try:
-            far = pareto_fronts(table, "ppl_longrange", experiment)
+            far = pareto_fronts(table, "ppl_longrange", experiment, bench)
         except ValueError as err:  # no run scored a long-range token: the figure says so instead of a front
             _message_figure(longrange_figure, f"No long-range perplexity to plot: {err}.\nSet eval.longrange."
                             "min_distance well below eval.seq_len (and score enough tokens) for the task to count.")
@@ -182,7 +217,8 @@ def write_pareto(table: pd.DataFrame | str | Path, *, csv: str | Path, md: str |
         shown["device"] = [d if a == "latency" else "any" for a, d in zip(shown["axis"], shown["device"])]
         text = (f"# Pareto fronts ({quality} vs cost)\n\nNon-dominated configurations (mean over seeds) per "
                 "family; cost: realized KV bytes per token (axis kv) or decode ms per token on one device "
-                "(axis latency).\n\n" + to_markdown(shown.drop_duplicates()))
+                "(axis latency: the interleaved benchmark at its longest context, first seed's checkpoints)."
+                "\n\n" + to_markdown(shown.drop_duplicates()))
         if far is not None:
             rows = far[far["on_front"] & (far["axis"] == "kv")]
             text += ("\n## Long-range perplexity vs realized KV bytes\n\nThe same fronts for `ppl_longrange` "
@@ -199,4 +235,4 @@ def write_pareto(table: pd.DataFrame | str | Path, *, csv: str | Path, md: str |
     return fronts
 
 
-__all__ = ["pareto_mask", "pareto_fronts", "plot_pareto", "write_pareto"]
+__all__ = ["pareto_mask", "bench_latency", "pareto_fronts", "plot_pareto", "write_pareto"]

@@ -1,4 +1,4 @@
-"""Tables 9 / 10 from the ``harness.measurement.overheads`` JSON, and the performance table (split by device)."""
+"""Tables 9 / 10 from the ``harness.measurement.overheads`` JSON, and the perf table from the benchmark JSONs."""
 
 from __future__ import annotations
 
@@ -10,7 +10,6 @@ from typing import Any
 import pandas as pd
 
 from analysis.collate import read_table, to_markdown
-from analysis.stats import format_ci, summarise
 from analysis.style import facet_axes, method_label, method_style, save_figure, shared_legend
 from harness.atomic import write_atomic
 
@@ -68,89 +67,152 @@ def table9(source: dict | str | Path) -> tuple[pd.DataFrame, str]:
     return out, text
 
 
-#: Performance metrics: column, header label, digits, scale.
-PERF_METRICS = [
-    ("prefill_ms", "prefill (ms)", 2, 1.0),
-    ("decode_tps_mean", "decode (tokens/s)", 1, 1.0),
-    ("peak_mem_prefill", "peak memory prefill (MiB)", 1, 1 / 2**20),
-    ("peak_mem_decode", "peak memory decode (MiB)", 1, 1 / 2**20),
-    ("kv_bytes_per_token", "realized KV (bytes/token)", 0, 1.0),
-]
-PERF_KEYS = ["device", "family", "method", "variant", "ratio", "budget_nominal"]
+#: Benchmark JSON layout this analysis reads (harness.measurement.bench.SCHEMA).
+BENCH_SCHEMA = 1
+#: Labels of a benchmark row, taken from the records table by run id.
+LABEL_KEYS = ["family", "model", "method", "variant", "ratio", "keep", "budget_nominal"]
 
 
-def perf_table(table: pd.DataFrame | str | Path) -> tuple[pd.DataFrame, dict[str, str]]:
-    """``(csv_table, {device: markdown})``: prefill ms, decode tokens/s, peak memory per phase per
-    family x method x budget, mean ± 95 % CI over seeds, one Markdown table per device (never mixed)."""
-    runs = read_table(table).copy()
-    for k in PERF_KEYS:
-        if k not in runs.columns:
-            runs[k] = None
-    timed = runs[runs.get("decode_tps_mean", pd.Series(dtype=float)).notna()
-                 | runs.get("prefill_ms", pd.Series(dtype=float)).notna()]
-    if timed.empty:
-        raise ValueError("no run has a prefill or decode timing: nothing for the perf table")
-    timed = timed.assign(device=timed["device"].fillna("unknown device"))
-    summary = summarise(timed, PERF_KEYS, [m[0] for m in PERF_METRICS])
-    summary = summary.sort_values(["device", "family", "method", "budget_nominal"], ascending=[True, True, True, False],
-                                  ignore_index=True)
+def _bench_files(bench) -> list[dict]:
+    items = [bench] if isinstance(bench, (str, Path, dict)) else list(bench)
+    out = []
+    for item in items:
+        if isinstance(item, dict):
+            out.append(item)
+            continue
+        path = Path(item)
+        if not path.is_file():
+            raise FileNotFoundError(f"no benchmark JSON at {path} (rule perf_bench writes it)")
+        data = json.loads(path.read_text())
+        if data.get("schema") != BENCH_SCHEMA:
+            raise ValueError(f"{path}: benchmark schema {data.get('schema')!r}, this analysis reads {BENCH_SCHEMA}; "
+                             "delete it to rerun the benchmark")
+        out.append(data)
+    return out
+
+
+def read_bench(bench, table: pd.DataFrame | str | Path | None = None) -> pd.DataFrame:
+    """One row per model x method x context of the benchmark JSONs (harness.measurement.bench), labelled.
+
+    With the records ``table``, each row takes its run's labels (variant, ratio, keep) and realized KV
+    bytes per token by run id (the benchmark times the grid's first seed: that run's record).
+    """
+    rows = []
+    for data in _bench_files(bench):
+        for r in data["rows"]:
+            ratio = {m: r[f"{m}_ratio"] for m in ("decode_tokens_per_s", "prefill_ms", "peak_memory_bytes")}
+            rows.append({
+                "run_id": r["run_id"], "model": data["model"], "family": data["family"], "device": data["device"],
+                "method": r["method"], "budget_nominal": r["budget_nominal"], "context_len": r["context_len"],
+                "new_tokens": r["new_tokens"], "rounds": r["decode_tokens_per_s"]["n"],
+                "decode_tps": r["decode_tokens_per_s"]["p50"], "decode_tps_cv": r["decode_tokens_per_s"]["cv"],
+                "decode_ms_per_token": r["decode_ms_per_token"],
+                "prefill_ms": r["prefill_ms"]["p50"], "prefill_ms_cv": r["prefill_ms"]["cv"],
+                "peak_memory_bytes": r["peak_memory_bytes"]["p50"], "memory_source": r["memory_source"],
+                "kv_live_bytes": r["kv_live_bytes"],
+                "decode_ratio": ratio["decode_tokens_per_s"]["median"], "decode_ratio_cv": ratio["decode_tokens_per_s"]["cv"],
+                "prefill_ratio": ratio["prefill_ms"]["median"], "prefill_ratio_cv": ratio["prefill_ms"]["cv"],
+                "memory_ratio": ratio["peak_memory_bytes"]["median"], "memory_ratio_cv": ratio["peak_memory_bytes"]["cv"],
+            })
+    out = pd.DataFrame(rows)
+    if out.empty:
+        raise ValueError("the benchmark JSONs hold no rows: nothing for the perf table")
+    if table is not None:
+        runs = read_table(table)
+        labels = runs.drop_duplicates("run_id").set_index("run_id")
+        # a null run id: the untrained base model, timed as the reference of a grid without a base run
+        missing = sorted(set(out["run_id"].dropna()) - set(labels.index))
+        if missing:
+            raise ValueError(f"benchmark rows of runs without a record in the table: {missing[:5]}")
+        for key in ["variant", "ratio", "keep", "kv_bytes_per_token"]:
+            out[key] = out["run_id"].map(labels[key]) if key in labels.columns else None
+    for key in LABEL_KEYS + ["kv_bytes_per_token"]:
+        if key not in out.columns:
+            out[key] = None
+    return out.sort_values(["device", "family", "context_len", "method", "budget_nominal"],
+                           ascending=[True, True, True, True, False], ignore_index=True)
+
+
+def _pct(value: float) -> str:
+    return "–" if pd.isna(value) else f"{100 * value:.1f} %"
+
+
+def perf_table(table: pd.DataFrame | str | Path, bench) -> tuple[pd.DataFrame, dict[str, str]]:
+    """``(csv_table, {device: markdown})`` from the benchmark: per family x context x method, decode tokens/s,
+    prefill ms and peak memory with their ratios to the base model and each one's coefficient of variation."""
+    rows = read_bench(bench, table)
     texts = {}
-    for device, part in summary.groupby("device", sort=True):
+    for device, part in rows.groupby("device", sort=True):
         shown = pd.DataFrame({
-            "family": part["family"], "method": part["method"], "ratio": part["ratio"].fillna("–"),
-            "budget": [f"{100 * b:g} %" if not pd.isna(b) else "–" for b in part["budget_nominal"]]})
-        for col, label, digits, scale in PERF_METRICS:
-            shown[label] = [format_ci(a, h, int(n), digits, scale) for a, h, n in
-                            zip(part[col], part[f"{col}_ci"], part[f"{col}_n"])]
-        shown["seeds"] = part["seeds"].astype(str)
-        texts[str(device)] = (f"## {device}\n\nMean ± 95 % t-interval over seeds (n=1: single run); peak memory: "
-                              "torch max allocated / process memory per phase as recorded.\n\n"
-                              + to_markdown(shown.reset_index(drop=True)))
-    return summary, texts
+            "family": part["family"], "context": part["context_len"].astype(int), "method": part["method"],
+            "ratio": part["ratio"].fillna("–"),
+            "budget": [f"{100 * b:g} %" if not pd.isna(b) else "–" for b in part["budget_nominal"]],
+            "decode (tokens/s)": [f"{v:.1f}" for v in part["decode_tps"]],
+            "decode × base": [f"{v:.3f}" for v in part["decode_ratio"]],
+            "decode CV": [_pct(v) for v in part["decode_ratio_cv"]],
+            "prefill (ms)": [f"{v:.2f}" for v in part["prefill_ms"]],
+            "prefill × base": [f"{v:.3f}" for v in part["prefill_ratio"]],
+            "prefill CV": [_pct(v) for v in part["prefill_ratio_cv"]],
+            "peak memory (MiB)": [f"{v / 2**20:.2f}" for v in part["peak_memory_bytes"]],
+            "memory × base": [f"{v:.3f}" for v in part["memory_ratio"]],
+        })
+        worst = float(part[["decode_ratio_cv", "prefill_ratio_cv"]].max().max())
+        source = ", ".join(sorted(set(part["memory_source"])))
+        texts[str(device)] = (
+            f"## {device}\n\nOne benchmark job per model, alone among the workflow's jobs: every method timed in alternation, "
+            f"{int(part['rounds'].max())} rounds of {int(part['new_tokens'].max())} new tokens; values are medians "
+            "over rounds, `× base` the median of each round's ratio to the base model in the same round, CV that "
+            f"ratio's coefficient of variation (largest here: {100 * worst:.1f} %). Peak memory: {source}.\n\n"
+            + to_markdown(shown.reset_index(drop=True)))
+    return rows, texts
 
 
-def write_perf(table: pd.DataFrame | str | Path, *, csv: str | Path, md: str | Path,
+def write_perf(table: pd.DataFrame | str | Path, bench, *, csv: str | Path, md: str | Path,
                figure: str | Path | None = None) -> pd.DataFrame:
-    """Write the perf table (CSV, one Markdown with a section per device) and optionally a figure per device panel."""
-    summary, texts = perf_table(table)
-    write_atomic(csv, summary.to_csv(index=False))
-    write_atomic(md, "# Performance per method x budget x family\n\n" + "\n".join(texts.values()))
+    """Write the perf table (CSV, one Markdown with a section per device) and optionally its figure."""
+    rows, texts = perf_table(table, bench)
+    write_atomic(csv, rows.to_csv(index=False))
+    write_atomic(md, "# Costs per method, from the interleaved benchmark\n\n" + "\n".join(texts.values()))
     if figure is not None:
-        plot_perf(summary, figure)
-    return summary
+        plot_perf(rows, figure)
+    return rows
 
 
-def plot_perf(summary: pd.DataFrame, out: str | Path) -> Path:
-    """Decode tokens/s against realized KV bytes per token: one row of panels per device, one panel per family."""
+def plot_perf(rows: pd.DataFrame, out: str | Path) -> Path:
+    """Decode throughput relative to the base model against realized KV bytes per token: one row of panels
+    per device x context, one panel per family; error bars one standard deviation of the per-round ratio."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    data = summary[summary["decode_tps_mean"].notna()]
+    data = rows[rows["decode_ratio"].notna()].copy()
     if data.empty:
         raise ValueError("no decode timing to plot")
-    devices, families = sorted(data["device"].unique()), sorted(data["family"].dropna().unique())
-    fig, axes, left = facet_axes(plt, devices, families, height=3.9)
-    for device in devices:
+    data["panel_row"] = [f"{d}, context {int(c)}" for d, c in zip(data["device"], data["context_len"])]
+    panel_rows, families = sorted(data["panel_row"].unique()), sorted(data["family"].dropna().unique())
+    fig, axes, left = facet_axes(plt, panel_rows, families, height=3.9)
+    for panel in panel_rows:
         for family in families:
-            ax = axes[(device, family)]
-            part = data[(data["device"] == device) & (data["family"] == family)]
-            for method, pts in part.groupby("method"):
-                half = pts["decode_tps_mean_ci"].fillna(0.0)
-                # Throughput cannot go below zero; with two seeds the t-interval often would.
-                below = [min(h, m) for h, m in zip(half, pts["decode_tps_mean"])]
-                ax.errorbar(pts["kv_bytes_per_token"] / 1024, pts["decode_tps_mean"], yerr=[below, half],
+            ax = axes[(panel, family)]
+            part = data[(data["panel_row"] == panel) & (data["family"] == family)]
+            kib = pd.to_numeric(part["kv_bytes_per_token"], errors="coerce").fillna(
+                part["kv_live_bytes"] / (part["context_len"] + part["new_tokens"] - 1)) / 1024
+            for method in sorted(part["method"].unique()):
+                pick = (part["method"] == method).to_numpy()
+                pts = part[pick]
+                ax.errorbar(kib[pick], pts["decode_ratio"], yerr=pts["decode_ratio"] * pts["decode_ratio_cv"],
                             color=method_style(method)[0], marker=method_style(method)[1], ls="none",
                             capsize=2, label=method_label(method))
-            ax.set_title(f"{family}\n{device}", fontsize=9)
+            ax.axhline(1.0, color="grey", lw=0.8, ls="--")
+            ax.set_title(f"{family}\n{panel}", fontsize=9)
             ax.set_xlabel("realized KV cache (KiB per token)")
             if ax in left:
-                ax.set_ylabel("decode throughput (tokens/s)")
-            ax.set_ylim(bottom=0)
+                ax.set_ylabel("decode tokens/s × base")
             ax.grid(alpha=0.3)
     shared_legend(fig, axes.values())
-    fig.suptitle("Decode throughput vs realized KV size\n(batch 1; mean ± 95 % CI over seeds, cut at 0; one row per device)")
+    fig.suptitle("Decode throughput relative to the base model vs realized KV size\n"
+                 "(one interleaved benchmark job per model; median of per-round ratios ± 1 sd)")
     return save_figure(fig, out, dpi=130)
 
 

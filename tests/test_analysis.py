@@ -115,6 +115,33 @@ def synthetic_records(seeds=(0, 1, 2)) -> list[dict]:
     return out
 
 
+def synthetic_bench(records: list[dict], device: str = "cpu: test cpu", contexts=(64, 128)) -> list[dict]:
+    """Benchmark JSONs (harness.measurement.bench layout, through its own ratio_rows) for the main runs of the
+    first seed: 5 rounds whose speed drifts alike for every method; throughput falls with the KV budget."""
+    from harness.measurement.bench import SCHEMA, ratio_rows
+
+    main = [r for r in records if "main" in r["identity"]["experiments"]]
+    seed = min(r["identity"]["seed"] for r in main)
+    out = []
+    for family in sorted({r["identity"]["family"] for r in main}):
+        mine = [r for r in main if r["identity"]["family"] == family and r["identity"]["seed"] == seed]
+        entries, samples = {}, {}
+        for r in mine:
+            key = "base" if r["identity"]["method"] == "base" else r["identity"]["run_id"]
+            budget = r["budget"]["nominal"]
+            entries[key] = {"run_id": r["identity"]["run_id"], "method": r["identity"]["method"], "budget": budget,
+                            "params": {}, "weights_bytes": 10_000}
+            samples[key] = [{"prefill_ms": 5.0 * d, "decode_tokens_per_s": 300 * (1.4 - 0.4 * budget) / d,
+                             "kv_live_bytes": 1024.0 * budget * 64, "phase_peak_bytes": 4096.0 * budget}
+                            for d in (1.0, 1.1, 0.9, 1.2, 1.0)]
+        rows = []
+        for n in contexts:
+            rows += ratio_rows(samples, entries, context_len=n, new_tokens=8, device_type=device.split(":")[0])
+        out.append({"schema": SCHEMA, "model": family, "family": family, "seed": seed, "device": device,
+                    "threads": 1, "reference": "base", "protocol": {}, "rows": rows})
+    return out
+
+
 @pytest.fixture(scope="module")
 def grid() -> pd.DataFrame:
     return records_table(synthetic_records())
@@ -274,13 +301,20 @@ def test_every_subcommand_writes_its_outputs(tmp_path, capsys):
     for exp in ("table1_sft", "table2_cpt", "table3_eviction_stack", "table5_expert_count", "table6_router", "main"):
         assert analysis_main(["table", "--table", str(t / "all.csv"), "--experiment", exp,
                               "--csv", str(t / f"{exp}.csv"), "--md", str(t / f"{exp}.md")]) == 0
+    bench = []
+    for data in synthetic_bench(synthetic_records(seeds=(0, 1))):
+        bench.append(tmp_path / f"{data['model']}.json")
+        bench[-1].write_text(json.dumps(data))
+    # the latency axis comes from the benchmark only
+    assert analysis_main(["pareto", "--table", str(t / "all.csv"), "--csv", str(t / "pareto.csv"),
+                          "--latency-figure", str(f / "pareto_latency.png")]) == 2
     assert analysis_main(["pareto", "--table", str(t / "all.csv"), "--csv", str(t / "pareto.csv"),
                           "--md", str(t / "pareto.md"), "--kv-figure", str(f / "pareto_kv.png"),
-                          "--latency-figure", str(f / "pareto_latency.png")]) == 0
+                          "--latency-figure", str(f / "pareto_latency.png"), "--bench", *map(str, bench)]) == 0
     assert analysis_main(["figure3", "--table", str(t / "all.csv"), "--out", str(f / "figure3.png"),
                           "--csv", str(t / "f3.csv"), "--md", str(t / "f3.md")]) == 0
-    assert analysis_main(["perf", "--table", str(t / "all.csv"), "--csv", str(t / "perf.csv"),
-                          "--md", str(t / "perf.md"), "--figure", str(f / "perf.png")]) == 0
+    assert analysis_main(["perf", "--table", str(t / "all.csv"), "--bench", *map(str, bench), "--csv",
+                          str(t / "perf.csv"), "--md", str(t / "perf.md"), "--figure", str(f / "perf.png")]) == 0
     ti = {"positions": list(range(63)), "delta_pct": [0.01 * (i % 7) for i in range(63)], "base_ppl": 8.1,
           "family": "llama3", "text_set": "stdlib", "split": "test"}
     (tmp_path / "ti.json").write_text(json.dumps(ti))
@@ -312,14 +346,41 @@ def test_every_subcommand_writes_its_outputs(tmp_path, capsys):
     assert "error:" in capsys.readouterr().err
 
 
-def test_perf_never_mixes_devices(grid):
+def test_perf_reads_the_benchmark_and_never_mixes_devices(grid):
     from analysis.reports import perf_table
 
-    gpu = records_table([make_run(device=("cuda", "H100"), tps=900.0, run_id="gpu_run")])
-    summary, texts = perf_table(pd.concat([grid, gpu], ignore_index=True))
+    records = synthetic_records()
+    bench = synthetic_bench(records) + synthetic_bench(records, device="cuda: H100", contexts=(512,))
+    summary, texts = perf_table(grid, bench)
     assert set(texts) == {"cpu: test cpu", "cuda: H100"}
-    assert summary.groupby(["family", "method", "budget_nominal", "device"]).size().max() == 1
-    assert "900.0 (n=1)" in texts["cuda: H100"] and "900.0" not in texts["cpu: test cpu"]
+    assert summary.groupby(["family", "method", "budget_nominal", "device", "context_len"]).size().max() == 1
+    assert set(summary[summary["device"] == "cuda: H100"]["context_len"]) == {512}
+    # labels and realized bytes come from the timed run's record (seed 0), ratios from the benchmark
+    gqa = summary[(summary["method"] == "gqa") & (summary["family"] == "llama3") & (summary["context_len"] == 64)
+                  & (summary["device"] == "cpu: test cpu")].iloc[0]
+    assert gqa["run_id"].endswith("__s0") and gqa["kv_bytes_per_token"] == pytest.approx(
+        grid.set_index("run_id").loc[gqa["run_id"], "kv_bytes_per_token"])
+    assert gqa["decode_ratio"] == pytest.approx(1.2 / 1.0) and gqa["decode_ratio_cv"] == pytest.approx(0.0, abs=1e-12)
+    assert gqa["decode_tps_cv"] > 0.05  # the drift is in the raw samples, not in the ratio
+    assert "| 1.200 |" in texts["cpu: test cpu"] and "0.0 %" in texts["cpu: test cpu"]
+    # the runs' own timings are not read: a record's tokens/s never reaches the table
+    assert not set(summary["decode_tps"]) & set(grid["decode_tps_mean"].dropna())
+    with pytest.raises(ValueError, match="without a record"):
+        perf_table(grid[grid["method"] != "gqa"], bench)
+
+
+def test_latency_front_uses_the_benchmark_at_the_longest_context(grid):
+    from analysis.pareto import pareto_fronts
+
+    fronts = pareto_fronts(grid, "ppl_token", "main", bench=synthetic_bench(synthetic_records()))
+    latency = fronts[fronts["axis"] == "latency"]
+    assert set(latency["device"]) == {"cpu: test cpu"} and set(latency["context_len"]) == {128}
+    kv = fronts[fronts["axis"] == "kv"]
+    # every configuration of the main grid has a benchmark cost, and its quality is the mean over seeds
+    assert len(latency) == len(kv)
+    base = latency[(latency["method"] == "base") & (latency["family"] == "llama3")].iloc[0]
+    assert base["cost"] == pytest.approx(1000 / 300) and base["seeds"] == 3
+    assert "latency" not in set(pareto_fronts(grid, "ppl_token", "main")["axis"])
 
 
 def _sft_record(family: str, method: str, params, seed: int, by_set: dict, profile: str) -> dict:

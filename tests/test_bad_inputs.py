@@ -162,6 +162,15 @@ CONFIG_CASES = [
     ("threads-zero", "threads: 0\n", ["threads"]),
     ("too-few-repeats", "measure: {repeats: 2}\n", [r"measure\.repeats"]),
     ("config-not-a-mapping", "- a\n- b\n", [r"overlay\.yaml", "mapping"]),
+    # the cost benchmark (config key perf, rule perf_bench)
+    ("perf-too-few-repeats", "perf: {repeats: 3}\n", [r"perf\.repeats", r"\b3\b"]),
+    ("perf-one-new-token", "perf: {new_tokens: 1}\n", [r"perf\.new_tokens"]),
+    ("perf-unknown-context-word", "perf: {context_lengths: [512, longest]}\n", [r"perf\.context_lengths", "longest"]),
+    ("perf-no-contexts", "perf: {context_lengths: []}\n", [r"perf\.context_lengths"]),
+    ("perf-unknown-key", "perf: {rounds: 5}\n", [r"config key 'perf'", "rounds"]),
+    ("perf-duplicate-context", "perf: {context_lengths: [48, 48]}\n", [r"perf\.context_lengths", "twice"]),
+    ("perf-context-beyond-positions", "perf: {context_lengths: [2040], new_tokens: 16}\n",
+     [r"perf\.context_lengths\[0\]", r"\b2056\b", r"\b2048\b", "'llama3'"]),
 ]
 
 

@@ -107,6 +107,8 @@ def test_rules_hash_the_command_they_run():
         assert code is not None, f"rule {name} runs `python -m` without a code hash param"
         if code.group(1) in ("train_code", "run_code"):
             assert command.groups() == ("harness", name), name
+        elif code.group(1) == "bench_code":  # the benchmark and every method it times
+            assert command.groups() == ("harness.measurement.bench", None), name
         else:
             assert code.group(1) == "command_code", name
             assert code.group(2) == " ".join(g for g in command.groups() if g), name
@@ -188,6 +190,12 @@ def runs_and_trains(jobs) -> tuple[set[str], set[str]]:
     return runs, trains
 
 
+def bench_jobs(jobs, rows, method: str) -> bool:
+    """Whether exactly the benchmark jobs of the models whose main grid has ``method`` are planned."""
+    planned = {Path(out).stem for rule, out in jobs if rule == "perf_bench"}
+    return planned == {r["model"] for r in rows if "main" in r["experiments"] and r["method"] == method}
+
+
 def other_rules(jobs) -> set[str]:
     """Rules of the planned jobs besides runs, trainings and the analysis of their records."""
     return {rule for rule, _ in jobs} - {"run", "train", "all"} - ANALYSIS_RULES
@@ -207,15 +215,20 @@ def test_method_edit_replans_only_that_methods_jobs(scratch, grid):
     assert runs == {r["run_id"] for r in rows if "mixsga" in r["method"].split("+")}
     assert trained == {t for t, spec in trains.items() if spec["architecture"]["method"] == "mixsga"}
     assert by_hash(jobs, "train")
-    # the overheads measure mixSGA and GQA through the registry, which imports every method
-    assert other_rules(jobs) == {"overheads"} and by_hash(jobs, "overheads")
+    # the overheads measure mixSGA and GQA through the registry, which imports every method; the cost
+    # benchmark of each model whose main grid has a mixSGA run times it
+    assert other_rules(jobs) == {"overheads", "perf_bench"} and by_hash(jobs, "overheads")
+    # (Snakemake names only the retrained checkpoints as their reason; the eviction edit below shows the hash)
+    assert bench_jobs(jobs, rows, "mixsga")
 
     jobs = planned_after_edit(scratch, "baselines/eviction.py")
     runs, trained = runs_and_trains(jobs)
     assert runs == {r["run_id"] for r in rows if r["method"].split("+")[0] in EVICTIONS}
     assert trained == set(), "evicting runs share their inner model's weights: nothing retrains"
     assert by_hash(jobs, "run")
-    assert other_rules(jobs) == {"overheads"} and by_hash(jobs, "overheads")
+    assert other_rules(jobs) == {"overheads", "perf_bench"} and by_hash(jobs, "overheads")
+    assert bench_jobs(jobs, rows, "h2o") and by_hash(jobs, "perf_bench")
+
 
 
 @pytest.mark.slow
@@ -247,13 +260,15 @@ def rule_commands() -> dict[str, str]:
             commands[name] = code.group(1)
         elif "code=train_code" in body or "code=run_code" in body:
             commands[name] = f"harness {name}"
+        elif "code=bench_code" in body:
+            commands[name] = "harness.measurement.bench"
     return commands
 
 
 @pytest.mark.parametrize(("module", "changed"), [
     # the entry point of every harness command, and the config code: in no hand-kept list before
     ("harness/cli.py", {"corpus", "instruct", "tokenizer", "unigram", "pretrain", "train", "run"}),
-    ("harness/orchestration/config.py", {"train", "run"}),
+    ("harness/orchestration/config.py", {"train", "run", "perf_bench"}),
 ])
 def test_entry_points_are_covered(tmp_path, module, changed):
     """Which rules' hashes an edit changes, through the hashes the workflow computes."""

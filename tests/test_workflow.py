@@ -63,6 +63,7 @@ def test_default_dry_run_lists_the_grid(tmp_path):
     counts = job_counts(proc.stdout)
     assert counts["run"] == 278 and counts["train"] == 134 and counts["pretrain"] == 4
     assert counts["experiment"] == 9 and counts["collate_experiment"] == 9 and counts["experiment_figure"] == 1
+    assert counts["perf_bench"] == 4  # one cost benchmark per family
     for family in ("llama3", "tinyllama", "opt", "gemma2"):
         assert f"records/{family}__cpt__base__kv100__s1.json" in proc.stdout
     assert "trained/tinyllama__cpt__mixsga__kv50__s0" in proc.stdout
@@ -79,6 +80,17 @@ def test_each_target_builds_only_what_it_needs(tmp_path):
     proc = snakemake("table9_overheads", "-n", "--cores", "1", "--configfile", str(override(tmp_path)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "run" not in job_counts(proc.stdout) and job_counts(proc.stdout)["overheads"] == 1
+
+
+def test_the_cost_benchmark_claims_every_core_so_it_runs_alone(tmp_path):
+    import re
+
+    proc = snakemake("perf", "-n", "--cores", "3", "--configfile", str(override(tmp_path)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    blocks = [b for b in re.split(r"(?m)^(?:local)?rule ", proc.stdout) if b.startswith("perf_bench:")]
+    assert len(blocks) == 4 and all(re.search(r"^\s+threads: 3$", b, re.M) for b in blocks)
+    # it reads the trained checkpoints of the first seed only
+    assert all("__s0" in b and "__s1" not in b.split("output:")[0] for b in blocks)
 
 
 def test_every_named_target_exists(tmp_path):

@@ -76,7 +76,8 @@ def reserved_experiment_names() -> frozenset[str]:
 
 def check_config(cfg: Mapping[str, Any]) -> None:
     """Every rule below on a schema-valid config with defaults; ConfigError listing all problems."""
-    problems = [*_experiment_names(cfg), *_paths(cfg), *_recipes(cfg), *_positions(cfg), *_longrange(cfg)]
+    problems = [*_experiment_names(cfg), *_paths(cfg), *_recipes(cfg), *_positions(cfg), *_longrange(cfg),
+                *_perf(cfg)]
     if problems:
         raise ConfigError("invalid config:\n  " + "\n  ".join(problems))
 
@@ -137,6 +138,10 @@ def _positions(cfg: Mapping[str, Any]) -> Iterable[str]:
         "measure.context_lengths": (longest + measure["new_tokens"],
                                     f"context length {longest} + measure.new_tokens {measure['new_tokens']} = "),
         "eval.seq_len": (cfg["eval"]["seq_len"], ""),
+        # "window" is cut to the positions by the benchmark; a given length is taken as given
+        **{f"perf.context_lengths[{i}]": (n + cfg["perf"]["new_tokens"],
+                                          f"context length {n} + perf.new_tokens {cfg['perf']['new_tokens']} = ")
+           for i, n in enumerate(cfg["perf"]["context_lengths"]) if isinstance(n, int)},
         "eval.cache_tokens": (cfg["eval"]["cache_tokens"], ""),
     }
     for i, model in enumerate(cfg["models"]):
@@ -160,6 +165,13 @@ def _longrange(cfg: Mapping[str, Any]) -> Iterable[str]:
     if distance is not None and distance >= seq_len:
         yield (f"config key 'eval.longrange.min_distance': {distance} tokens is not below eval.seq_len {seq_len}: "
                "no previous occurrence that far back can lie inside a scored window, so no token would qualify")
+
+
+def _perf(cfg: Mapping[str, Any]) -> Iterable[str]:
+    """The cost benchmark's context lengths, each once (``window`` may coincide with a given length: deduplicated)."""
+    lengths = list(cfg["perf"]["context_lengths"])
+    if len(set(map(str, lengths))) != len(lengths):
+        yield f"config key 'perf.context_lengths': {lengths} lists a context length twice"
 
 
 def check_records(records_dir: str | Path, run_ids: Iterable[str]) -> None:

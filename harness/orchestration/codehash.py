@@ -248,6 +248,13 @@ class CodeHashes:
         """Hash of a job running one method: the command without method code, plus that method's."""
         return self.digest(self.command(command, cut=True) | self.method(method))
 
+    def methods_job_hash(self, command: str, methods: Iterable[str]) -> str:
+        """Hash of a job running several methods (the cost benchmark): the command plus each method's code."""
+        files = set(self.command(command, cut=True))
+        for method in methods:
+            files |= self.method(method)
+        return self.digest(files)
+
 
 def method_modules(method: str) -> tuple[str, ...]:
     """Dotted modules implementing ``method`` (a stacked one: its eviction's and its inner's): its spec's."""

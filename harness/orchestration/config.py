@@ -644,3 +644,43 @@ def code_hash(paths: Iterable[str | Path], root: Path = REPO_ROOT) -> str:
             digest.update(str(f.relative_to(root)).encode())
             digest.update(f.read_bytes())
     return digest.hexdigest()[:12]
+
+
+#: The experiment whose runs the cost benchmark times (harness.measurement.bench; `perf`, `pareto`).
+BENCH_EXPERIMENT = "main"
+
+
+def bench_runs(rows: list[dict], model: str) -> tuple[int, list[dict]]:
+    """``(seed, rows)``: the benchmark grid's runs of ``model`` at the grid's first seed, in grid order.
+
+    One seed's checkpoints are timed: decode cost follows the architecture and the cache, not the
+    values of the weights, and the rounds (not the seeds) give the spread.
+    """
+    mine = [r for r in rows if BENCH_EXPERIMENT in r["experiments"] and r["model"] == model]
+    if not mine:
+        raise ConfigError(f"model {model!r} has no run in the {BENCH_EXPERIMENT!r} grid: nothing to benchmark")
+    seed = min(r["seed"] for r in mine)
+    return seed, [r for r in mine if r["seed"] == seed]
+
+
+def bench_spec(cfg: Mapping[str, Any], model: str, rows: list[dict], work: str | Path) -> dict:
+    """The benchmark job's spec: the model, each run (method, params, training, checkpoint under ``work``;
+    the base model first if the grid has no base run), the eval texts the prompts come from, the model's
+    longest configured window and the ``perf`` section."""
+    seed, mine = bench_runs(rows, model)
+    runs = []
+    for row in mine:
+        spec = run_spec(cfg, row["run_id"], rows)
+        runs.append({**{k: spec[k] for k in ("run_id", "method", "budget", "params", "training")},
+                     "trained": f"{work}/trained/{row['train_id']}" if row["train_id"] else None})
+    if not any(r["method"] == "base" for r in runs):
+        # the reference of every ratio; without a base run in the grid, the untrained base model
+        # (decode cost follows the architecture and the cache, not the values of the weights)
+        runs.insert(0, {"run_id": None, "method": "base", "budget": 1.0, "params": {}, "training": {"kind": "none"},
+                        "trained": None})
+    first = run_spec(cfg, mine[0]["run_id"], rows)
+    entry = model_entry(cfg, model)
+    window = max(cfg["eval"]["seq_len"], pretrain_settings(cfg, model)["seq_len"] if pretrained_here(entry) else 0)
+    return {"model": entry, "seed": seed, "device": cfg["device"], "dtype": cfg["dtype"], "eval": first["eval"],
+            "datasets": first.get("datasets") or {}, "window": int(window), "bench": copy.deepcopy(cfg["perf"]),
+            "runs": runs}

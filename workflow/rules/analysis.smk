@@ -81,6 +81,7 @@ rule experiment_figure:
 rule pareto_tables:
     input:
         table=f"{RESULTS}/tables/records/{MAIN}.csv",
+        bench=PERF_BENCH,
     output:
         csv=report(PARETO_OUTPUTS[0], caption="../report/pareto.rst", category="Pareto"),
         md=PARETO_OUTPUTS[1],
@@ -98,12 +99,14 @@ rule pareto_tables:
     shell:
         "python -m analysis pareto --table {input.table} --experiment {params.experiment} --csv {output.csv} "
         "--md {output.md} --kv-figure {output.png_bytes} --latency-figure {output.png_latency} {params.longrange} "
+        "--bench {input.bench} "
         "> {log} 2>&1"
 
 
 rule perf_tables:
     input:
         table=f"{RESULTS}/tables/records/{MAIN}.csv",
+        bench=PERF_BENCH,
     output:
         csv=report(PERF_OUTPUTS[0], caption="../report/perf.rst", category="Performance"),
         md=PERF_OUTPUTS[1],
@@ -115,7 +118,7 @@ rule perf_tables:
     conda:
         ENV
     shell:
-        "python -m analysis perf --table {input.table} --csv {output.csv} --md {output.md} "
+        "python -m analysis perf --table {input.table} --bench {input.bench} --csv {output.csv} --md {output.md} "
         "--figure {output.png} > {log} 2>&1"
 
 

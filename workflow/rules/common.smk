@@ -13,6 +13,9 @@ os.environ.update(PATH=os.pathsep.join([str(Path(sys.executable).parent), os.env
 
 from harness.orchestration.codehash import CodeHashes
 from harness.orchestration.config import (
+    BENCH_EXPERIMENT,
+    bench_runs,
+    bench_spec,
     check_offline,
     model_entry,
     pretrain_settings,
@@ -64,7 +67,7 @@ NAMED_EXPERIMENTS = [
     "figure3_budget_sweep",
 ]
 # The grid behind `pareto` and `perf`.
-MAIN = "main"
+MAIN = BENCH_EXPERIMENT  # harness.orchestration.config: the benchmark times the same grid
 
 # Each job's code hash is a param, so editing code reruns exactly the jobs that run it. The hashes
 # follow the imports of the module each job runs, parsed once, here (harness/orchestration/codehash.py).
@@ -256,6 +259,34 @@ def recovery_records():
         for r in RUNS
         if MAIN in r["experiments"] and r["training"] == "cpt" and selected(r["method"], r["budget"], r["params"])
     ]
+
+
+# The cost benchmark: one job per model of the main grid, on the grid's first seed's checkpoints
+# (timing does not need every seed: the weights' values barely move decode cost; the repeats do).
+PERF_MODELS = sorted({r["model"] for r in RUNS if BENCH_EXPERIMENT in r["experiments"]})
+PERF_BENCH = [f"{RESULTS}/perf/{name}.json" for name in PERF_MODELS]
+
+
+def perf_spec(model):
+    """The benchmark job's spec (harness.orchestration.config.bench_spec)."""
+    return bench_spec(config, model, RUNS, WORK)
+
+
+def perf_inputs(wildcards):
+    """Inputs of one benchmark job: the base model if pretrained here, every trained checkpoint, the corpus."""
+    _, rows = bench_runs(RUNS, wildcards.model)
+    model = model_entry(config, wildcards.model)
+    inputs = {"trained": sorted({f"{WORK}/trained/{r['train_id']}" for r in rows if r["train_id"]})}
+    _model_input(model, inputs)
+    if config["eval"]["text_set"] == "corpus" or pretrained_here(model):
+        inputs["corpus"] = CORPUS
+    return inputs
+
+
+def bench_code(wildcards):
+    """Hash of the code one benchmark job executes: the benchmark and every method it times."""
+    _, rows = bench_runs(RUNS, wildcards.model)
+    return CODE_HASHES.methods_job_hash("harness.measurement.bench", sorted({r["method"] for r in rows}))
 
 
 PERF_OUTPUTS = [f"{RESULTS}/tables/perf.csv", f"{RESULTS}/tables/perf.md", f"{RESULTS}/figures/perf.png"]

@@ -58,3 +58,27 @@ rule run:
     shell:
         "python -m harness run --spec {params.spec:q} {params.optional} --predictions {params.predictions} "
         "--code {params.code} --out {output} --threads {threads} > {log} 2>&1"
+
+
+rule perf_bench:
+    input:
+        unpack(perf_inputs),
+    output:
+        f"{RESULTS}/perf/{{model}}.json",
+    params:
+        spec=lambda wildcards: json.dumps(perf_spec(wildcards.model), sort_keys=True),
+        optional=optional_args(["model", "corpus"]),
+        torch_threads=config["threads"],
+        code=bench_code,
+    # Alone: every other job claims at least one core, so a job claiming all of them runs by itself
+    # (`--cores all` or `--cores N`); torch still uses `threads`, as each run's own timing did.
+    threads: workflow.cores
+    resources:
+        gpu=lambda wildcards: int(config["device"] == "cuda"),
+    log:
+        f"{RESULTS}/logs/perf/{{model}}.log",
+    conda:
+        ENV
+    shell:
+        "python -m harness.measurement.bench --spec {params.spec:q} {params.optional} --code {params.code} "
+        "--threads {params.torch_threads} --out {output} > {log} 2>&1"

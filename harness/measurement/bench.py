@@ -1,0 +1,222 @@
+"""The cost benchmark of one model: every method of the ``main`` grid timed in alternation, in one process.
+
+``python -m harness.measurement.bench --spec JSON --out PATH`` builds every listed run of one
+model (its trained checkpoint through ``Method.load_trained``, as the run job builds it:
+``harness.orchestration.run.build``) and times them all with the one interleaving protocol
+(``harness.measurement.measure.interleaved``) at each context length: one warm-up each, then
+``repeats`` rounds in alternating order. One sample of a method is one prefill (``generate`` of
+one token) and one generation of ``new_tokens`` (``generate_exactly``), as
+``harness.measurement.measure.time_generation`` measures a run; decode tokens/s counts the
+``new_tokens - 1`` tokens produced from the cache.
+
+The output reports, per method and context, the raw summaries with their coefficients of
+variation and the ratios to the base model's sample *of the same round* (so drift of the
+machine cancels): the median of the per-round ratios and their CV. Peak memory per method is its
+weights plus, on a GPU, the allocator peak above the phase's start; on a CPU, where the process'
+memory is shared by every model loaded here, plus the live K/V bytes of the decode cache
+(``memory_source`` says which). The workflow runs this job alone (``workflow/rules/runs.smk``,
+rule ``perf_bench``). Fields: ``results/README.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import torch
+
+from harness.atomic import write_json_atomic
+from harness.measurement.footprint import prompt_ids
+from harness.measurement.generation import generate_exactly
+from harness.measurement.measure import Timer, interleaved, summarise
+
+#: Version of the output layout (bump on incompatible changes; analysis checks it).
+SCHEMA = 1
+#: The method every ratio is taken against.
+REFERENCE = "base"
+
+
+def log(message: str) -> None:
+    """Progress on stderr (the job's log)."""
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def cv(samples: Sequence[float]) -> float:
+    """Coefficient of variation (sample standard deviation over mean); 0 for one sample or a zero mean."""
+    if len(samples) < 2:
+        return 0.0
+    mean = statistics.fmean(samples)
+    return statistics.stdev(samples) / mean if mean else 0.0
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    """Bytes of a model's parameters and buffers (shared tensors once)."""
+    seen, total = set(), 0
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        total += tensor.numel() * tensor.element_size()
+    return total
+
+
+def resolve_contexts(lengths: Sequence[int | str], *, window: int, positions: int | None, new_tokens: int) -> list[int]:
+    """The context lengths to time: integers as given; ``"window"`` is the model's longest configured
+    window, cut so that it and the generated tokens fit the model's positions. Sorted, distinct."""
+    out = set()
+    for n in lengths:
+        if n == "window":
+            n = window if positions is None else min(window, positions - new_tokens)
+        out.add(int(n))
+    return sorted(out)
+
+
+def time_one(model, method, params, prompt: torch.Tensor, new_tokens: int, device: str) -> dict[str, float]:
+    """One sample: prefill seconds (generate 1), decode tokens/s (generate N minus the prefill), memory."""
+    dev = torch.device(device)
+    with Timer(dev) as t_prefill:
+        generate_exactly(model, prompt, 1, cache=method.new_cache(model, params))
+    cache = method.new_cache(model, params)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        start = torch.cuda.memory_allocated(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+    with Timer(dev) as t_total:
+        out = generate_exactly(model, prompt, new_tokens, cache=cache)
+    sample = {"prefill_ms": t_prefill.seconds * 1000.0,
+              "decode_tokens_per_s": (new_tokens - 1) / max(t_total.seconds - t_prefill.seconds, 1e-9),
+              "kv_live_bytes": float(method.live_bytes(cache if cache is not None else out.past_key_values))}
+    if dev.type == "cuda":
+        sample["phase_peak_bytes"] = float(torch.cuda.max_memory_allocated(dev) - start)
+    return sample
+
+
+def ratio_rows(samples: Mapping[str, list[dict[str, float]]], entries: Mapping[str, Mapping[str, Any]],
+               *, context_len: int, new_tokens: int, device_type: str) -> list[dict[str, Any]]:
+    """One row per method at one context: summaries, CVs, and per-round ratios to the reference method."""
+    if REFERENCE not in samples:
+        raise ValueError(f"the benchmark needs the {REFERENCE!r} method: ratios are taken against it")
+    ref = samples[REFERENCE]
+    rows = []
+    for run_id, got in samples.items():
+        entry = entries[run_id]
+        memory = [entry["weights_bytes"] + (s["phase_peak_bytes"] if device_type == "cuda" else s["kv_live_bytes"])
+                  for s in got]
+        ref_memory = [entries[REFERENCE]["weights_bytes"]
+                      + (s["phase_peak_bytes"] if device_type == "cuda" else s["kv_live_bytes"]) for s in ref]
+        row: dict[str, Any] = {
+            "run_id": entry["run_id"], "method": entry["method"], "budget_nominal": entry["budget"],
+            "params": entry["params"], "context_len": context_len, "new_tokens": new_tokens,
+            "weights_bytes": entry["weights_bytes"],
+            "memory_source": "weights + allocator peak" if device_type == "cuda" else "weights + live K/V",
+        }
+        metrics = {"prefill_ms": [s["prefill_ms"] for s in got],
+                   "decode_tokens_per_s": [s["decode_tokens_per_s"] for s in got],
+                   "peak_memory_bytes": memory}
+        refs = {"prefill_ms": [s["prefill_ms"] for s in ref],
+                "decode_tokens_per_s": [s["decode_tokens_per_s"] for s in ref],
+                "peak_memory_bytes": ref_memory}
+        for name, values in metrics.items():
+            # the same round's reference sample: load drift during a round falls on both
+            ratios = [v / r for v, r in zip(values, refs[name])]
+            row[name] = {**summarise(values), "cv": cv(values)}
+            row[f"{name}_ratio"] = {"median": statistics.median(ratios), "mean": statistics.fmean(ratios),
+                                    "cv": cv(ratios), "n": len(ratios)}
+        row["kv_live_bytes"] = statistics.median(s["kv_live_bytes"] for s in got)
+        row["decode_ms_per_token"] = 1000.0 / row["decode_tokens_per_s"]["p50"]
+        rows.append(row)
+    return rows
+
+
+def run_bench(spec: Mapping[str, Any], out: str | Path, *, model_path: str | Path | None = None,
+              corpus_dir: str | Path | None = None, code: str | None = None, threads: int = 1) -> dict:
+    """Build every run of ``spec["runs"]`` (one model), time them interleaved, write the JSON to ``out``."""
+    from harness.data.sets import load_eval_texts
+    from harness.orchestration.provenance import device_info, resolve_device, utc_now
+    from harness.orchestration.run import build
+    from harness.training.train import seed_everything
+
+    bench = spec["bench"]
+    runs = list(spec["runs"])
+    if sum(r["method"] == REFERENCE for r in runs) != 1:
+        raise ValueError(f"the benchmark of {spec['model']['name']!r} needs exactly one {REFERENCE!r} run to take "
+                         "ratios against (harness.orchestration.config.bench_spec adds it)")
+    started, t0 = utc_now(), time.perf_counter()
+    torch.set_num_threads(max(1, int(threads)))
+    device = resolve_device(spec["device"])
+    seed_everything(int(spec["seed"]))
+    entries: dict[str, dict[str, Any]] = {}
+    models: dict[str, Any] = {}
+    tokenizer = positions = None
+    for run in runs:
+        built = build({**run, "model": spec["model"], "dtype": spec["dtype"]}, device=device,
+                      model_path=model_path, trained_dir=run.get("trained"))
+        positions = getattr(built.model.config, "max_position_embeddings", None)
+        tokenizer = built.tokenizer
+        key = REFERENCE if run["method"] == REFERENCE else run["run_id"]
+        models[key] = built
+        entries[key] = {"run_id": run["run_id"], "method": run["method"], "budget": float(run["budget"]),
+                        "params": built.params, "weights_bytes": weight_bytes(built.model)}
+        built.base = None  # only the model under test stays in memory
+    texts = load_eval_texts(spec["eval"], corpus_dir, spec.get("datasets"))
+    new_tokens = int(bench["new_tokens"])
+    contexts = resolve_contexts(bench["context_lengths"], window=int(spec["window"]), positions=positions,
+                                new_tokens=new_tokens)
+    device_type = torch.device(device).type
+    rows = []
+    for n in contexts:
+        prompt = prompt_ids(tokenizer, texts, n).to(device)
+        log(f"{spec['model']['name']}: {len(models)} methods at context {n}, {bench['repeats']} rounds")
+        trials = {key: (lambda b=b: time_one(b.model, b.method, b.params, prompt, new_tokens, device))
+                  for key, b in models.items()}
+        samples = interleaved(trials, repeats=int(bench["repeats"]), warmup=int(bench["warmup"]))
+        rows += ratio_rows(samples, entries, context_len=n, new_tokens=new_tokens, device_type=device_type)
+    info = device_info(device)
+    result = {
+        "schema": SCHEMA,
+        "model": spec["model"]["name"],
+        "family": spec["model"]["family"],
+        "seed": int(spec["seed"]),
+        "device": f"{info.get('type')}: {info.get('name')}",
+        "threads": int(threads),
+        "reference": REFERENCE,
+        "protocol": {"contexts": contexts, "new_tokens": new_tokens, "repeats": int(bench["repeats"]),
+                     "warmup": int(bench["warmup"]), "order": "interleaved, alternating each round",
+                     "ratio": "median over rounds of method / reference in the same round"},
+        "code": code,
+        "started_at": started,
+        "wall_time_s": time.perf_counter() - t0,
+        "rows": rows,
+    }
+    write_json_atomic(out, result)
+    worst = max(max(r["decode_tokens_per_s_ratio"]["cv"], r["prefill_ms_ratio"]["cv"]) for r in rows)
+    log(f"{len(rows)} rows, largest ratio CV {100 * worst:.1f} %, {result['wall_time_s']:.0f} s -> {out}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command line: ``--spec`` (JSON: model, runs, bench settings), ``--out``; exit 2 with the reason on bad input."""
+    parser = argparse.ArgumentParser(prog="python -m harness.measurement.bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--spec", required=True, help="JSON: model, seed, device, dtype, eval, window, bench, runs")
+    parser.add_argument("--out", required=True, help="output JSON")
+    parser.add_argument("--model", help="base model directory (models pretrained here)")
+    parser.add_argument("--corpus", help="corpus directory (offline eval texts: the prompts)")
+    parser.add_argument("--code", help="code hash of this job (recorded)")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    try:
+        run_bench(json.loads(args.spec), args.out, model_path=args.model, corpus_dir=args.corpus, code=args.code,
+                  threads=args.threads)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
