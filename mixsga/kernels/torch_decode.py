@@ -121,3 +121,48 @@ def decode_attention_biased(
         out = torch.bmm(p, v) if out is None else torch.baddbmm(out.view(groups, -1, dim), p, v)
         start += n
     return out.view(batch, heads, dim)
+
+
+def decode_attention_static(
+    query: torch.Tensor,
+    scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    query_views: list[torch.Tensor],
+    score_views: list[torch.Tensor],
+    prob_views: list[torch.Tensor],
+    keys_t: list[torch.Tensor],
+    values: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    scaling: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """``decode_attention_biased`` with every intermediate written in place into preallocated scratch.
+
+    The CPU batch-1 fast path of the cache (``mixsga.cache``): at that size the step's
+    cost is the number of ops dispatched, so the query is copied once into
+    ``scratch[0]`` (``query_views[e]`` are its per-expert ``[G, H_q / G, d]`` views), each
+    expert's logits land by ``baddbmm(out=)`` in its columns of ``scratch[1]``
+    (``[B, H_q, sum_e cap_e]``; ``score_views[e]`` ``[G, H_q / G, cap_e]``), one
+    ``softmax(out=)`` fills ``scratch[2]`` (``prob_views[e]``), and the values are merged
+    by ``bmm`` / ``baddbmm_``: no concatenation, no slicing or view op per step (the views
+    are built once per capacity growth). Same arithmetic as ``decode_attention_biased``;
+    float32 only (the softmax is taken in the scratch's dtype). The result is a new tensor.
+    """
+    q_buf, scores, probs = scratch
+    q_buf.copy_(query)
+    for q, kt, bias, out in zip(query_views, keys_t, biases, score_views):
+        if softcap is None:
+            torch.baddbmm(bias, q, kt, alpha=scaling, out=out)
+        else:
+            torch.bmm(q, kt, out=out)
+    if softcap is not None:
+        scores.mul_(scaling).div_(softcap).tanh_().mul_(softcap)
+        for bias, out in zip(biases, score_views):
+            out.add_(bias)
+    torch.softmax(scores, dim=-1, out=probs)
+    out = None
+    for p, v in zip(prob_views, values):
+        if out is None:
+            out = torch.bmm(p, v)
+        else:
+            out.view(p.shape[0], p.shape[1], -1).baddbmm_(p, v)
+    return out.view(query.shape)
