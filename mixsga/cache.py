@@ -134,9 +134,10 @@ class MixSGALayer(CacheLayerMixin):
         # ``MixSGACache.set_observer``; token-eviction policies score tokens with it).
         self.observer = None
         self.layer_idx = -1
-        # CPU batch-1 fast path (module docstring): host copies of counts[0] and ntok[0], exact
-        # while not None; every other path that changes the fills drops them.
-        self._exact: tuple[list[int], int] | None = None
+        # CPU batch-1 fast path (module docstring): host copies of counts[0] and of the sample's
+        # expert index (its length is ntok[0]), exact while not None; every other path that changes
+        # the fills drops them.
+        self._exact: tuple[list[int], list[int]] | None = None
 
     # ------------------------------------------------------------------ storage
     @property
@@ -319,10 +320,8 @@ class MixSGALayer(CacheLayerMixin):
     def _append_step_host(self, k: torch.Tensor, v: torch.Tensor, expert: torch.Tensor) -> None:
         """CPU, one sample: write the token only into its expert's store, at the host-known fill."""
         e = int(expert)  # a CPU tensor: host memory, one op
-        if self._exact is None:
-            self._exact = (self.counts[0].tolist(), int(self.ntok[0]))
-        counts, ntok = self._exact
-        n = counts[e]
+        counts, index = self._host_fills()
+        n, ntok = counts[e], len(index)
         if n >= self.buffers[e].shape[3]:
             self._bound[e] = n
             self._reserve(e, n + PAGE)
@@ -340,9 +339,15 @@ class MixSGALayer(CacheLayerMixin):
         self.counts.add_(self._units[e])
         self.ntok.add_(1)
         counts[e] = n + 1
-        self._exact = (counts, ntok + 1)
+        index.append(e)
         self._bound[e] = max(self._bound[e], n + 1)
         self._tok_bound = max(self._tok_bound, ntok + 1)
+
+    def _host_fills(self) -> tuple[list[int], list[int]]:
+        """The fast path's host copies of sample 0's fills and expert index (read once, then kept exact)."""
+        if self._exact is None:
+            self._exact = (self.counts[0].tolist(), self.index_buf[0, : int(self.ntok[0])].tolist())
+        return self._exact
 
     def _append_chunk(
         self, k: torch.Tensor, v: torch.Tensor, expert: torch.Tensor, real: torch.Tensor | None
@@ -459,6 +464,9 @@ class MixSGALayer(CacheLayerMixin):
         keep = self.window_keep
         if keep is None or not self.is_initialized or self._tok_bound <= keep:
             return
+        if self._host_fast:
+            self._trim_window_host(keep)
+            return
         self._exact = None
         batch, n, experts = self.batch_size, self._tok_bound, len(self.group_sizes)
         drop = (self.ntok - keep).clamp_min(0)  # [B]: each sample's oldest tokens to drop
@@ -484,6 +492,35 @@ class MixSGALayer(CacheLayerMixin):
         self.ntok -= drop
         # no sample holds more than `keep` tokens now, in any expert: tighter host bounds, so a
         # windowed store never grows (nor reads its fills back) once it holds a window and a page
+        self._tok_bound = keep
+        self._bound = [min(bound, keep) for bound in self._bound]
+        self._trimmed = True
+
+    def _trim_window_host(self, keep: int) -> None:
+        """``trim_window`` on the CPU batch-1 fast path: the host index says which stores lose tokens.
+
+        Only the stores that lose tokens are shifted, and only their filled part (a decode
+        step drops one token: one store), instead of a gather over every store's capacity.
+        """
+        counts, index = self._host_fills()
+        drop = len(index) - keep
+        if drop > 0:
+            gone = [0] * len(self.group_sizes)
+            for e in index[:drop]:
+                gone[e] += 1
+            for e in self.experts:
+                g = gone[e]
+                if g == 0:
+                    continue
+                buf, left = self.buffers[e], counts[e] - g
+                if left:
+                    buf.narrow(3, 0, left).copy_(buf.narrow(3, g, left).clone())
+                self.biases[e].narrow(2, left, g).fill_(float("-inf"))
+                self.counts.sub_(self._units[e] if g == 1 else self._units[e] * g)
+                counts[e] = left
+            self.index_buf.narrow(1, 0, keep).copy_(self.index_buf.narrow(1, drop, keep).clone())
+            self.ntok.sub_(drop)
+            del index[:drop]
         self._tok_bound = keep
         self._bound = [min(bound, keep) for bound in self._bound]
         self._trimmed = True
