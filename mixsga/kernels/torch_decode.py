@@ -135,29 +135,37 @@ def decode_attention_static(
     scaling: float,
     softcap: float | None,
 ) -> torch.Tensor:
-    """``decode_attention_biased`` with every intermediate written in place into preallocated scratch.
+    """``decode_attention_biased`` with the query, logits and probabilities in preallocated scratch.
 
-    The CPU batch-1 fast path of the cache (``mixsga.cache``): at that size the step's
-    cost is the number of ops dispatched, so the query is copied once into
-    ``scratch[0]`` (``query_views[e]`` are its per-expert ``[G, H_q / G, d]`` views), each
-    expert's logits land by ``baddbmm(out=)`` in its columns of ``scratch[1]``
-    (``[B, H_q, sum_e cap_e]``; ``score_views[e]`` ``[G, H_q / G, cap_e]``), one
-    ``softmax(out=)`` fills ``scratch[2]`` (``prob_views[e]``), and the values are merged
-    by ``bmm`` / ``baddbmm_``: no concatenation, no slicing or view op per step (the views
-    are built once per capacity growth). Same arithmetic as ``decode_attention_biased``;
-    float32 only (the softmax is taken in the scratch's dtype). The result is a new tensor.
+    The CPU batch-1 fast path of the cache (``mixsga.cache``), where a step's cost is the
+    number of ops dispatched: the query is copied once into ``scratch[0]``
+    (``query_views[e]``: its per-expert ``[G, H_q / G, d]`` views), the per-expert logits
+    are concatenated by ``cat(out=)`` into ``scratch[1]`` (``[B, H_q, sum_e cap_e]``;
+    ``score_views[e]``: expert e's columns as ``[G, H_q / G, cap_e]``), one
+    ``softmax(out=)`` fills ``scratch[2]`` (``prob_views[e]`` likewise), and the values are
+    merged by ``bmm`` / ``baddbmm_`` from those fixed views: no slicing or view op per
+    expert and step (the views are built once per capacity growth). The logits are
+    computed into fresh, contiguous tensors and then concatenated, not written by
+    ``baddbmm(out=)`` into the strided columns: CPU ``baddbmm`` loops over the batch with
+    one ``addmm_`` per matrix for a strided output (measured slower on the zoo shapes).
+    Same arithmetic as ``decode_attention_biased``; float32 (the softmax is taken in
+    the scratch's dtype). The result is a new tensor.
     """
     q_buf, scores, probs = scratch
     q_buf.copy_(query)
-    for q, kt, bias, out in zip(query_views, keys_t, biases, score_views):
+    heads = query.shape[1]
+    parts = []
+    for q, kt, bias in zip(query_views, keys_t, biases):
         if softcap is None:
-            torch.baddbmm(bias, q, kt, alpha=scaling, out=out)
+            logit = torch.baddbmm(bias, q, kt, alpha=scaling)
         else:
-            torch.bmm(q, kt, out=out)
+            logit = torch.bmm(q, kt)
+        parts.append(logit.view(1, heads, -1))
+    torch.cat(parts, dim=-1, out=scores)
     if softcap is not None:
         scores.mul_(scaling).div_(softcap).tanh_().mul_(softcap)
-        for bias, out in zip(biases, score_views):
-            out.add_(bias)
+        for bias, view in zip(biases, score_views):
+            view.add_(bias)
     torch.softmax(scores, dim=-1, out=probs)
     out = None
     for p, v in zip(prob_views, values):
