@@ -136,8 +136,10 @@ class MixSGALayer(CacheLayerMixin):
         self.layer_idx = -1
         # CPU batch-1 fast path (module docstring): host copies of counts[0] and of the sample's
         # expert index (its length is ntok[0]), exact while not None; every other path that changes
-        # the fills drops them.
+        # the fills drops them. ``_exact_at``: the ``seen`` they hold for; a step that reaches the
+        # stores another way (e.g. a subclass's own append) advances ``seen`` and so retires them.
         self._exact: tuple[list[int], list[int]] | None = None
+        self._exact_at = -1
 
     # ------------------------------------------------------------------ storage
     @property
@@ -340,13 +342,15 @@ class MixSGALayer(CacheLayerMixin):
         self.ntok.add_(1)
         counts[e] = n + 1
         index.append(e)
+        self._exact_at = self.seen + 1  # ``update`` advances ``seen`` by this token next
         self._bound[e] = max(self._bound[e], n + 1)
         self._tok_bound = max(self._tok_bound, ntok + 1)
 
     def _host_fills(self) -> tuple[list[int], list[int]]:
         """The fast path's host copies of sample 0's fills and expert index (read once, then kept exact)."""
-        if self._exact is None:
+        if self._exact is None or self._exact_at != self.seen:
             self._exact = (self.counts[0].tolist(), self.index_buf[0, : int(self.ntok[0])].tolist())
+            self._exact_at = self.seen
         return self._exact
 
     def _append_chunk(

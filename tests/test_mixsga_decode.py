@@ -300,3 +300,42 @@ def test_cpu_batch1_fast_path_after_eviction_and_crop(monkeypatch):
         outs[fast] = (torch.cat(got), cache.expert_counts())
     torch.testing.assert_close(outs[True][0], outs[False][0], atol=2e-5, rtol=1e-5)
     assert outs[True][1] == outs[False][1]
+
+
+def test_cpu_batch1_fast_path_survives_an_append_that_does_not_know_it(monkeypatch):
+    """Host fills are tied to ``seen``: an append by other code (a subclass's) retires them.
+
+    Every other decode step goes through a batched append that leaves the fast path's host copies
+    in place; Gemma 2's windows then trim from the host index, which must be re-read, not reused.
+    """
+    from mixsga.cache import MixSGALayer
+
+    _, model = converted("gemma2", ratios=(3, 1, 6))
+    ids = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(9))
+    ref_logits, ref_cache = _decode_greedy(model, ids, 12, False, monkeypatch)
+    original = MixSGALayer._append_step
+
+    def foreign(self, k, v, expert, real):
+        if self.seen % 2:
+            return original(self, k, v, expert, real)
+        kept, self.host_fast_path = self._exact, False
+        try:
+            original(self, k, v, expert, real)
+        finally:
+            self.host_fast_path = True
+            del self.host_fast_path  # back to the class attribute
+        self._exact = kept  # as code that does not know the host copies would leave them
+
+    monkeypatch.setattr(MixSGALayer, "_append_step", foreign)
+    cache = MixSGACache(model.config)
+    got = []
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(12):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            got.append(out.logits[:, -1])
+            token = out.logits[:, -1:].argmax(-1)
+    monkeypatch.undo()
+    torch.testing.assert_close(torch.cat(got), ref_logits, atol=2e-5, rtol=1e-5)
+    assert cache.expert_counts() == ref_cache.expert_counts()
