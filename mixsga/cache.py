@@ -45,7 +45,8 @@ by every other mutation), pools and writes only the routed expert's store (one
 ``copy_``, one slot-mask write; the other experts are untouched), and attends with
 ``decode_attention_static``: preallocated query / logits / probability scratch with
 views fixed until the next growth, written in place by ``baddbmm(out=)`` and
-``softmax(out=)``, so a step issues about a third of the batched step's ops. The
+``softmax(out=)``: about 25 ops per layer and step beyond the model's own, where the
+batched step issues about 60 (``benchmarks.decode_profile``). The
 stores, masks, counts and index it leaves are the same as the batched step's; the
 scratch (``[1, H_q, sum_e capacity_e]`` x 2 plus the query) is workspace, not counted
 in ``reserved_bytes``. CUDA, batch > 1, padding and observers take the batched path.
