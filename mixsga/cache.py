@@ -36,20 +36,23 @@ full-window layer cannot be cropped. Backends: ``"torch"`` (eager), ``"compiled"
 (``torch.compile`` of the same code), ``"triton"`` (the fused kernel; the default on
 CUDA when Triton is installed).
 
-CPU batch-1 fast path (``MixSGALayer._host_fast``: a CPU cache holding one sample).
-On a CPU the "device" is host memory, so reading a small tensor costs one op, not a
-synchronisation; at batch 1 the per-op dispatch cost, not bytes, decides the step
-time. There the step reads the token's expert id on the host (``int(expert)``) and
-keeps the fills exact on the host (``_exact``, read once from ``counts`` and dropped
-by every other mutation), pools and writes only the routed expert's store (one
-``copy_``, one slot-mask write; the other experts are untouched), and attends with
-``decode_attention_static``: preallocated query / logits / probability scratch with
-views fixed until the next growth, written in place by ``baddbmm(out=)`` and
-``softmax(out=)``: about 25 ops per layer and step beyond the model's own, where the
-batched step issues about 60 (``benchmarks.decode_profile``). The
-stores, masks, counts and index it leaves are the same as the batched step's; the
-scratch (``[1, H_q, sum_e capacity_e]`` x 2 plus the query) is workspace, not counted
-in ``reserved_bytes``. CUDA, batch > 1, padding and observers take the batched path.
+CPU batch-1 fast path (``MixSGALayer._host_fast``: a CPU cache holding one sample;
+``MixSGALayer.host_fast_path = False`` turns it off). On a CPU the "device" is host
+memory, so reading a small tensor costs one op, not a synchronisation; at batch 1 the
+per-op dispatch cost, not bytes, decides the step time. There the step reads the
+token's expert id on the host (``int(expert)``) and keeps sample 0's fills and expert
+index exact on the host (``_exact``: read once, dropped by every other mutation and
+tied to ``seen``, so an append by other code retires them), writes the token only
+into its expert's store (K and V in one ``stack(out=)`` / ``mean(out=)``, one
+slot-mask write; the other experts are untouched), trims sliding windows from the
+host index (only the store that lost a token is shifted, only its filled part), and
+attends with ``decode_attention_static`` (query, logits and probabilities in
+preallocated scratch, views fixed until the next growth): about 25 ops per layer and
+step beyond the model's own, where the batched step issues about 60
+(``benchmarks.decode_profile``). The stores, masks, counts and index it leaves are
+the batched step's; the scratch (``[1, H_q, sum_e capacity_e]`` x 2 plus the query)
+is workspace, not counted in ``reserved_bytes``. CUDA, batch > 1, padding tokens and
+observers take the batched device-side path.
 
 Multi-token chunks on a non-empty cache (chunked prefill) loop over samples; they
 are not the decode hot path.
