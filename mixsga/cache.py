@@ -485,18 +485,23 @@ class MixSGALayer(CacheLayerMixin):
         for e in self.experts:
             buf = self.buffers[e]
             cap = buf.shape[3]
-            if cap == 0:
+            # Only the first `_bound[e]` slots (the host's upper bound of the fills) can hold tokens:
+            # shift and re-mask those, not the whole capacity (prefill may have grown it far beyond
+            # the window; copying all of it was most of a batched sliding layer's step).
+            lim = min(self._bound[e], cap)
+            if lim == 0:
                 continue
-            slots = torch.arange(cap, device=self.device)
-            src = (slots + gone[:, e : e + 1]).clamp_max(cap - 1)  # [B, cap]
-            buf.copy_(buf.gather(3, src.view(1, batch, 1, cap, 1).expand(buf.shape)))
+            slots = torch.arange(lim, device=self.device)
+            src = (slots + gone[:, e : e + 1]).clamp_max(cap - 1)  # [B, lim]
+            shape = (2, batch, buf.shape[2], lim, buf.shape[4])
+            buf[:, :, :, :lim].copy_(buf.gather(3, src.view(1, batch, 1, lim, 1).expand(shape)))
             filled = slots < (self.counts[:, e] - gone[:, e])[:, None]
             bias = torch.zeros(filled.shape, dtype=self.dtype, device=self.device).masked_fill_(~filled, float("-inf"))
-            self.biases[e].copy_(bias[:, None, :].expand(self.biases[e].shape))
+            self.biases[e][:, :, :lim].copy_(bias[:, None, :].expand(batch, buf.shape[2], lim))
         self.counts -= gone
         cap = self.index_buf.shape[1]
-        src = (torch.arange(cap, device=self.device) + drop[:, None]).clamp_max(cap - 1)
-        self.index_buf.copy_(self.index_buf.gather(1, src))
+        src = (torch.arange(n, device=self.device) + drop[:, None]).clamp_max(cap - 1)
+        self.index_buf[:, :n].copy_(self.index_buf.gather(1, src))
         self.ntok -= drop
         # no sample holds more than `keep` tokens now, in any expert: tighter host bounds, so a
         # windowed store never grows (nor reads its fills back) once it holds a window and a page
