@@ -4,10 +4,11 @@ For each zoo family (``tiny`` architecture, random weights, as ``benchmarks.deco
 builds them) at one context and batch 1: prefill ``context - 1`` tokens, then profile
 ``--steps`` single-token forward passes (``model(input_ids=[[t]], past_key_values=cache)``,
 no ``generate`` around them) of transformers' GQA (SDPA + ``DynamicCache``), the static
-GQA (``benchmarks.fast_gqa``) and mixSGA, after ``--warmup`` unprofiled steps. Reported per
-layer and step: the top-level aten ops (those called from Python, not from inside
-another aten op: the dispatches a step pays for), every aten op (nested ones included),
-the aten self-CPU microseconds, and the whole step's wall time (profiled, so inflated). Op counts are deterministic; times are one sample on a shared machine.
+GQA (``benchmarks.fast_gqa``) and mixSGA, after ``--warmup`` unprofiled steps. Reported
+per layer and step: the top-level aten ops (called from Python, not from inside another
+aten op: the dispatches a step pays for), every aten op (nested ones included), the aten
+self-CPU microseconds, and the step's wall time (profiled, so inflated). Op counts are
+deterministic; times are one sample on a shared machine.
 
 ``python -m benchmarks.decode_profile --out results/bench/decode-profile.json``
 """
@@ -97,9 +98,11 @@ def main(argv: list[str] | None = None) -> None:
             entry = bench.prepare(spec, base, ids, prefill_repeats=1, chunk=512, seed=args.seed, device=device,
                                   new_tokens=args.steps + args.warmup)
             rows.append(profile_steps(entry, token, args.steps, args.warmup))
-            print(f"{label} {spec.label}: {rows[-1]['top_level_aten_ops_per_layer_step']:.1f} top-level / {rows[-1]['aten_ops_per_layer_step']:.1f} all aten ops per layer-step, "
-                  f"{rows[-1]['aten_self_us_per_layer_step']:.0f} us self-CPU / layer-step, "
-                  f"{rows[-1]['wall_ms_per_step_profiled']:.2f} ms / step (profiled)")
+            row = rows[-1]
+            print(f"{label} {spec.label}: {row['top_level_aten_ops_per_layer_step']:.1f} top-level / "
+                  f"{row['aten_ops_per_layer_step']:.1f} all aten ops per layer-step, "
+                  f"{row['aten_self_us_per_layer_step']:.0f} us self-CPU / layer-step, "
+                  f"{row['wall_ms_per_step_profiled']:.2f} ms / step (profiled)")
         report["models"].append({"model": label, "context": args.context, "batch": 1, "rows": rows})
     report["environment"]["load_average_end"] = bench.load_average()
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
