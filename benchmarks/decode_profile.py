@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True)
     args = parser.parse_args(argv)
+    if args.steps < 1 or args.warmup < 0 or args.context < 2:
+        parser.error("--steps must be >= 1, --warmup >= 0 and --context >= 2")
     if args.threads:
         torch.set_num_threads(args.threads)
     bench.RUNTIME["mixsga_backend"] = args.mixsga_backend
