@@ -36,6 +36,24 @@ full-window layer cannot be cropped. Backends: ``"torch"`` (eager), ``"compiled"
 (``torch.compile`` of the same code), ``"triton"`` (the fused kernel; the default on
 CUDA when Triton is installed).
 
+CPU batch-1 fast path (``MixSGALayer._host_fast``: a CPU cache holding one sample;
+``MixSGALayer.host_fast_path = False`` turns it off). On a CPU the "device" is host
+memory, so reading a small tensor costs one op, not a synchronisation; at batch 1 the
+per-op dispatch cost, not bytes, decides the step time. There the step reads the
+token's expert id on the host (``int(expert)``) and keeps sample 0's fills and expert
+index exact on the host (``_exact``: read once, dropped by every other mutation and
+tied to ``seen``, so an append by other code retires them), writes the token only
+into its expert's store (K and V in one ``stack(out=)`` / ``mean(out=)``, one
+slot-mask write; the other experts are untouched), trims sliding windows from the
+host index (only the store that lost a token is shifted, only its filled part), and
+attends with ``decode_attention_static`` (query, logits and probabilities in
+preallocated scratch, views fixed until the next growth): about 25 ops per layer and
+step beyond the model's own, where the batched step issues about 60
+(``benchmarks.decode_profile``). The stores, masks, counts and index it leaves are
+the batched step's; the scratch (``[1, H_q, sum_e capacity_e]`` x 2 plus the query)
+is workspace, not counted in ``reserved_bytes``. CUDA, batch > 1, padding tokens and
+observers take the batched device-side path.
+
 Multi-token chunks on a non-empty cache (chunked prefill) loop over samples; they
 are not the decode hot path.
 
@@ -60,7 +78,7 @@ from kvledger import layer_windows
 from mixsga.config import MixSGAConfig
 from mixsga.experts import pool_heads
 from mixsga.kernels import decode_attention, resolve_backend
-from mixsga.kernels.torch_decode import decode_attention_biased, decode_attention_torch
+from mixsga.kernels.torch_decode import decode_attention_biased, decode_attention_static, decode_attention_torch
 
 INDEX_DTYPE = torch.uint8
 GROWTH = 1.125  # capacity grows by this factor (at most 12.5 % of slots reserved but empty) ...
@@ -87,6 +105,8 @@ class MixSGALayer(CacheLayerMixin):
     """One layer's preallocated per-expert stores (see the module docstring)."""
 
     is_sliding = False
+    #: Take the CPU batch-1 fast path (module docstring); False forces the batched device-side step.
+    host_fast_path = True
     is_compileable = False
     is_croppable = True
     supports_early_init = False
@@ -118,6 +138,12 @@ class MixSGALayer(CacheLayerMixin):
         # ``MixSGACache.set_observer``; token-eviction policies score tokens with it).
         self.observer = None
         self.layer_idx = -1
+        # CPU batch-1 fast path (module docstring): host copies of counts[0] and of the sample's
+        # expert index (its length is ntok[0]), exact while not None; every other path that changes
+        # the fills drops them. ``_exact_at``: the ``seen`` they hold for; a step that reaches the
+        # stores another way (e.g. a subclass's own append) advances ``seen`` and so retires them.
+        self._exact: tuple[list[int], list[int]] | None = None
+        self._exact_at = -1
 
     # ------------------------------------------------------------------ storage
     @property
@@ -146,6 +172,7 @@ class MixSGALayer(CacheLayerMixin):
             self._pool_rows.append((start, start + heads // g))
         self._pool = torch.cat(rows).to(device=self.device, dtype=self.dtype)
         self._views_valid = False
+        self._exact = None
         # _step_bias[e_routed, e]: the bias a decode step writes into expert e's next slot
         self._step_bias = torch.where(
             torch.eye(len(self.group_sizes), dtype=torch.bool), 0.0, float("-inf")
@@ -154,6 +181,8 @@ class MixSGALayer(CacheLayerMixin):
         self.index_buf = torch.zeros((batch, 0), dtype=INDEX_DTYPE, device=self.device)
         self.ntok = torch.zeros(batch, dtype=torch.long, device=self.device)
         self._ones = torch.ones((batch, 1), dtype=torch.long, device=self.device)
+        # counts += _units[e]: the fast path's count update in one op
+        self._units = list(torch.eye(len(self.group_sizes), dtype=torch.long, device=self.device).unbind(0))
         self._bound = [0] * len(self.group_sizes)
         self._tok_bound = 0
         self._backend = resolve_backend(self.decode_backend, self.device)
@@ -191,7 +220,29 @@ class MixSGALayer(CacheLayerMixin):
             self._slot3.append(column.view(batch, 1, 1).expand(batch, heads, 1))
             self._slot5.append(column.view(1, batch, 1, 1, 1).expand(2, batch, heads, 1, dim))
         self._tok_slot = self.ntok.view(batch, 1)
+        self._scratch = None  # the fast path's, rebuilt for the new capacities on its next step
         self._views_valid = True
+
+    @property
+    def _host_fast(self) -> bool:
+        """Whether decode steps take the CPU batch-1 fast path (module docstring)."""
+        return self.host_fast_path and self.device.type == "cpu" and self.batch_size == 1
+
+    def _refresh_scratch(self, heads_q: int) -> None:
+        """The fast path's attention scratch and its per-expert views, for the current capacities."""
+        caps = [self.buffers[e].shape[3] for e in self.experts]
+        query = torch.empty((1, heads_q, self.head_dim), dtype=self.dtype, device=self.device)
+        scores = torch.empty((1, heads_q, sum(caps)), dtype=self.dtype, device=self.device)
+        probs = torch.empty_like(scores)
+        self._scratch = (query, scores, probs)
+        self._q_views, self._s_views, self._p_views = [], [], []
+        start = 0
+        for e, cap in zip(self.experts, caps):
+            pooled = self.buffers[e].shape[2]
+            self._q_views.append(query.view(pooled, heads_q // pooled, self.head_dim))
+            self._s_views.append(scores[..., start : start + cap].view(heads_q, cap).unflatten(0, (pooled, -1)))
+            self._p_views.append(probs[..., start : start + cap].view(heads_q, cap).unflatten(0, (pooled, -1)))
+            start += cap
 
     def _reserve_tokens(self, need: int) -> None:
         capacity = self.index_buf.shape[1]
@@ -233,8 +284,15 @@ class MixSGALayer(CacheLayerMixin):
     def _append_step(
         self, k: torch.Tensor, v: torch.Tensor, expert: torch.Tensor, real: torch.Tensor | None
     ) -> None:
-        """Append one token per sample (``k``, ``v``: ``[B, H_kv, 1, d]``): index writes, no host read."""
+        """Append one token per sample (``k``, ``v``: ``[B, H_kv, 1, d]``): index writes, no host read.
+
+        (The CPU batch-1 fast path reads the expert id on the host: module docstring.)
+        """
         batch = k.shape[0]
+        if real is None and self._host_fast:
+            self._append_step_host(k, v, expert)
+            return
+        self._exact = None
         # [2, B, 1, H_kv, d] @ pool^T -> every expert's pooled heads at once
         pooled = torch.matmul(self._pool, torch.stack((k, v)).view(2, batch, self.num_kv_heads, -1))
         ids = expert.view(batch, 1)
@@ -265,11 +323,46 @@ class MixSGALayer(CacheLayerMixin):
             self.ntok += step.view(batch)
         self._tok_bound += 1
 
+    def _append_step_host(self, k: torch.Tensor, v: torch.Tensor, expert: torch.Tensor) -> None:
+        """CPU, one sample: write the token only into its expert's store, at the host-known fill."""
+        e = int(expert)  # a CPU tensor: host memory, one op
+        counts, index = self._host_fills()
+        n, ntok = counts[e], len(index)
+        if n >= self.buffers[e].shape[3]:
+            self._bound[e] = n
+            self._reserve(e, n + PAGE)
+        if not self._views_valid:
+            self._refresh_views()
+        g = self.group_sizes[e]
+        if g == 1:  # K and V straight into slot n: one op
+            torch.stack((k, v), out=self.buffers[e].narrow(3, n, 1))
+        else:  # the mean over each group of heads, as pool_heads (the full forward's pooling)
+            kv = torch.stack((k, v)).view(2, 1, self.num_kv_heads // g, g, self.head_dim)
+            torch.mean(kv, 3, out=self.buffers[e].select(3, n))
+        self._bias3[e].select(2, n).fill_(0.0)
+        self._reserve_tokens(ntok + 1)
+        self.index_buf.select(1, ntok).fill_(e)
+        self.counts.add_(self._units[e])
+        self.ntok.add_(1)
+        counts[e] = n + 1
+        index.append(e)
+        self._exact_at = self.seen + 1  # ``update`` advances ``seen`` by this token next
+        self._bound[e] = max(self._bound[e], n + 1)
+        self._tok_bound = max(self._tok_bound, ntok + 1)
+
+    def _host_fills(self) -> tuple[list[int], list[int]]:
+        """The fast path's host copies of sample 0's fills and expert index (read once, then kept exact)."""
+        if self._exact is None or self._exact_at != self.seen:
+            self._exact = (self.counts[0].tolist(), self.index_buf[0, : int(self.ntok[0])].tolist())
+            self._exact_at = self.seen
+        return self._exact
+
     def _append_chunk(
         self, k: torch.Tensor, v: torch.Tensor, expert: torch.Tensor, real: torch.Tensor | None
     ) -> None:
         """Append a chunk (``k``, ``v``: ``[B, H_kv, q, d]``), each real token to its expert's store."""
         batch, _, q, _ = k.shape
+        self._exact = None
         kv = torch.stack((k, v))  # [2, B, H_kv, q, d]
         real = torch.ones((batch, q), dtype=torch.bool, device=k.device) if real is None else real
         for e in self.experts:
@@ -308,6 +401,7 @@ class MixSGALayer(CacheLayerMixin):
         self.buffers, self.biases, self.counts, self.index_buf, self.ntok = [], [], None, None, None
         self._bound, self._tok_bound = [], 0
         self.seen, self.pending, self.is_initialized, self._trimmed = 0, None, False, False
+        self._exact, self._views_valid = None, False
 
     def offload(self) -> None:
         self._move("cpu")
@@ -324,6 +418,7 @@ class MixSGALayer(CacheLayerMixin):
         self._pool = self._pool.to(device, non_blocking=True)
         self._step_bias = self._step_bias.to(device, non_blocking=True)
         self._ones = self._ones.to(device, non_blocking=True)
+        self._units = [u.to(device, non_blocking=True) for u in self._units]
         self.counts = self.counts.to(device, non_blocking=True)
         self.index_buf = self.index_buf.to(device, non_blocking=True)
         self.ntok = self.ntok.to(device, non_blocking=True)
@@ -331,6 +426,7 @@ class MixSGALayer(CacheLayerMixin):
 
     def _select_samples(self, order: Sequence[int] | torch.Tensor) -> None:
         order = torch.as_tensor(order, dtype=torch.long, device=self.counts.device)
+        self._exact = None
         self.buffers = [t.index_select(1, order) for t in self.buffers]
         self.biases = [t.index_select(0, order) for t in self.biases]
         self._ones = torch.ones((order.numel(), 1), dtype=torch.long, device=self.counts.device)
@@ -376,6 +472,10 @@ class MixSGALayer(CacheLayerMixin):
         keep = self.window_keep
         if keep is None or not self.is_initialized or self._tok_bound <= keep:
             return
+        if self._host_fast:
+            self._trim_window_host(keep)
+            return
+        self._exact = None
         batch, n, experts = self.batch_size, self._tok_bound, len(self.group_sizes)
         drop = (self.ntok - keep).clamp_min(0)  # [B]: each sample's oldest tokens to drop
         old = torch.arange(n, device=self.device) < drop[:, None]
@@ -385,21 +485,55 @@ class MixSGALayer(CacheLayerMixin):
         for e in self.experts:
             buf = self.buffers[e]
             cap = buf.shape[3]
-            if cap == 0:
+            # Only the first `_bound[e]` slots (the host's upper bound of the fills) can hold tokens:
+            # shift and re-mask those, not the whole capacity (prefill may have grown it far beyond
+            # the window; copying all of it was most of a batched sliding layer's step).
+            lim = min(self._bound[e], cap)
+            if lim == 0:
                 continue
-            slots = torch.arange(cap, device=self.device)
-            src = (slots + gone[:, e : e + 1]).clamp_max(cap - 1)  # [B, cap]
-            buf.copy_(buf.gather(3, src.view(1, batch, 1, cap, 1).expand(buf.shape)))
+            slots = torch.arange(lim, device=self.device)
+            src = (slots + gone[:, e : e + 1]).clamp_max(cap - 1)  # [B, lim]
+            shape = (2, batch, buf.shape[2], lim, buf.shape[4])
+            buf[:, :, :, :lim].copy_(buf.gather(3, src.view(1, batch, 1, lim, 1).expand(shape)))
             filled = slots < (self.counts[:, e] - gone[:, e])[:, None]
             bias = torch.zeros(filled.shape, dtype=self.dtype, device=self.device).masked_fill_(~filled, float("-inf"))
-            self.biases[e].copy_(bias[:, None, :].expand(self.biases[e].shape))
+            self.biases[e][:, :, :lim].copy_(bias[:, None, :].expand(batch, buf.shape[2], lim))
         self.counts -= gone
         cap = self.index_buf.shape[1]
-        src = (torch.arange(cap, device=self.device) + drop[:, None]).clamp_max(cap - 1)
-        self.index_buf.copy_(self.index_buf.gather(1, src))
+        src = (torch.arange(n, device=self.device) + drop[:, None]).clamp_max(cap - 1)
+        self.index_buf[:, :n].copy_(self.index_buf.gather(1, src))
         self.ntok -= drop
         # no sample holds more than `keep` tokens now, in any expert: tighter host bounds, so a
         # windowed store never grows (nor reads its fills back) once it holds a window and a page
+        self._tok_bound = keep
+        self._bound = [min(bound, keep) for bound in self._bound]
+        self._trimmed = True
+
+    def _trim_window_host(self, keep: int) -> None:
+        """``trim_window`` on the CPU batch-1 fast path: the host index says which stores lose tokens.
+
+        Only the stores that lose tokens are shifted, and only their filled part (a decode
+        step drops one token: one store), instead of a gather over every store's capacity.
+        """
+        counts, index = self._host_fills()
+        drop = len(index) - keep
+        if drop > 0:
+            gone = [0] * len(self.group_sizes)
+            for e in index[:drop]:
+                gone[e] += 1
+            for e in self.experts:
+                g = gone[e]
+                if g == 0:
+                    continue
+                buf, left = self.buffers[e], counts[e] - g
+                if left:
+                    buf.narrow(3, 0, left).copy_(buf.narrow(3, g, left).clone())
+                self.biases[e].narrow(2, left, g).fill_(float("-inf"))
+                self.counts.sub_(self._units[e] if g == 1 else self._units[e] * g)
+                counts[e] = left
+            self.index_buf.narrow(1, 0, keep).copy_(self.index_buf.narrow(1, drop, keep).clone())
+            self.ntok.sub_(drop)
+            del index[:drop]
         self._tok_bound = keep
         self._bound = [min(bound, keep) for bound in self._bound]
         self._trimmed = True
@@ -455,6 +589,7 @@ class MixSGALayer(CacheLayerMixin):
             keep = mask
         elif keep.shape != (n,):
             raise ValueError(f"keep mask must have shape ({n},), got {tuple(keep.shape)}")
+        self._exact = None
         for e in self.experts:
             sel = keep[idx == e]
             kept = self._store(sample, e, sel.numel())[:, :, sel]
@@ -541,6 +676,15 @@ class MixSGALayer(CacheLayerMixin):
         """Every sample's single decode query ``[B, H_q, d]`` over its stores, in one batched step."""
         experts = self.experts
         starts = self._window_starts(window)
+        if self.observer is None and starts is None and self._backend == "torch" and self._host_fast \
+                and self.dtype == torch.float32:
+            if not self._views_valid:
+                self._refresh_views()
+            if self._scratch is None or self._scratch[0].shape[1] != query.shape[1]:
+                self._refresh_scratch(query.shape[1])
+            return decode_attention_static(query, self._scratch, self._q_views, self._s_views, self._p_views,
+                                           [self._k_t[e] for e in experts], [self._v[e] for e in experts],
+                                           [self._bias3[e] for e in experts], scaling, softcap)
         if self.observer is None and starts is None and self._backend in ("torch", "compiled"):
             # hot path: whole-buffer views and additive slot masks, the same views every step
             if not self._views_valid:

@@ -162,8 +162,8 @@ def _attention_pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
             else:
                 scores = torch.rand((batch, q, cfg.num_experts), generator=rt.generator).to(hidden.device)
                 expert = expert_choice(scores, _real_or_all(real, batch, q, hidden.device), cfg.ratios)
-        elif decode:
-            expert = argmax_route(logits.detach(), cfg.active)
+        elif decode:  # (no detach op when no graph is recorded: inference mode, the decode hot path)
+            expert = argmax_route(logits.detach() if logits.requires_grad else logits, cfg.active)
         else:
             # Ranking logits equals ranking sigmoid scores, minus sigmoid's ties at saturation.
             expert = expert_choice(logits.detach().float(), _real_or_all(real, batch, q, hidden.device), cfg.ratios)

@@ -218,3 +218,124 @@ def test_compiled_backend_captures_the_decode_step_and_matches_eager():
     assert torch.equal(outs["torch"].sequences, outs["compiled"].sequences)
     torch.testing.assert_close(torch.stack(outs["compiled"].logits), torch.stack(outs["torch"].logits),
                                atol=1e-5, rtol=1e-5)
+
+
+def _decode_greedy(model, ids, steps, fast: bool, monkeypatch, repeat_at: int | None = None):
+    """Prefill ``ids``, then ``steps`` greedy decode steps; logits per step and the cache.
+
+    ``fast`` toggles ``MixSGALayer.host_fast_path``; ``repeat_at`` repeats the cache to batch 2
+    (``batch_repeat_interleave``) before that step, so the batched step continues the fast path's stores.
+    """
+    from mixsga.cache import MixSGALayer
+
+    monkeypatch.setattr(MixSGALayer, "host_fast_path", fast)
+    cache = MixSGACache(model.config)
+    logits = []
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        for step in range(steps):
+            if step == repeat_at:
+                cache.batch_repeat_interleave(2)
+                token = token.repeat(2, 1)
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            logits.append(out.logits[:1, -1])
+            token = out.logits[:, -1:].argmax(-1)
+    monkeypatch.undo()
+    return torch.cat(logits), cache
+
+
+@pytest.mark.parametrize("family", ["llama", "tinyllama", "opt", "gemma2"])
+def test_cpu_batch1_fast_path_equals_the_batched_step(family, monkeypatch):
+    """The host fast path (batch 1, CPU) leaves the same stores, masks, fills and index as the batched step.
+
+    Decoded past a capacity growth (and, for Gemma 2, with its sliding windows trimming every
+    step), then repeated to batch 2, where the batched step takes over from the fast path's stores.
+    """
+    _, model = converted(family, ratios=(3, 1, 6))
+    ids = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(4))
+    steps = PAGE + 12
+    runs = {fast: _decode_greedy(model, ids, steps, fast, monkeypatch, repeat_at=steps - 4) for fast in (True, False)}
+    (fast_logits, fast_cache), (ref_logits, ref_cache) = runs[True], runs[False]
+    torch.testing.assert_close(fast_logits, ref_logits, atol=2e-5, rtol=1e-5)
+    for a, b in zip(fast_cache.layers, ref_cache.layers):
+        assert torch.equal(a.counts, b.counts) and torch.equal(a.ntok, b.ntok)
+        for sample in range(2):
+            assert torch.equal(a.index[sample], b.index[sample])
+        for e, (sa, sb) in enumerate(zip(a.stores, b.stores)):
+            for x, y in zip(sa, sb):
+                torch.testing.assert_close(x, y, atol=1e-6, rtol=1e-6)
+        for e in a.experts:  # the slot masks: 0 exactly on the filled slots
+            cap = a.biases[e].shape[2]
+            filled = torch.arange(cap)[None, None, :] < a.counts[:, e, None, None]
+            assert torch.equal(a.biases[e], torch.where(filled, 0.0, float("-inf")).expand_as(a.biases[e]))
+    assert fast_cache.kv_bytes() == ref_cache.kv_bytes()
+
+
+def test_cpu_batch1_fast_path_after_eviction_and_crop(monkeypatch):
+    """Host fills are dropped by keep_tokens / crop: decoding on continues from the true fills."""
+    _, model = converted("llama", ratios=(3, 1, 6))
+    ids = torch.randint(3, VOCAB, (1, 12), generator=torch.Generator().manual_seed(8))
+    outs = {}
+    for fast in (True, False):
+        from mixsga.cache import MixSGALayer
+
+        monkeypatch.setattr(MixSGALayer, "host_fast_path", fast)
+        cache = MixSGACache(model.config)
+        got = []
+        with torch.no_grad():
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            for step in range(6):
+                if step == 2:
+                    keep = torch.ones(cache.num_tokens(), dtype=torch.bool)
+                    keep[1:4] = False
+                    cache.keep_tokens(keep)
+                if step == 4:
+                    cache.crop(-1)
+                out = model(input_ids=token, past_key_values=cache, use_cache=True)
+                got.append(out.logits[:, -1])
+                token = out.logits[:, -1:].argmax(-1)
+        monkeypatch.undo()
+        outs[fast] = (torch.cat(got), cache.expert_counts())
+    torch.testing.assert_close(outs[True][0], outs[False][0], atol=2e-5, rtol=1e-5)
+    assert outs[True][1] == outs[False][1]
+
+
+def test_cpu_batch1_fast_path_survives_an_append_that_does_not_know_it(monkeypatch):
+    """Host fills are tied to ``seen``: an append by other code (a subclass's) retires them.
+
+    Every other decode step goes through a batched append that leaves the fast path's host copies
+    in place; Gemma 2's windows then trim from the host index, which must be re-read, not reused.
+    """
+    from mixsga.cache import MixSGALayer
+
+    _, model = converted("gemma2", ratios=(3, 1, 6))
+    ids = torch.randint(3, VOCAB, (1, 7), generator=torch.Generator().manual_seed(9))
+    ref_logits, ref_cache = _decode_greedy(model, ids, 12, False, monkeypatch)
+    original = MixSGALayer._append_step
+
+    def foreign(self, k, v, expert, real):
+        if self.seen % 2:
+            return original(self, k, v, expert, real)
+        kept, self.host_fast_path = self._exact, False
+        try:
+            original(self, k, v, expert, real)
+        finally:
+            self.host_fast_path = True
+            del self.host_fast_path  # back to the class attribute
+        self._exact = kept  # as code that does not know the host copies would leave them
+
+    monkeypatch.setattr(MixSGALayer, "_append_step", foreign)
+    cache = MixSGACache(model.config)
+    got = []
+    with torch.no_grad():
+        out = model(input_ids=ids, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(12):
+            out = model(input_ids=token, past_key_values=cache, use_cache=True)
+            got.append(out.logits[:, -1])
+            token = out.logits[:, -1:].argmax(-1)
+    monkeypatch.undo()
+    torch.testing.assert_close(torch.cat(got), ref_logits, atol=2e-5, rtol=1e-5)
+    assert cache.expert_counts() == ref_cache.expert_counts()

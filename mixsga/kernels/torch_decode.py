@@ -121,3 +121,56 @@ def decode_attention_biased(
         out = torch.bmm(p, v) if out is None else torch.baddbmm(out.view(groups, -1, dim), p, v)
         start += n
     return out.view(batch, heads, dim)
+
+
+def decode_attention_static(
+    query: torch.Tensor,
+    scratch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    query_views: list[torch.Tensor],
+    score_views: list[torch.Tensor],
+    prob_views: list[torch.Tensor],
+    keys_t: list[torch.Tensor],
+    values: list[torch.Tensor],
+    biases: list[torch.Tensor],
+    scaling: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """``decode_attention_biased`` with the query, logits and probabilities in preallocated scratch.
+
+    The CPU batch-1 fast path of the cache (``mixsga.cache``), where a step's cost is the
+    number of ops dispatched: the query is copied once into ``scratch[0]``
+    (``query_views[e]``: its per-expert ``[G, H_q / G, d]`` views), the per-expert logits
+    are concatenated by ``cat(out=)`` into ``scratch[1]`` (``[B, H_q, sum_e cap_e]``;
+    ``score_views[e]``: expert e's columns as ``[G, H_q / G, cap_e]``), one
+    ``softmax(out=)`` fills ``scratch[2]`` (``prob_views[e]`` likewise), and the values are
+    merged by ``bmm`` / ``baddbmm_`` from those fixed views: no slicing or view op per
+    expert and step (the views are built once per capacity growth). The logits are
+    computed into fresh, contiguous tensors and then concatenated, not written by
+    ``baddbmm(out=)`` into the strided columns: CPU ``baddbmm`` loops over the batch with
+    one ``addmm_`` per matrix for a strided output (measured slower on the zoo shapes).
+    Same arithmetic as ``decode_attention_biased``; float32 (the softmax is taken in
+    the scratch's dtype). The result is a new tensor.
+    """
+    q_buf, scores, probs = scratch
+    q_buf.copy_(query)
+    heads = query.shape[1]
+    parts = []
+    for q, kt, bias in zip(query_views, keys_t, biases):
+        if softcap is None:
+            logit = torch.baddbmm(bias, q, kt, alpha=scaling)
+        else:
+            logit = torch.bmm(q, kt)
+        parts.append(logit.view(1, heads, -1))
+    torch.cat(parts, dim=-1, out=scores)
+    if softcap is not None:
+        scores.mul_(scaling).div_(softcap).tanh_().mul_(softcap)
+        for bias, view in zip(biases, score_views):
+            view.add_(bias)
+    torch.softmax(scores, dim=-1, out=probs)
+    out = None
+    for p, v in zip(prob_views, values):
+        if out is None:
+            out = torch.bmm(p, v)
+        else:
+            out.view(p.shape[0], p.shape[1], -1).baddbmm_(p, v)
+    return out.view(query.shape)
