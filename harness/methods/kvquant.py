@@ -223,6 +223,8 @@ class KVQuant(Method):
 
     def analytic_bytes(self, config, params, tokens, dtype="float32"):
         # the quantized cache keeps every token on every layer, sliding-window layers included
+        if self.spec._on_mixsga():  # its bytes follow the routing: the figure at the ratios, every token kept
+            return self.analytic_bytes_per_token(config, params, dtype) * int(tokens)
         return float(self.stored_bytes(config, params, dtype, int(tokens)))
 
     def convert(self, model, params):
