@@ -359,3 +359,17 @@ def test_recipes_follow_the_paper_and_scale_in_proportion():
         CPT_OFFLINE.replace(kind="rl")
     with pytest.raises(ValueError, match="unknown recipe keys"):
         Recipe.from_dict({**CPT_OFFLINE.to_dict(), "learning_rate": 1})
+
+
+def test_cpt_blocks_spread_over_the_whole_stream(tok):
+    """``spread``: the blocks of ``max_tokens`` come evenly from the whole stream, not its first documents."""
+    full = cpt_data(tok, TEXTS, 8)
+    prefix = cpt_data(tok, TEXTS, 8, max_tokens=24)
+    spread = cpt_data(tok, TEXTS, 8, max_tokens=24, spread=True)
+    n = len(full.input_ids)
+    assert n > 6 and len(prefix.input_ids) == len(spread.input_ids) == 3
+    assert all(torch.equal(a, b) for a, b in zip(prefix.input_ids, full.input_ids[:3]))
+    picks = [0, n // 3, 2 * n // 3]
+    assert all(torch.equal(a, full.input_ids[i]) for a, i in zip(spread.input_ids, picks))
+    assert spread.meta["spread_over_blocks"] == n
+    assert cpt_data(tok, TEXTS, 8, max_tokens=24, spread=True).fingerprint == spread.fingerprint  # deterministic

@@ -82,9 +82,11 @@ def training_data(spec: Mapping[str, Any], tokenizer, recipe, *, corpus_dir, ins
             from harness.data.hub_data import load_text_set
 
             texts = load_text_set(spec["data"], path=(spec.get("dataset") or {}).get("path"), split="train")
-        # the stream only needs one pass of the recipe's tokens (plus a block); fewer means epochs
+        # the stream only needs one pass of the recipe's tokens (plus a block); fewer means epochs.
+        # The corpus lists modules by name, so its blocks are spread over the whole split (a prefix
+        # would be a few dozen modules); a hub text set is read as it comes (MiniPile is shuffled).
         need = recipe.total_tokens + recipe.seq_len if recipe.total_tokens else None
-        return cpt_data(tokenizer, texts, recipe.seq_len, max_tokens=need)
+        return cpt_data(tokenizer, texts, recipe.seq_len, max_tokens=need, spread=spec["data"] == "corpus")
     rows = load_instruction_rows(spec["data"], "train", instruct_dir=instruct_dir, source=spec.get("dataset"),
                                  max_rows=spec["max_rows"])
     return sft_data(tokenizer, rows, recipe.seq_len)
