@@ -21,8 +21,9 @@ from harness.orchestration.config import load_config, run_table, train_table
 
 SNAKEMAKE = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or shutil.which("snakemake")
 CI_CONFIG = ".test/config/config.yaml"
-#: Eviction method names (a stacked method starts with one).
-EVICTIONS = ("h2o", "streamingllm", "snapkv", "tova")
+#: Eviction method names (a stacked method starts with one): the four policies and the budget
+#: redistributions over them (PyramidKV, AdaKV), which run baselines/eviction.py too.
+EVICTIONS = ("h2o", "streamingllm", "snapkv", "tova", "pyramidkv", "adakv")
 #: The rules running `python -m analysis`.
 ANALYSIS_RULES = {"collate_all", "collate_experiment", "experiment", "experiment_figure", "pareto_tables",
                   "perf_tables", "figure1_tables", "table9_tables", "recovery_curves_tables"}

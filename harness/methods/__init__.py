@@ -40,6 +40,7 @@ METHOD_MODULES = (
     "harness.methods.pyramidkv",
     "harness.methods.adakv",
     "harness.methods.kvquant",
+    "harness.methods.kvquant_mixsga",
 )
 #: Every registered method's spec, by name (the registry).
 SPECS: dict[str, MethodSpec] = {spec.name: spec for module in METHOD_MODULES

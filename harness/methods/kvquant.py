@@ -10,8 +10,9 @@ checkpoint it shares). Quantization acts only through the cache, so the spec set
 zero-shot (one cache-less forward per choice) is skipped; the record's eviction fields
 stay empty.
 
-``kvquant+mixsga`` quantizes mixSGA's per-expert stores (``mixsga.quantized_cache``):
-each token's pooled K/V at its expert's granularity, per head in groups of ``group_size``
+``kvquant+mixsga`` (its own module, ``harness.methods.kvquant_mixsga``, so that the plain
+quantized caches do not hash mixSGA's code) quantizes mixSGA's per-expert stores
+(``mixsga.quantized_cache``): each token's pooled K/V at its expert's granularity, per head in groups of ``group_size``
 channels along ``head_dim`` (default: the largest divisor of at most 64), each group with a
 scale and a zero-point in the cache's float dtype, plus the uint8 expert index per token and
 layer, on the mixSGA model at ``inner_budget`` (0.5 by default, whose checkpoint it shares).
@@ -41,7 +42,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from harness.methods import gqa, mixsga
+from harness.methods import gqa
 from harness.methods.core import Method, MethodSpec, ParamError, check_budget, same
 
 DEFAULT_BITS = 4
@@ -82,11 +83,8 @@ class KVQuantSpec(MethodSpec):
         self.color = COLORS[None if inner is None else inner.name]
         self.needs_training = inner is not None and inner.needs_training
         self.param_names = QUANT_PARAMS + (() if inner is None else ("inner_budget", "inner"))
-        store = "mixsga.quantized_cache" if self._on_mixsga() else "baselines.quantized_cache"
-        self.modules = ("harness.methods.kvquant", store, *(() if inner is None else inner.modules))
-
-    def _on_mixsga(self) -> bool:
-        return self.inner is not None and self.inner.name == "mixsga"
+        self.modules = ("harness.methods.kvquant", "baselines.quantized_cache",
+                        *(() if inner is None else inner.modules))
 
     def parse_params(self, params):
         params = super().parse_params(params)
@@ -100,10 +98,6 @@ class KVQuantSpec(MethodSpec):
                              "new_tokens - 1)")
         if not params.get("residual") and params.get("context") is not None:
             raise ValueError("kvquant context only states a residual window's bytes; without residual it is not taken")
-        if self._on_mixsga() and params.get("residual"):
-            raise ParamError("residual", "kvquant+mixsga takes no residual window: the most recent tokens sit in "
-                                         "different expert stores, so the window's bytes would depend on their "
-                                         "routing (mixsga/quantized_cache.py); leave out residual")
         if self.inner is not None and params.get("inner") is not None:
             inner = params["inner"]
             if not isinstance(inner, dict):
@@ -155,8 +149,7 @@ class KVQuantSpec(MethodSpec):
 
 
 class KVQuant(Method):
-    """The quantized cache (``baselines.quantized_cache.QuantizedKVCache``), on the base model or GQA;
-    on mixSGA its quantized expert stores (``mixsga.quantized_cache.QuantizedMixSGACache``)."""
+    """The quantized cache (``baselines.quantized_cache.QuantizedKVCache``), on the base model or GQA."""
 
     query_aware = False
 
@@ -165,7 +158,6 @@ class KVQuant(Method):
         self.inner = None if spec.inner is None else spec.inner.implementation()
 
     def params_for_budget(self, config, budget, **explicit):
-        from baselines.quantized_cache import check_layout, default_group_size
         from kvledger import kv_shape
 
         budget = check_budget(budget)
@@ -177,21 +169,21 @@ class KVQuant(Method):
             inner_budget = check_budget(self.spec.inner_budget(explicit))
             out["inner"] = self.inner.params_for_budget(config, inner_budget, **dict(explicit.get("inner") or {}))
             out["inner_budget"] = inner_budget
-        bits, head_dim = _bits(explicit), kv_shape(config).head_dim
-        if self.spec._on_mixsga():
-            from mixsga.quantized_cache import check_quant_layout, default_group_size as per_head_group
+        if self.inner is not None:  # GQA's grouped heads (mixSGA's stores are quantized per pooled head)
+            heads = out["inner"].get("num_key_value_heads", heads)
+        return {**out, "quant": self.quant_params(explicit, heads, kv_shape(config).head_dim)}
 
-            group = explicit.get("group_size") or per_head_group(head_dim)
-            check_quant_layout(bits, group, head_dim)
-            return {**out, "quant": {"bits": bits, "group_size": int(group), "residual": 0}}
-        if self.inner is not None:
-            heads = out["inner"]["num_key_value_heads"]
+    def quant_params(self, explicit, heads: int, head_dim: int) -> dict:
+        """The ``quant`` params: bits, the group size that fits the layout, the residual window."""
+        from baselines.quantized_cache import check_layout, default_group_size
+
+        bits = _bits(explicit)
         group = explicit.get("group_size") or default_group_size(bits, heads, head_dim)
         check_layout(bits, group, heads, head_dim)
         quant = {"bits": bits, "group_size": int(group), "residual": int(explicit.get("residual") or 0)}
         if quant["residual"]:
             quant["context"] = int(explicit["context"])
-        return {**out, "quant": quant}
+        return quant
 
     def _kv_heads(self, config, params) -> int:
         from kvledger import kv_shape
@@ -200,9 +192,6 @@ class KVQuant(Method):
 
     def stored_bytes(self, config, params, dtype: Any, tokens: int) -> int:
         """Stored K/V bytes of one sample holding ``tokens`` tokens (``config``: the base model's)."""
-        if self.spec._on_mixsga():
-            raise ValueError("kvquant+mixsga's stored bytes depend on the routing, not on the token count alone: "
-                             "use analytic_bytes_per_token (at the ratios) or the cache's kv_bytes()")
         from baselines.quantized_cache import quantized_kv_bytes
         from kvledger import dtype_bytes, kv_shape
 
@@ -212,19 +201,11 @@ class KVQuant(Method):
                                   group_size=quant["group_size"], residual=quant["residual"], tokens=tokens)
 
     def analytic_bytes_per_token(self, config, params, dtype="float32"):
-        if self.spec._on_mixsga():  # no window; the stores at the routing ratios, index bytes included
-            from mixsga.quantized_cache import quantized_mixsga_kv_bytes_per_token
-
-            inner, quant = params["inner"], params["quant"]
-            return float(quantized_mixsga_kv_bytes_per_token(config, inner["ratios"], inner["group_sizes"], dtype,
-                                                             quant["bits"], quant["group_size"]))
         tokens = int(params["quant"].get("context", 1))  # no window: the same at every length
         return self.stored_bytes(config, params, dtype, tokens) / tokens
 
     def analytic_bytes(self, config, params, tokens, dtype="float32"):
         # the quantized cache keeps every token on every layer, sliding-window layers included
-        if self.spec._on_mixsga():  # its bytes follow the routing: the figure at the ratios, every token kept
-            return self.analytic_bytes_per_token(config, params, dtype) * int(tokens)
         return float(self.stored_bytes(config, params, dtype, int(tokens)))
 
     def convert(self, model, params):
@@ -239,10 +220,6 @@ class KVQuant(Method):
 
     def new_cache(self, model, params):
         quant = params["quant"]
-        if self.spec._on_mixsga():
-            from mixsga.quantized_cache import QuantizedMixSGACache
-
-            return QuantizedMixSGACache(model.config, quant["bits"], quant["group_size"])
         from baselines.quantized_cache import QuantizedKVCache
 
         return QuantizedKVCache(model.config, quant["bits"], quant["group_size"], quant["residual"])
@@ -251,4 +228,4 @@ class KVQuant(Method):
         return int(cache.kv_bytes())
 
 
-SPECS = (KVQuantSpec(), KVQuantSpec(gqa.SPEC), KVQuantSpec(mixsga.SPEC))
+SPECS = (KVQuantSpec(), KVQuantSpec(gqa.SPEC))
