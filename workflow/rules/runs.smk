@@ -72,7 +72,7 @@ rule perf_bench:
         code=bench_code,
     # Alone: every other job claims at least one core, so a job claiming all of them runs by itself
     # (`--cores all` or `--cores N`); torch still uses `threads`, as each run's own timing did.
-    threads: workflow.cores
+    threads: lambda wildcards: workflow.cores  # a function: read at scheduling, so `--report` (no --cores) still loads
     resources:
         gpu=lambda wildcards: int(config["device"] == "cuda"),
     log:
