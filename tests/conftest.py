@@ -67,7 +67,7 @@ def _record(
     run = {"method": method} if method == "base" else {"method": method, "budgets": [budget]}
     raw = yaml.safe_load((REPO_ROOT / "config" / "config.yaml").read_text())
     raw.update(models=[{"name": model, "family": family, "size": "tiny"}], seeds=[seed],
-               experiments={"main": {"training": "none", "runs": [run]}})
+               experiments={"main": {"training": "none", "runs": [run]}}, default_skip=[])
     cfg = validate_config(raw)
     spec = run_spec(cfg, make_run_id(model, method, budget, seed))
     now = utc_now()

@@ -60,6 +60,8 @@ CONFIG_CASES = [
     ("cpt-total-tokens-below-one-batch", _yaml(training={"cpt": {"overrides": {"total_tokens": 100}}}),
      # a profile's overrides replace the default's whole: the recipe's own batch x seq_len is the batch
      [r"training\.cpt\.overrides\.total_tokens", r"\b100\b", "less than one batch"]),
+    ("default-skip-unknown-experiment", _yaml(default_skip=["table99_bogus"]),
+     [r"'default_skip'", "table99_bogus", "not an experiment"]),
     ("unknown-recipe", _yaml(training={"sft": {"recipe": "sft_bogus"}}), [r"training\.sft\.recipe", "sft_bogus"]),
     ("curve-slice-below-one-window", _yaml(training={"cpt": {"curve": {"points": 4, "val_tokens": 32}}}),
      [r"training\.cpt\.curve\.val_tokens", r"\b32\b", "less than one window", r"seq_len 64"]),

@@ -53,7 +53,7 @@ def all_rules() -> set[str]:
 TARGETS = (
     "figure1_token_importance", "table1_sft", "table2_cpt", "table3_eviction_stack", "table4_middle_ratio",
     "table5_expert_count", "table6_router", "table9_overheads", "table11_ratio_grid", "figure3_budget_sweep",
-    "pareto", "perf", "recovery_curves", "report",
+    "pareto", "perf", "recovery_curves", "paper_sft", "report",
 )
 
 
@@ -61,21 +61,32 @@ def test_default_dry_run_lists_the_grid(tmp_path):
     proc = snakemake("-n", "--cores", "1", "--configfile", str(override(tmp_path)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     counts = job_counts(proc.stdout)
-    assert counts["run"] == 278 and counts["train"] == 134 and counts["pretrain"] == 4
-    assert counts["experiment"] == 9 and counts["collate_experiment"] == 9 and counts["experiment_figure"] == 1
+    # one seed, the SFT tables left to their targets (config default_skip): 28 + 4 CPT checkpoints, no SFT
+    assert counts["run"] == 92 and counts["train"] == 32 and counts["pretrain"] == 4
+    assert counts["experiment"] == 4 and counts["collate_experiment"] == 4 and counts["experiment_figure"] == 1
     assert counts["perf_bench"] == 4  # one cost benchmark per family
     for family in ("llama3", "tinyllama", "opt", "gemma2"):
-        assert f"records/{family}__cpt__base__kv100__s1.json" in proc.stdout
-    assert "trained/tinyllama__cpt__mixsga__kv50__s0" in proc.stdout
+        assert f"records/{family}__cpt__base__kv100__s0.json" in proc.stdout
+    assert "trained/tinyllama__cpt__mixsga__kv50__s0" in proc.stdout and "__sft__" not in proc.stdout
     assert not (tmp_path / "work").exists(), "a dry run must not write outputs"
+    # the SFT tables stay targets; config/full.yaml puts everything back into `all`
+    proc = snakemake("paper_sft", "-n", "--cores", "1", "--configfile", str(override(tmp_path)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    counts = job_counts(proc.stdout)
+    assert counts["train"] == 23 and counts["experiment"] == 5 and "perf_bench" not in counts
+    proc = snakemake("-n", "--cores", "1", "--configfile", str(REPO_ROOT / "config" / "full.yaml"),
+                     str(override(tmp_path)))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    counts = job_counts(proc.stdout)
+    assert counts["run"] == 278 and counts["train"] == 134 and counts["experiment"] == 9
 
 
 def test_each_target_builds_only_what_it_needs(tmp_path):
     proc = snakemake("table6_router", "-n", "--cores", "1", "--configfile", str(override(tmp_path)))
     assert proc.returncode == 0, proc.stdout + proc.stderr
     counts = job_counts(proc.stdout)
-    # 4 router variants x 2 seeds on gemma2 only: one base model pretrained, eight SFT checkpoints
-    assert counts["run"] == 8 and counts["train"] == 8 and counts["pretrain"] == 1
+    # 4 router variants x 1 seed on gemma2 only: one base model pretrained, four SFT checkpoints
+    assert counts["run"] == 4 and counts["train"] == 4 and counts["pretrain"] == 1
     assert "figure1" not in proc.stdout and "overheads" not in counts
     proc = snakemake("table9_overheads", "-n", "--cores", "1", "--configfile", str(override(tmp_path)))
     assert proc.returncode == 0, proc.stdout + proc.stderr

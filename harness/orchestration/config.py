@@ -117,6 +117,11 @@ def _check_semantics(cfg: dict) -> None:
             if name not in seen:
                 problems.append(f"config key 'experiments.{exp_name}.models': unknown model {name!r}; "
                                 f"config models are {sorted(seen)}")
+    for name in cfg["default_skip"]:
+        if name not in cfg["experiments"]:
+            problems.append(f"config key 'default_skip': {name!r} is not an experiment of this config "
+                            f"(experiments: {sorted(cfg['experiments'])})")
+    for exp_name, exp in cfg["experiments"].items():
         if exp["training"] == "none" and "rouge" in exp["evaluate"]:
             problems.append(f"config key 'experiments.{exp_name}.evaluate': ROUGE-L needs an instruction-tuned "
                             "model (training: sft)")

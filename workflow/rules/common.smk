@@ -54,6 +54,9 @@ TRAINS = train_table(config, RUNS)
 # here, named, instead of failing (or waiting through retries) inside a job.
 check_offline(config, RUNS)
 EXPERIMENTS = list(config["experiments"])
+# What `snakemake` without a target builds (config `default_skip` leaves experiments to their own targets).
+DEFAULT_EXPERIMENTS = [name for name in EXPERIMENTS if name not in config["default_skip"]]
+DEFAULT_RUN_IDS = [r["run_id"] for r in RUNS if set(r["experiments"]) & set(DEFAULT_EXPERIMENTS)]
 PRETRAINED = [m["name"] for m in config["models"] if pretrained_here(m)]
 # The paper's experiments, each with a target rule of its name (workflow/rules/targets.smk).
 NAMED_EXPERIMENTS = [
@@ -297,10 +300,10 @@ TABLE9_OUTPUTS = [f"{RESULTS}/tables/table9_overheads.csv", f"{RESULTS}/tables/t
 def all_targets():
     """Everything `snakemake` builds by default: every experiment's outputs and the global targets."""
     targets = [f"{RESULTS}/runs.tsv", f"{RESULTS}/tables/all.csv"]
-    for experiment in EXPERIMENTS:
+    for experiment in DEFAULT_EXPERIMENTS:
         if experiment != MAIN:
             targets += experiment_outputs(experiment)
-    if MAIN in config["experiments"]:
+    if MAIN in DEFAULT_EXPERIMENTS:
         targets += PARETO_OUTPUTS + PERF_OUTPUTS
         if recovery_records():
             targets += RECOVERY_OUTPUTS

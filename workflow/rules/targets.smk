@@ -141,6 +141,13 @@ rule table11_ratio_grid:
         experiment_outputs("table11_ratio_grid"),
 
 
+rule paper_sft:
+    # Every SFT experiment of the config (Tables 1, 4, 5, 6, 11 by default), whether `all` builds it or not.
+    input:
+        [out for name, exp in config["experiments"].items() if exp.get("training") == "sft"
+         for out in experiment_outputs(name)],
+
+
 rule figure3_budget_sweep:
     input:
         experiment_outputs("figure3_budget_sweep"),
