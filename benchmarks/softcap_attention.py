@@ -22,7 +22,7 @@ from types import SimpleNamespace
 import torch
 from transformers import AutoModelForCausalLM
 
-from baselines.softcap_attention import ATTN_NAME
+from hfconvert.softcap_attention import ATTN_NAME
 from harness.models.zoo import build_config
 
 
@@ -66,7 +66,7 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         elapsed = time.perf_counter() - start
-        losses[name].append(float(loss))
+        losses[name].append(float(loss.detach()))
         return elapsed
 
     def eval_pass(name: str) -> float:
