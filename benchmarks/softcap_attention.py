@@ -9,6 +9,11 @@ Both models are the same random-init zoo Gemma 2 tiny (same weights), so the los
 printed too: they agree to fp32 rounding.
 
 ``OMP_NUM_THREADS=1 PYTHONPATH=. python benchmarks/softcap_attention.py [--rounds 5]``
+
+Measured 2026-12-01 on the shared 2-core CPU machine (1 thread, load ~1, medians of 5 interleaved
+rounds): training step 1 x 1,024 eager 2.225 s, fused 0.963 s (2.31x); eval forward 16 x 1,024
+eager 14.93 s, fused 6.05 s (2.47x); losses equal to the printed 5 decimals. Query blocks of 128
+rows beat 64 and 256 (0.81 s vs 0.87 s / 0.95 s a step).
 """
 
 from __future__ import annotations
