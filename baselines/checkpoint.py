@@ -28,7 +28,7 @@ def load_converted(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     ``config.num_key_value_heads`` and ``config.cla_kv_sources``), then the
     saved weights are loaded strictly (tied embeddings excepted).
     """
-    from hfconvert import converted_method
+    from hfconvert import SOFTCAP_FUSED, converted_method
 
     config = AutoConfig.from_pretrained(path)
     if converted_method(config) is not None:  # a "gqa_opt" / "cla_<family>" checkpoint: its class rebuilds it
@@ -41,8 +41,9 @@ def load_converted(path: str | os.PathLike, *, dtype: torch.dtype | None = None,
     sources = getattr(config, "cla_kv_sources", None)
     native = family != "opt" or kv_heads == heads
     if native and not sources:
-        # sdpa, transformers' default, silently skips Gemma 2's attention-logit soft-capping.
-        eager = {"attn_implementation": "eager"} if getattr(config, "attn_logit_softcapping", None) else {}
+        # sdpa, transformers' default, silently skips Gemma 2's attention-logit soft-capping;
+        # the fused kernel is eager's function, faster.
+        eager = {"attn_implementation": SOFTCAP_FUSED} if getattr(config, "attn_logit_softcapping", None) else {}
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype or torch.float32, **eager)
         return model.to(device)
     skeleton_cfg = AutoConfig.from_pretrained(path)

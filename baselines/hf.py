@@ -30,12 +30,12 @@ from transformers import (
 
 from baselines.attention import KVAttention, decoder_layers
 from hfconvert import (
-    RECORDED_ATTENTION,
     ConvertedConfig,
     ConvertedModel,
     check_savable,
     converted_method,
     mark_converted,
+    recorded_attention,
     register_converted,
     save_converted,
 )
@@ -48,8 +48,9 @@ class BaselineConfig(ConvertedConfig):
 
     def to_dict(self) -> dict:
         out = super().to_dict()
-        if self._attn_implementation in RECORDED_ATTENTION:
-            out["attn_implementation"] = self._attn_implementation
+        kernel = recorded_attention(self._attn_implementation)
+        if kernel is not None:
+            out["attn_implementation"] = kernel
         return out
 
 

@@ -20,6 +20,8 @@ from typing import Callable, ClassVar
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from hfconvert.softcap_attention import ATTN_NAME as SOFTCAP_FUSED
+
 #: The remote-code module written beside a converted checkpoint (``auto_map`` points here).
 SHIM_FILE = "converted_model.py"
 
@@ -195,6 +197,15 @@ def save_converted(model: nn.Module, out_dir: str | os.PathLike, tokenizer=None)
 
 #: Attention kernels a plain checkpoint's ``config.json`` records (the ones every install has).
 RECORDED_ATTENTION = ("eager", "sdpa")
+#: Kernels the suite runs that other tools know by another name: the fused soft-capped kernel
+#: computes transformers' Gemma 2 eager attention, so checkpoints record "eager".
+RECORDED_AS = {SOFTCAP_FUSED: "eager"}
+
+
+def recorded_attention(kernel: str | None) -> str | None:
+    """The name a saved ``config.json`` records for ``kernel``; None when it records none."""
+    kernel = RECORDED_AS.get(kernel, kernel)
+    return kernel if kernel in RECORDED_ATTENTION else None
 
 
 def record_attention(config, out_dir: str | os.PathLike) -> None:
@@ -202,13 +213,13 @@ def record_attention(config, out_dir: str | os.PathLike) -> None:
 
     transformers does not save it, and a plain Gemma 2 checkpoint reloaded with its sdpa default
     would silently drop the attention-logit soft-capping that eager applies (the suite runs Gemma 2
-    on eager). ``from_pretrained`` reads the key back as its ``attn_implementation`` argument, so
+    on eager, or on its fused equivalent, which is recorded as "eager"). ``from_pretrained`` reads the key back as its ``attn_implementation`` argument, so
     ``AutoModelForCausalLM.from_pretrained(out_dir)`` runs the kernel the suite ran; an explicit
     argument still wins. Converted configs record their kernel themselves (``mixsga``: its base
     kernel in ``config.mixsga``; the baselines' configs in ``to_dict``), so they are left alone.
     """
-    kernel = getattr(config, "_attn_implementation", None)
-    if converted_method(config) is not None or kernel not in RECORDED_ATTENTION:
+    kernel = recorded_attention(getattr(config, "_attn_implementation", None))
+    if converted_method(config) is not None or kernel is None:
         return
     path = Path(out_dir) / "config.json"
     saved = json.loads(path.read_text(encoding="utf-8"))
@@ -219,4 +230,4 @@ def record_attention(config, out_dir: str | os.PathLike) -> None:
 
 
 __all__ = ["SHIM_FILE", "ConvertedConfig", "ConvertedModel", "check_savable", "converted_method", "mark_converted",
-           "record_attention", "register_converted", "save_converted"]
+           "record_attention", "recorded_attention", "register_converted", "save_converted"]

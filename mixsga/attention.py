@@ -13,7 +13,8 @@ mixSGA's part:
   stores (``MixSGALayer.attend``), never expanding them.
 
 The base attention is ``"eager"`` (the family's own eager function) or
-``"sdpa"``; Gemma 2 always uses eager, since sdpa cannot soft-cap logits. The
+``"sdpa"``; Gemma 2 always uses eager, since sdpa cannot soft-cap logits, and runs it
+as :mod:`hfconvert.softcap_attention`'s fused kernel (the same function). The
 mask function delegates to the base implementation's mask function.
 """
 
@@ -26,17 +27,22 @@ import torch
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
+from transformers.models.gemma2.modeling_gemma2 import eager_attention_forward as gemma2_eager
+
+from hfconvert.softcap_attention import ATTN_NAME as SOFTCAP_FUSED
+from hfconvert.softcap_attention import softcap_attention_forward
 from mixsga.experts import mix_experts
 
 ATTN_NAME = "mixsga"
-BASE_IMPLEMENTATIONS = ("eager", "sdpa")
+BASE_IMPLEMENTATIONS = ("eager", "sdpa", SOFTCAP_FUSED)
 
 
 def base_attention(module: torch.nn.Module, base: str) -> Callable:
-    """The attention function the unconverted module would call."""
+    """The attention function the unconverted module would call (Gemma 2's eager: its fused equivalent)."""
     if base == "eager":
         family = sys.modules[type(module).__module__]
-        return family.eager_attention_forward
+        fn = family.eager_attention_forward
+        return softcap_attention_forward if fn is gemma2_eager else fn
     return ALL_ATTENTION_FUNCTIONS[base]
 
 

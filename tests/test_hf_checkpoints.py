@@ -26,6 +26,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from baselines import convert_to_cla, convert_to_gqa, load_converted, plan_cla
 from baselines.hf import check_savable, save_converted
 from harness.models.zoo import build_config
+from hfconvert.softcap_attention import ATTN_NAME as SOFTCAP_FUSED
 from mixsga import MixSGAConfig, convert_to_mixsga, load_mixsga
 from mixsga.hf import SHIM_FILE
 
@@ -125,15 +126,24 @@ def test_auto_class_reloads_the_converted_model(saved, case, tok):
     today = load_mixsga(str(path)) if method == "mixsga" else load_converted(path)
     assert type(reloaded) is type(model) and type(today) is type(model)
     assert reloaded.config.model_type == base_type  # in memory: the family, for family-keyed code
+    # A plain Gemma 2 reloads on transformers' eager function, the suite's model (and the suite's
+    # loader) ran its fused equivalent: equal to fp32 rounding; everything else exactly.
+    fused = model.config._attn_implementation == SOFTCAP_FUSED
+    tol = {"atol": 2e-5, "rtol": 1e-5} if fused else {"atol": 0, "rtol": 0}
     with torch.no_grad():
         want = model(input_ids=ids).logits
-        torch.testing.assert_close(reloaded(input_ids=ids).logits, want, atol=0, rtol=0)
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, want, **tol)
         torch.testing.assert_close(today.eval()(input_ids=ids).logits, want, atol=0, rtol=0)
         a = model.generate(ids[:, :6], max_new_tokens=5, do_sample=False)
         b = reloaded.generate(ids[:, :6], max_new_tokens=5, do_sample=False)
     assert torch.equal(a, b)
-    # The attention implementation round-trips: "mixsga" over the recorded base, or the baseline's kernel.
-    assert reloaded.config._attn_implementation == model.config._attn_implementation
+    # The attention implementation round-trips: "mixsga" over the recorded base, or the baseline's kernel
+    # (Gemma 2's fused soft-capped kernel is recorded, and reloaded, as the eager function it computes;
+    # the CLA layers run the fused one for "eager" too, hence the exact logits above).
+    from hfconvert import RECORDED_AS
+
+    assert reloaded.config._attn_implementation == RECORDED_AS.get(model.config._attn_implementation,
+                                                                   model.config._attn_implementation)
     if method == "mixsga":
         assert reloaded.config._attn_implementation == "mixsga"
         assert reloaded.config.mixsga == model.config.mixsga
@@ -209,7 +219,8 @@ def test_plain_transformers_refuses_converted_checkpoints_loudly(fresh_process):
     for case, row in report.items():
         for trust, outcome in row.items():
             if case in NATIVE:  # a plain transformers checkpoint: loads correctly anywhere
-                assert outcome.get("max_diff") == 0.0, (case, outcome)
+                # (Gemma 2: on transformers' eager function, the suite ran its fused equivalent)
+                assert outcome.get("max_diff") <= (2e-5 if "gemma2" in case else 0.0), (case, outcome)
             else:
                 assert outcome.get("error", "").startswith("ValueError"), (case, trust, outcome)
                 assert REFUSAL in outcome["error"] and "trust_remote_code=True" in outcome["error"]
@@ -221,7 +232,9 @@ def test_trust_remote_code_route_gives_the_same_model(saved, fresh_process):
     for case, row in report.items():
         model, _ = saved[case]
         assert row["class"] == type(model).__name__, (case, row)
-        assert row["max_diff"] == 0.0 and row["same_generation"], (case, row)
+        # a plain Gemma 2 reloads on transformers' eager function, the suite ran its fused equivalent
+        plain_gemma = case in NATIVE and "gemma2" in case
+        assert row["max_diff"] <= (2e-5 if plain_gemma else 0.0) and row["same_generation"], (case, row)
     assert report["mixsga-gemma2"]["fresh"] and report["cla-gemma2"]["fresh"]  # the first of each package
     for case in ("mixsga-gemma2", "cla-gemma2"):
         resaved = report[case]["resaved"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
 
+from hfconvert.softcap_attention import ATTN_NAME as SOFTCAP_FUSED
 from harness.data.corpus import build_corpus, stdlib_dir
 from harness.data.tokenizer import train_tokenizer
 from harness.models.zoo import FAMILIES, build_config, count_parameters, family_of, load_base_model
@@ -63,7 +64,7 @@ def test_family_architectures(tok):
     assert gemma.query_pre_attn_scalar == gemma.head_dim
     assert gemma.sliding_window < TRAIN_SEQ
     assert gemma.layer_types == ["sliding_attention", "full_attention"] * (gemma.num_hidden_layers // 2)
-    assert gemma._attn_implementation == "eager"  # the only path that applies soft-capping
+    assert gemma._attn_implementation == SOFTCAP_FUSED  # eager (the only path that soft-caps), fused
 
 
 @pytest.mark.parametrize("family", sorted(FAMILIES))
@@ -110,7 +111,7 @@ def test_load_base_model_from_local_hub_format_dir(tok, family, tmp_path):
     with torch.no_grad():
         assert torch.allclose(model.eval()(input_ids=ids).logits, loaded(input_ids=ids).logits, atol=1e-6)
     if family == "gemma2":
-        assert loaded.config._attn_implementation == "eager"
+        assert loaded.config._attn_implementation == SOFTCAP_FUSED  # the suite reloads the fast kernel
     bf16, _ = load_base_model(str(tmp_path), dtype="bfloat16")
     assert next(bf16.parameters()).dtype == torch.bfloat16
 

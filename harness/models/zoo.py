@@ -12,7 +12,8 @@ Every family keeps the features that matter for KV-cache compression:
   sliding-window / global layers, query pre-attention scaling, ``head_dim`` different from
   ``hidden_size / num_attention_heads``, GeGLU, pre + post norms). Soft-capping is only
   implemented by the eager attention path, so Gemma 2 models are built and loaded with
-  ``attn_implementation="eager"``.
+  its fused equivalent, ``attn_implementation="eager_softcap_fused"``
+  (:mod:`hfconvert.softcap_attention`; saved checkpoints record ``"eager"``).
 
 ``tiny`` sizes (a few million parameters, >= 4 KV heads so mixSGA group sizes 1 / 2 / 4
 apply) are pretrained here for the offline profile; ``small`` sizes are for a GPU run
@@ -30,6 +31,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, Gemma2Config, LlamaConfig, OPTConfig, PretrainedConfig
 
 from harness.models.shapes import SIZES
+from hfconvert.softcap_attention import ATTN_NAME as SOFTCAP_FUSED
 
 
 @dataclass(frozen=True)
@@ -88,7 +90,7 @@ FAMILIES: dict[str, FamilySpec] = {
                "rms_norm_eps": 1e-6, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
         sizes=SIZES["gemma2"],
         checkpoints=("google/gemma-2-2b",),
-        attn_implementation="eager",
+        attn_implementation=SOFTCAP_FUSED,
         notes="soft-capping, alternating sliding-window / global layers, head_dim != hidden/heads",
     ),
 }
