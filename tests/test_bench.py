@@ -52,6 +52,39 @@ def test_cv_and_contexts():
     assert resolve_contexts([512, "window"], window=512, positions=2048, new_tokens=32) == [512]
 
 
+def test_step_clock_times_the_cached_steps_inside_one_generation():
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from harness.measurement.generation import StepClock, generate_exactly
+    from harness.measurement.measure import time_generation
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1, pad_token_id=0)).eval()
+    prompt = torch.randint(1, 64, (1, 12))
+    clock = StepClock().begin()
+    out = generate_exactly(model, prompt, 5, logits_processor=clock.processors())
+    # one stamp per new token (the first right after the prefill's forward); stamps are ordered
+    assert len(clock.stamps) == 5 and clock.stamps == sorted(clock.stamps)
+    assert clock.first_token_seconds > 0 and clock.decode_seconds > 0
+    # the clock changes nothing: the same tokens as without it
+    assert torch.equal(out.sequences, generate_exactly(model, prompt, 5).sequences)
+    one = StepClock().begin()
+    generate_exactly(model, prompt, 1, logits_processor=one.processors())
+    with pytest.raises(RuntimeError, match="at least 2"):
+        one.decode_seconds
+    with pytest.raises(RuntimeError, match="did not run"):
+        StepClock().first_token_seconds
+
+    def generate(n, **kwargs):
+        return generate_exactly(model, prompt, n, **kwargs)
+
+    got = time_generation(generate, new_tokens=4, device="cpu", repeats=3, warmup=0)
+    tps = got["decode_tokens_per_s"]
+    assert 0 < tps["min"] <= tps["p90"] < 1e7 and tps["n"] == 3  # real steps, never a clamped near-zero difference
+
+
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """A corpus of a few stdlib modules, a 300-token BPE, a random tiny Llama and a main grid with CPT checkpoints."""

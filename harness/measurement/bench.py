@@ -4,10 +4,12 @@
 model (its trained checkpoint through ``Method.load_trained``, as the run job builds it:
 ``harness.orchestration.run.build``) and times them all with the one interleaving protocol
 (``harness.measurement.measure.interleaved``) at each context length: one warm-up each, then
-``repeats`` rounds in alternating order. One sample of a method is one prefill (``generate`` of
-one token) and one generation of ``new_tokens`` (``generate_exactly``), as
-``harness.measurement.measure.time_generation`` measures a run; decode tokens/s counts the
-``new_tokens - 1`` tokens produced from the cache.
+``repeats`` rounds in alternating order. One sample of a method is one generation of
+``new_tokens`` (``generate_exactly``) timed from inside by a step clock
+(``harness.measurement.generation.StepClock``): prefill = to the first token's logits, decode
+tokens/s = the ``new_tokens - 1`` tokens produced from the cache over the time from the first
+token's logits to the last's. (A difference of two separately timed generations, as before,
+was noise-dominated where the prefill is most of a generation.)
 
 The output reports, per method and context, the raw summaries with their coefficients of
 variation and the ratios to the base model's sample *of the same round* (so drift of the
@@ -32,8 +34,8 @@ import torch
 
 from harness.atomic import write_json_atomic
 from harness.measurement.footprint import prompt_ids
-from harness.measurement.generation import generate_exactly
-from harness.measurement.measure import Timer, interleaved, summarise
+from harness.measurement.generation import StepClock, generate_exactly
+from harness.measurement.measure import interleaved, summarise
 
 #: Version of the output layout (bump on incompatible changes; analysis checks it).
 SCHEMA = 1
@@ -77,19 +79,18 @@ def resolve_contexts(lengths: Sequence[int | str], *, window: int, positions: in
 
 
 def time_one(model, method, params, prompt: torch.Tensor, new_tokens: int, device: str) -> dict[str, float]:
-    """One sample: prefill seconds (generate 1), decode tokens/s (generate N minus the prefill), memory."""
+    """One sample, one generation of ``new_tokens``: prefill ms (to the first token's logits), decode tokens/s
+    (the ``new_tokens - 1`` cached steps after it, :class:`~harness.measurement.generation.StepClock`), memory."""
     dev = torch.device(device)
-    with Timer(dev) as t_prefill:
-        generate_exactly(model, prompt, 1, cache=method.new_cache(model, params))
     cache = method.new_cache(model, params)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         start = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-    with Timer(dev) as t_total:
-        out = generate_exactly(model, prompt, new_tokens, cache=cache)
-    sample = {"prefill_ms": t_prefill.seconds * 1000.0,
-              "decode_tokens_per_s": (new_tokens - 1) / max(t_total.seconds - t_prefill.seconds, 1e-9),
+    clock = StepClock(dev).begin()
+    out = generate_exactly(model, prompt, new_tokens, cache=cache, logits_processor=clock.processors())
+    sample = {"prefill_ms": clock.first_token_seconds * 1000.0,
+              "decode_tokens_per_s": (new_tokens - 1) / clock.decode_seconds,
               "kv_live_bytes": float(method.live_bytes(cache if cache is not None else out.past_key_values))}
     if dev.type == "cuda":
         sample["phase_peak_bytes"] = float(torch.cuda.max_memory_allocated(dev) - start)

@@ -31,8 +31,8 @@ def measure_latency(model, method, params, prompt: torch.Tensor, measure_cfg: Ma
                     device: str) -> dict:
     """Prefill ms and decode tokens/s (warm-up, repeats) and peak memory per phase at one context length."""
 
-    def generate(n: int):
-        return generate_exactly(model, prompt, n, cache=method.new_cache(model, params))
+    def generate(n: int, **kwargs):
+        return generate_exactly(model, prompt, n, cache=method.new_cache(model, params), **kwargs)
 
     got = time_generation(generate, new_tokens=int(measure_cfg["new_tokens"]), device=device,
                           repeats=int(measure_cfg["repeats"]), warmup=int(measure_cfg["warmup"]))

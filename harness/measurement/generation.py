@@ -2,9 +2,60 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import torch
+from transformers import LogitsProcessor, LogitsProcessorList
+
+
+class StepClock(LogitsProcessor):
+    """Timestamps every generation step from inside ``generate`` (a pass-through logits processor).
+
+    ``generate`` calls its logits processors once per new token, right after the forward that
+    produced that token's logits: the first call ends the prefill, the last one the final decode
+    step. So :attr:`decode_seconds` times exactly the ``n - 1`` forwards that read the cache, in the
+    same call, instead of subtracting a separately timed prefill from a whole generation (a
+    difference of two noisy timings, which goes negative when the prefill is most of the time).
+    On a GPU each stamp synchronizes first.
+    """
+
+    def __init__(self, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.stamps: list[float] = []
+        self.start: float | None = None
+
+    def begin(self) -> "StepClock":
+        """Stamp the start of the call (:attr:`first_token_seconds` counts from here)."""
+        self.stamps, self.start = [], self._now()
+        return self
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self.stamps.append(self._now())
+        return scores
+
+    @property
+    def first_token_seconds(self) -> float:
+        """From :meth:`begin` to the first token's logits: the prefill, with ``generate``'s set-up."""
+        if self.start is None or not self.stamps:
+            raise RuntimeError("the clock did not run: call begin(), then generate with it")
+        return self.stamps[0] - self.start
+
+    @property
+    def decode_seconds(self) -> float:
+        """From the first token's logits to the last one's: ``len(stamps) - 1`` decode steps."""
+        if len(self.stamps) < 2:
+            raise RuntimeError(f"decode time needs at least 2 generated tokens, the clock saw {len(self.stamps)}")
+        return self.stamps[-1] - self.stamps[0]
+
+    def processors(self) -> LogitsProcessorList:
+        """This clock as ``generate``'s ``logits_processor`` argument."""
+        return LogitsProcessorList([self])
 
 
 def generate_exactly(model, prompt: torch.Tensor, n: int, *, cache: Any = None,

@@ -18,6 +18,8 @@ from typing import Callable, Mapping, TypeVar
 import psutil
 import torch
 
+from harness.measurement.generation import StepClock
+
 
 def summarise(samples: list[float]) -> dict[str, float]:
     """Mean, median, 90th percentile, standard deviation, min and count of samples."""
@@ -111,11 +113,14 @@ def time_generation(
     repeats: int = 5,
     warmup: int = 1,
 ) -> dict[str, object]:
-    """Time prefill (generate 1 token) and decode (generate ``new_tokens`` minus prefill).
+    """Time prefill (generate 1 token) and decode (the ``new_tokens - 1`` cached steps of a generation).
 
-    ``generate(n)`` must run one generation of exactly ``n`` new tokens and
-    return its output. Returns prefill milliseconds, decode tokens/s (each as
-    a summary over repeats), peak memory per phase, and the last decode output.
+    ``generate(n, **kwargs)`` must run one generation of exactly ``n`` new tokens, passing
+    ``kwargs`` (a ``logits_processor``) on to ``generate``, and return its output. The decode
+    time is read off a :class:`~harness.measurement.generation.StepClock` inside the
+    ``new_tokens`` generation (first token's logits to the last's). Returns prefill
+    milliseconds, decode tokens/s (each a summary over repeats), peak memory per phase, and the
+    last decode output.
     """
     if repeats < 1 or new_tokens < 2:
         raise ValueError(f"need repeats >= 1 and new_tokens >= 2, got {repeats}, {new_tokens}")
@@ -128,11 +133,12 @@ def time_generation(
     for _ in range(repeats):
         with PeakMemory(device) as prefill_mem, Timer(device) as t_prefill:
             generate(1)
-        with PeakMemory(device) as decode_mem, Timer(device) as t_total:
-            output = generate(new_tokens)
+        clock = StepClock(device)
+        with PeakMemory(device) as decode_mem:
+            clock.begin()
+            output = generate(new_tokens, logits_processor=clock.processors())
         prefill_s.append(t_prefill.seconds)
-        decode_s = max(t_total.seconds - t_prefill.seconds, 1e-9)
-        decode_tps.append((new_tokens - 1) / decode_s)
+        decode_tps.append((new_tokens - 1) / clock.decode_seconds)
     return {
         "prefill_ms": summarise([s * 1000 for s in prefill_s]),
         "decode_tokens_per_s": summarise(decode_tps),

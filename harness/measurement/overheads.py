@@ -188,11 +188,11 @@ def kv_bytes(config: PretrainedConfig, method: str, params: dict, dtype: torch.d
 
 
 def _generator(model, method: str, params: dict, prompt: torch.Tensor):
-    """``generate(n)``: exactly ``n`` greedy tokens from ``prompt`` through a fresh cache of ``method``."""
+    """``generate(n, **kwargs)``: exactly ``n`` greedy tokens from ``prompt`` through a fresh cache of ``method``."""
     entry = get_method(method)
 
-    def generate(n: int):
-        return generate_exactly(model, prompt, n, cache=entry.new_cache(model, params))
+    def generate(n: int, **kwargs):
+        return generate_exactly(model, prompt, n, cache=entry.new_cache(model, params), **kwargs)
 
     return generate
 
@@ -208,8 +208,8 @@ def time_decode(
 ) -> dict[str, dict]:
     """Decode tokens/s and prefill ms of each ``{method: (model, params)}``, timed alternately.
 
-    Each sample is one ``time_generation`` run of one method (prefill = generate(1),
-    decode = generate(new_tokens) minus that), interleaved across methods by
+    Each sample is one ``time_generation`` run of one method (prefill = generate(1), decode = the
+    cached steps of generate(new_tokens), timed inside it), interleaved across methods by
     ``harness.measurement.measure.interleaved``. Routing fractions count the warm-up and
     timed generations alike: every one decodes the same prompt greedily, so they route alike.
     """

@@ -40,6 +40,18 @@ class ParamError(ValueError):
         return ParamError(f"{prefix}.{self.key}", str(self))
 
 
+def parse_inner(inner_spec: "MethodSpec", inner: Any) -> None:
+    """Check a combined method's ``params.inner`` with the inner method's spec (errors name ``inner.<key>``)."""
+    if not isinstance(inner, dict):
+        raise ParamError("inner", f"{inner!r} is not a mapping of {inner_spec.name} params")
+    try:
+        inner_spec.parse_params(inner)
+    except ParamError as err:
+        raise err.under("inner") from None
+    except ValueError as err:
+        raise ParamError("inner", str(err)) from None
+
+
 def round_up(value: float, digits: int = 6) -> float:
     """``value`` rounded up at ``digits`` decimals: a smallest feasible budget that is itself feasible."""
     return math.ceil(value * 10**digits - 1e-6) / 10**digits

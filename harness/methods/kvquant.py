@@ -43,7 +43,7 @@ from __future__ import annotations
 from typing import Any
 
 from harness.methods import gqa
-from harness.methods.core import Method, MethodSpec, ParamError, check_budget, same
+from harness.methods.core import Method, MethodSpec, ParamError, check_budget, parse_inner, same
 
 DEFAULT_BITS = 4
 DEFAULT_INNER_BUDGET = 0.5
@@ -99,15 +99,7 @@ class KVQuantSpec(MethodSpec):
         if not params.get("residual") and params.get("context") is not None:
             raise ValueError("kvquant context only states a residual window's bytes; without residual it is not taken")
         if self.inner is not None and params.get("inner") is not None:
-            inner = params["inner"]
-            if not isinstance(inner, dict):
-                raise ParamError("inner", f"{inner!r} is not a mapping of {self.inner.name} params")
-            try:
-                self.inner.parse_params(inner)
-            except ParamError as err:
-                raise err.under("inner") from None
-            except ValueError as err:
-                raise ParamError("inner", str(err)) from None
+            parse_inner(self.inner, params["inner"])
         return params
 
     def inner_budget(self, params) -> float:

@@ -12,7 +12,7 @@ the inner model's checkpoint.
 from __future__ import annotations
 
 from harness.methods import eviction, gqa, mixsga
-from harness.methods.core import Method, MethodSpec, ParamError, check_budget
+from harness.methods.core import Method, MethodSpec, ParamError, check_budget, parse_inner
 from harness.methods.eviction import EvictionSpec
 
 DEFAULT_INNER_BUDGET = 0.5
@@ -47,16 +47,8 @@ class StackedSpec(MethodSpec):
                 check_budget(value)
             except (TypeError, ValueError) as err:
                 raise ParamError("inner_budget", str(err)) from None
-        inner = params.get("inner")
-        if inner is not None:
-            if not isinstance(inner, dict):
-                raise ParamError("inner", f"{inner!r} is not a mapping of {self.inner.name} params")
-            try:
-                self.inner.parse_params(inner)
-            except ParamError as err:
-                raise err.under("inner") from None
-            except ValueError as err:
-                raise ParamError("inner", str(err)) from None
+        if params.get("inner") is not None:
+            parse_inner(self.inner, params["inner"])
         return params
 
     def check_feasible(self, budget, params, kv_heads):
