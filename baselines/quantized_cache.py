@@ -115,6 +115,11 @@ class QuantizedKVLayer(QuantoQuantizedLayer):
         super().__init__(nbits=check_bits(bits), axis_key=0, axis_value=0, q_group_size=_whole(group_size,
                          "group_size", 1), residual_length=_whole(residual, "residual", 0))
         self.blocks: list[tuple[Any, Any]] = []  # quantized (keys, values) blocks, oldest first
+        # The blocks' dequantized values, concatenated: a block is quantized once and never changes, so
+        # dequantizing each once gives the very values attention read when every step dequantized every
+        # block (O(steps^2) unpacking; 230 s for one 16k-token run at 1,024-token windows). A working copy
+        # for attention, as transformers' QuantizedCache makes each step; ``kv_bytes`` counts the blocks.
+        self._past: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -122,13 +127,18 @@ class QuantizedKVLayer(QuantoQuantizedLayer):
         self.cumulative_length += key_states.shape[-2]
         keys = torch.cat([self.keys, key_states], dim=-2) if self.keys.numel() else key_states
         values = torch.cat([self.values, value_states], dim=-2) if self.values.numel() else value_states
-        past_k = [self._dequantize(k) for k, _ in self.blocks]
-        past_v = [self._dequantize(v) for _, v in self.blocks]
-        out_k, out_v = torch.cat([*past_k, keys], dim=-2), torch.cat([*past_v, values], dim=-2)
+        if self._past is None:
+            out_k, out_v = keys, values
+        else:
+            out_k, out_v = torch.cat([self._past[0], keys], dim=-2), torch.cat([self._past[1], values], dim=-2)
         done = keys.shape[-2] - residual_tokens(self.cumulative_length, self.residual_length)
         if done > 0:  # completed blocks leave the window, quantized
-            self.blocks.append((self._quantize(keys[..., :done, :].contiguous(), axis=self.axis_key),
-                                self._quantize(values[..., :done, :].contiguous(), axis=self.axis_value)))
+            block = (self._quantize(keys[..., :done, :].contiguous(), axis=self.axis_key),
+                     self._quantize(values[..., :done, :].contiguous(), axis=self.axis_value))
+            self.blocks.append(block)
+            new_k, new_v = self._dequantize(block[0]), self._dequantize(block[1])
+            self._past = (new_k, new_v) if self._past is None else (
+                torch.cat([self._past[0], new_k], dim=-2), torch.cat([self._past[1], new_v], dim=-2))
             keys, values = keys[..., done:, :].clone(), values[..., done:, :].clone()  # no view of the old window
         self.keys, self.values = keys, values
         return out_k, out_v
@@ -154,7 +164,7 @@ class QuantizedKVLayer(QuantoQuantizedLayer):
 
     def reset(self) -> None:
         super().reset()
-        self.blocks, self.cumulative_length = [], 0
+        self.blocks, self.cumulative_length, self._past = [], 0, None
 
     def _unsupported(self, *args, **kwargs):
         raise NotImplementedError("the quantized KV cache does not crop, reorder or select batch rows")

@@ -62,7 +62,7 @@ def test_default_dry_run_lists_the_grid(tmp_path):
     assert proc.returncode == 0, proc.stdout + proc.stderr
     counts = job_counts(proc.stdout)
     # one seed, the SFT tables left to their targets (config default_skip): 28 + 4 CPT checkpoints, no SFT
-    assert counts["run"] == 92 and counts["train"] == 32 and counts["pretrain"] == 4
+    assert counts["run"] == 88 and counts["train"] == 32 and counts["pretrain"] == 4
     assert counts["experiment"] == 4 and counts["collate_experiment"] == 4 and counts["experiment_figure"] == 1
     assert counts["perf_bench"] == 4  # one cost benchmark per family
     for family in ("llama3", "tinyllama", "opt", "gemma2"):

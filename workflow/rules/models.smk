@@ -20,6 +20,9 @@ rule pretrain:
         device=config["device"],
         code=command_code("harness pretrain"),
     threads: config["threads"]
+    # every family's chain starts here: base models first, so the last family's chain is not left
+    # running alone at the end (measured: without it Snakemake began CPT jobs before two pretrainings)
+    priority: 10
     log:
         f"{RESULTS}/logs/pretrain/{{model}}.log",
     benchmark:
