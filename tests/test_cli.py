@@ -38,7 +38,7 @@ def test_grid_prints_the_run_table(tmp_path, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert printed[0].split("\t") == ["run_id", "experiments", "model", "family", "source", "training", "method",
                                       "budget", "params", "seed", "evaluate", "train_id"]
-    assert len(printed) == 279 and printed[1].startswith("llama3__cpt__base__kv100__s0\tmain\tllama3\t")
+    assert len(printed) == 112 and printed[1].startswith("llama3__cpt__base__kv100__s0\tmain\tllama3\t")
     assert out.read_text().splitlines() == printed
 
 
