@@ -13,6 +13,10 @@ median step time and its ratio to the default layout (one thread, ``1 x 1,024``)
   time is reported separately (each training job is a new process and would pay it again).
 
 ``OMP_NUM_THREADS=2 PYTHONPATH=. python -m benchmarks.training_speed [--family llama3] [--rounds 5]``
+
+Measured 2026-12-01 (Llama 3 tiny, 2-core Intel Xeon, 3 rounds, a CI run sharing the machine;
+``results/training_speed/llama3.json``): 1 thread 0.573 s a step, 2 threads 0.956 s, 2 x 512
+0.579 s, compiled 0.678 s + 39.9 s compiling. The default layout stays.
 """
 
 from __future__ import annotations
