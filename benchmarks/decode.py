@@ -59,6 +59,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 from benchmarks.fast_gqa import StaticViewCache
 from harness.measurement.generation import generate_exactly
 from harness.measurement.measure import PeakMemory, Timer, interleaved, summarise
+from harness.measurement.overheads import VocabOnly
 from harness.methods import Eviction, Method, Stacked, get_method
 from mixsga import MixSGACache
 from mixsga.budget import full_kv_bytes_per_token, kv_shape
@@ -408,25 +409,13 @@ def zoo_models(args, dtype: torch.dtype, device: torch.device):
             model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
             label = f"zoo:{family} (pretrained here)"
         else:
-            config = build_config(family, "tiny", _Vocab(args.zoo_vocab))
+            config = build_config(family, "tiny", VocabOnly(args.zoo_vocab, bos_token_id=2, eos_token_id=1))
             if get_family(family).attn_implementation is None:
                 config._attn_implementation = "sdpa"
             torch.manual_seed(args.seed)
             model = AutoModelForCausalLM.from_config(config)
             label = f"zoo:{family} (tiny architecture, random weights)"
         yield label, model.to(device=device, dtype=dtype).eval()
-
-
-class _Vocab:
-    """What ``build_config`` reads from a tokenizer: its length and special token ids."""
-
-    bos_token_id, eos_token_id, pad_token_id = 2, 1, 0
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-
-    def __len__(self) -> int:
-        return self.size
 
 
 def cpu_model() -> str | None:

@@ -22,25 +22,18 @@ import argparse
 import copy
 import statistics
 import time
-from types import SimpleNamespace
 
 import torch
 from transformers import AutoModelForCausalLM
 
 from hfconvert.softcap_attention import ATTN_NAME
+from harness.measurement.overheads import VocabOnly
 from harness.models.zoo import build_config
-
-
-class _Vocab(SimpleNamespace):
-    """Only what ``build_config`` reads from a tokenizer: its length and special token ids."""
-
-    def __len__(self) -> int:
-        return self.vocab
 
 
 def _model(kernel: str, vocab: int) -> torch.nn.Module:
     torch.manual_seed(0)
-    config = build_config("gemma2", "tiny", _Vocab(bos_token_id=2, eos_token_id=1, pad_token_id=0, vocab=vocab),
+    config = build_config("gemma2", "tiny", VocabOnly(vocab, bos_token_id=2, eos_token_id=1),
                           attn_implementation=kernel)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
 

@@ -1,7 +1,8 @@
 """Latency and memory measurement, following optimum-benchmark's protocol.
 
-Prefill is timed as ``generate`` of one token; decode as ``generate`` of N tokens
-minus the prefill of the same repeat, so decode tokens/s counts the N - 1
+Prefill is timed as ``generate`` of one token; decode inside the ``generate`` of N
+tokens, from the first token's logits to the last's
+(:class:`harness.measurement.generation.StepClock`), so decode tokens/s counts the N - 1
 tokens produced from the cache. Warm-up runs come first, then at least five
 timed repeats; CUDA events time GPU work, ``perf_counter`` times CPU work.
 Peak memory is taken per phase: torch's allocator peak (reset before the phase)

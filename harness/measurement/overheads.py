@@ -14,8 +14,8 @@ shared K/V projections and adds one router (D x E weights + E biases) per layer.
   GQA's grouped K/V; mixSGA's grouped K/V plus its per-layer expert index, both as our
   cache stores it (one uint8) and as the paper counts it (packed, 2 bits for 3 experts).
 * **Decode throughput** (tokens/s, batch 1, greedy, a fixed number of new tokens) is
-  measured with ``harness.measurement.measure.time_generation`` (decode = generate(N) minus
-  generate(1) of the same repeat): one warm-up per method, then GQA and mixSGA timed
+  measured with ``harness.measurement.measure.time_generation`` (decode = the N - 1 cached
+  steps of generate(N), timed inside it): one warm-up per method, then GQA and mixSGA timed
   alternately, repeat by repeat, in one process, so load drift hits both alike.
   Models: the offline zoo checkpoints (``{zoo}/{family}/base``) when present, else
   random-weight ``tiny`` configs of ``harness.models.zoo``; optionally the paper-sized
@@ -233,13 +233,15 @@ def time_decode(
     return out
 
 
-class _VocabOnly:
-    """Stands in for a tokenizer where only the vocabulary size and special ids matter (random-weight timing models)."""
+class VocabOnly:
+    """Stands in for a tokenizer where only the vocabulary size and special ids matter (random-weight timing models).
 
-    bos_token_id, eos_token_id, pad_token_id = 1, 2, 0
+    What ``harness.models.zoo.build_config`` reads from a tokenizer; the benchmarks use it too.
+    """
 
-    def __init__(self, size: int = 4096):
+    def __init__(self, size: int = 4096, *, bos_token_id: int = 1, eos_token_id: int = 2, pad_token_id: int = 0):
         self.size = size
+        self.bos_token_id, self.eos_token_id, self.pad_token_id = bos_token_id, eos_token_id, pad_token_id
 
     def __len__(self) -> int:
         return self.size
@@ -261,7 +263,7 @@ def timing_models(zoo: str | os.PathLike | None, families: Sequence[str],
             yield f"zoo:{family}", str(path), model
         else:
             torch.manual_seed(0)
-            config = build_config(family, "tiny", _VocabOnly())
+            config = build_config(family, "tiny", VocabOnly())
             yield (f"tiny:{family}", "random weights (harness.models.zoo tiny config)",
                    AutoModelForCausalLM.from_config(config).eval())
     for name, source in (checkpoints or {}).items():
@@ -382,8 +384,8 @@ def overheads(
                       "the meta device",
             "kv_bytes_per_token": "registry analytic bytes at dtype; mixSGA with a uint8 expert index per layer "
                                   "(our cache); kv_bytes_per_token_paper_index: packed 2-bit index (the paper)",
-            "decode_tokens_per_s": "harness.measurement.measure.time_generation per repeat: (new_tokens - 1) / (generate(N) - "
-                                   "generate(1)) s; batch 1, greedy, random prompt; one warm-up per method, then GQA "
+            "decode_tokens_per_s": "harness.measurement.measure.time_generation per repeat: (new_tokens - 1) / (seconds from "
+                                   "the first token's logits to the last's inside generate(N)); batch 1, greedy, random prompt; one warm-up per method, then GQA "
                                    "and mixSGA alternated for each repeat, order flipped every repeat; ratios of "
                                    "medians",
             "prompt_tokens": prompt_tokens, "new_tokens": new_tokens, "repeats": repeats, "warmup": warmup,
