@@ -96,7 +96,9 @@ class EvictionPolicy:
 
     @staticmethod
     def _weights(probs: torch.Tensor, chunk_valid: torch.Tensor) -> torch.Tensor:
-        """``probs`` with padding queries zeroed."""
+        """``probs`` with padding queries zeroed (``probs`` itself when there is no padding: x * 1 is x)."""
+        if bool(chunk_valid.all()):
+            return probs
         return probs * chunk_valid.to(probs.dtype)[:, None, None, :, None]
 
     def protect(self, tier: torch.Tensor, value: torch.Tensor, slots: torch.Tensor, from_start: torch.Tensor,

@@ -134,9 +134,10 @@ def synthetic_bench(records: list[dict], device: str = "cpu: test cpu", contexts
             samples[key] = [{"prefill_ms": 5.0 * d, "decode_tokens_per_s": 300 * (1.4 - 0.4 * budget) / d,
                              "kv_live_bytes": 1024.0 * budget * 64, "phase_peak_bytes": 4096.0 * budget}
                             for d in (1.0, 1.1, 0.9, 1.2, 1.0)]
+        pairs = {key: list(zip(got, samples["base"])) for key, got in samples.items()}
         rows = []
         for n in contexts:
-            rows += ratio_rows(samples, entries, context_len=n, new_tokens=8, device_type=device.split(":")[0])
+            rows += ratio_rows(pairs, entries, context_len=n, new_tokens=8, device_type=device.split(":")[0])
         out.append({"schema": SCHEMA, "model": family, "family": family, "seed": seed, "device": device,
                     "threads": 1, "reference": "base", "protocol": {}, "rows": rows})
     return out

@@ -16,14 +16,15 @@ def _entries(*methods: str) -> dict:
                 "weights_bytes": 1000} for m in methods}
 
 
-def test_ratios_are_taken_per_round_so_common_drift_cancels():
-    # the machine slows down by 2x over the rounds; gqa is always 1.25x the base's throughput
+def test_ratios_are_taken_per_pair_so_common_drift_cancels():
+    # the machine slows down by 2x over the rounds; gqa is always 1.25x its lockstep base's throughput
     speed = [100.0, 150.0, 200.0, 250.0, 300.0]
     samples = {"base": [{"prefill_ms": 10.0 * 100 / s, "decode_tokens_per_s": s, "kv_live_bytes": 400.0}
                         for s in speed],
                "gqa": [{"prefill_ms": 8.0 * 100 / s, "decode_tokens_per_s": 1.25 * s, "kv_live_bytes": 200.0}
                        for s in speed]}
-    rows = {r["method"]: r for r in ratio_rows(samples, _entries("base", "gqa"), context_len=64, new_tokens=8,
+    pairs = {name: list(zip(got, samples["base"])) for name, got in samples.items()}
+    rows = {r["method"]: r for r in ratio_rows(pairs, _entries("base", "gqa"), context_len=64, new_tokens=8,
                                                device_type="cpu")}
     gqa, base = rows["gqa"], rows["base"]
     assert gqa["decode_tokens_per_s_ratio"]["median"] == pytest.approx(1.25)
@@ -35,11 +36,11 @@ def test_ratios_are_taken_per_round_so_common_drift_cancels():
     # CPU memory: weights + live K/V; the base is its own reference
     assert gqa["peak_memory_bytes"]["p50"] == 1200.0 and gqa["peak_memory_bytes_ratio"]["median"] == pytest.approx(
         1200 / 1400)
-    assert base["decode_tokens_per_s_ratio"] == {"median": 1.0, "mean": 1.0, "cv": 0.0, "n": 5}
+    assert base["decode_tokens_per_s_ratio"] == {"median": 1.0, "mean": 1.0, "cv": 0.0, "n": 5, "se_rel": 0.0}
     assert gqa["decode_ms_per_token"] == pytest.approx(1000 / (1.25 * 200.0))
     assert gqa["memory_source"] == "weights + live K/V" and gqa["run_id"] == "r_gqa"
     with pytest.raises(ValueError, match="'base'"):
-        ratio_rows({"gqa": samples["gqa"]}, _entries("gqa"), context_len=64, new_tokens=8, device_type="cpu")
+        ratio_rows({"gqa": pairs["gqa"]}, _entries("gqa"), context_len=64, new_tokens=8, device_type="cpu")
 
 
 def test_cv_and_contexts():
@@ -83,6 +84,59 @@ def test_step_clock_times_the_cached_steps_inside_one_generation():
     got = time_generation(generate, new_tokens=4, device="cpu", repeats=3, warmup=0)
     tps = got["decode_tokens_per_s"]
     assert 0 < tps["min"] <= tps["p90"] < 1e7 and tps["n"] == 3  # real steps, never a clamped near-zero difference
+
+
+def test_lockstep_alternates_steps_and_each_clock_leaves_out_the_others_time():
+    import time
+
+    import torch
+
+    from harness.measurement.generation import lockstep
+
+    log = []
+
+    def run(name, pause, steps=4):
+        def go(clock):
+            clock.begin()
+            for i in range(steps):
+                time.sleep(pause)
+                log.append((name, i))
+                clock(None, torch.zeros(1))
+            return clock
+        return go
+
+    t0 = time.perf_counter()
+    fast, slow = lockstep([run("fast", 0.001), run("slow", 0.03)])
+    wall = time.perf_counter() - t0
+    # prefill of one, prefill of the other, then one step each in turn
+    assert log == [(n, i) for i in range(4) for n in ("fast", "slow")]
+    # each clock runs only while its generation holds the turn: the slow one's sleeps are not the fast one's
+    assert wall > 0.1 and fast.first_token_seconds + fast.decode_seconds < 0.05
+    assert slow.decode_seconds > 0.08
+    # unequal lengths: the longer one goes on alone once the other has finished
+    log.clear()
+    lockstep([run("a", 0, 1), run("b", 0, 3)])
+    assert log == [("a", 0), ("b", 0), ("b", 1), ("b", 2)]
+
+
+def test_lockstep_reraises_a_failure_without_hanging():
+    import torch
+
+    from harness.measurement.generation import lockstep
+
+    def good(clock):
+        clock.begin()
+        for _ in range(3):
+            clock(None, torch.zeros(1))
+        return "ok"
+
+    def bad(clock):
+        clock.begin()
+        clock(None, torch.zeros(1))
+        raise ValueError("broken cache")
+
+    with pytest.raises(ValueError, match="broken cache"):
+        lockstep([good, bad])
 
 
 @pytest.fixture(scope="module")
@@ -162,9 +216,13 @@ def test_benchmark_job_writes_ratios_and_cvs_and_the_perf_table_reads_them(tiny,
     assert len(rows) == 4 * 2 and {(r["method"], r["context_len"]) for r in rows} == {
         (m, n) for m in ("base", "gqa", "mixsga", "h2o") for n in (24, 40)}
     for row in rows:
+        # every round pairs each of the 3 other methods with a fresh base generation
+        n = 5 * 3 if row["method"] == "base" else 5
         for metric in ("prefill_ms", "decode_tokens_per_s", "peak_memory_bytes"):
-            assert row[metric]["n"] == 5 and row[metric]["p50"] > 0 and 0 <= row[metric]["cv"] < 10
-            assert row[f"{metric}_ratio"]["n"] == 5 and row[f"{metric}_ratio"]["median"] > 0
+            assert row[metric]["n"] == n and row[metric]["p50"] > 0 and 0 <= row[metric]["cv"] < 10
+            ratio = row[f"{metric}_ratio"]
+            assert ratio["n"] == n and ratio["median"] > 0
+            assert ratio["se_rel"] == pytest.approx(ratio["cv"] / n ** 0.5)
         if row["method"] == "base":
             assert row["decode_tokens_per_s_ratio"]["median"] == 1.0 and row["prefill_ms_ratio"]["cv"] == 0.0
     by = {(r["method"], r["context_len"]): r for r in rows}

@@ -1,19 +1,21 @@
-"""The cost benchmark of one model: every method of the ``main`` grid timed in alternation, in one process.
+"""The cost benchmark of one model: every method of the ``main`` grid timed against the base, in one process.
 
 ``python -m harness.measurement.bench --spec JSON --out PATH`` builds every listed run of one
 model (its trained checkpoint through ``Method.load_trained``, as the run job builds it:
-``harness.orchestration.run.build``) and times them all with the one interleaving protocol
-(``harness.measurement.measure.interleaved``) at each context length: one warm-up each, then
-``repeats`` rounds in alternating order. One sample of a method is one generation of
-``new_tokens`` (``generate_exactly``) timed from inside by a step clock
-(``harness.measurement.generation.StepClock``): prefill = to the first token's logits, decode
-tokens/s = the ``new_tokens - 1`` tokens produced from the cache over the time from the first
-token's logits to the last's. (A difference of two separately timed generations, as before,
-was noise-dominated where the prefill is most of a generation.)
+``harness.orchestration.run.build``) and times each method *in lockstep* with the base model
+(:func:`paired_rounds`): per round, every method's generation runs beside a fresh base
+generation, prefill after prefill, then one decode step of each in alternation
+(``harness.measurement.generation.lockstep``). One sample is one generation of ``new_tokens``
+(``generate_exactly``) timed from inside by a step clock that runs only while its generation
+holds the turn: prefill = to the first token's logits, decode tokens/s = the ``new_tokens - 1``
+tokens produced from the cache over their summed step times. Why lockstep: on a shared 2-core
+VM the speed of a core wanders by up to 2x over tens of milliseconds (measured: one model's
+decode steps run at 3 ms, then 7 ms), so two methods timed even one generation apart differ
+by 20-35 %; steps timed milliseconds apart see the same machine.
 
 The output reports, per method and context, the raw summaries with their coefficients of
-variation and the ratios to the base model's sample *of the same round* (so drift of the
-machine cancels): the median of the per-round ratios and their CV. Peak memory per method is its
+variation and the ratios to the base sample *of the same pair*: the median of the per-round
+ratios, their CV and the relative standard error of their mean (``se_rel``). Peak memory per method is its
 weights plus, on a GPU, the allocator peak above the phase's start; on a CPU, where the process'
 memory is shared by every model loaded here, plus the live K/V bytes of the decode cache
 (``memory_source`` says which). The workflow runs this job alone (``workflow/rules/runs.smk``,
@@ -24,18 +26,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
 from harness.atomic import write_json_atomic
 from harness.measurement.footprint import prompt_ids
 from harness.measurement.generation import StepClock, generate_exactly
-from harness.measurement.measure import interleaved, summarise
+from harness.measurement.measure import summarise
 
 #: Version of the output layout (bump on incompatible changes; analysis checks it).
 SCHEMA = 1
@@ -78,16 +81,21 @@ def resolve_contexts(lengths: Sequence[int | str], *, window: int, positions: in
     return sorted(out)
 
 
-def time_one(model, method, params, prompt: torch.Tensor, new_tokens: int, device: str) -> dict[str, float]:
+def time_one(model, method, params, prompt: torch.Tensor, new_tokens: int, device: str,
+             clock: StepClock | None = None) -> dict[str, float]:
     """One sample, one generation of ``new_tokens``: prefill ms (to the first token's logits), decode tokens/s
-    (the ``new_tokens - 1`` cached steps after it, :class:`~harness.measurement.generation.StepClock`), memory."""
+    (the ``new_tokens - 1`` cached steps after it, :class:`~harness.measurement.generation.StepClock`), memory.
+
+    ``clock``: the clock to time with (a :class:`~harness.measurement.generation.LockstepClock` in
+    :func:`paired_rounds`); a fresh ``StepClock`` by default.
+    """
     dev = torch.device(device)
     cache = method.new_cache(model, params)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
         start = torch.cuda.memory_allocated(dev)
         torch.cuda.reset_peak_memory_stats(dev)
-    clock = StepClock(dev).begin()
+    clock = (clock or StepClock(dev)).begin()
     out = generate_exactly(model, prompt, new_tokens, cache=cache, logits_processor=clock.processors())
     sample = {"prefill_ms": clock.first_token_seconds * 1000.0,
               "decode_tokens_per_s": (new_tokens - 1) / clock.decode_seconds,
@@ -97,14 +105,47 @@ def time_one(model, method, params, prompt: torch.Tensor, new_tokens: int, devic
     return sample
 
 
-def ratio_rows(samples: Mapping[str, list[dict[str, float]]], entries: Mapping[str, Mapping[str, Any]],
-               *, context_len: int, new_tokens: int, device_type: str) -> list[dict[str, Any]]:
-    """One row per method at one context: summaries, CVs, and per-round ratios to the reference method."""
-    if REFERENCE not in samples:
+def paired_rounds(trials: Mapping[str, Callable[[StepClock | None], dict[str, float]]], *, repeats: int,
+                  warmup: int = 1, device: str = "cpu") -> dict[str, list[tuple[dict[str, float], dict[str, float]]]]:
+    """Every method timed in lockstep with the reference: ``{name: [(sample, reference sample), ...]}``.
+
+    Each round pairs every other method with a fresh reference generation; the pair runs through
+    :func:`~harness.measurement.generation.lockstep`, prefill after prefill, then decode steps in
+    alternation, so a ratio compares steps taken milliseconds apart. On this kind of machine the
+    speed of a core wanders by 2x over tens of milliseconds, which no round-level interleaving
+    cancels. Methods are visited in alternating order each round, and which of the pair prefills
+    first alternates too. ``trials[name](clock)`` returns one sample (``time_one``).
+    """
+    from harness.measurement.generation import lockstep
+
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats!r}")
+    if REFERENCE not in trials:
         raise ValueError(f"the benchmark needs the {REFERENCE!r} method: ratios are taken against it")
-    ref = samples[REFERENCE]
+    others = [name for name in trials if name != REFERENCE]
+    for name in others:
+        for _ in range(warmup):
+            lockstep([trials[REFERENCE], trials[name]], device)
+    pairs: dict[str, list[tuple[dict[str, float], dict[str, float]]]] = {name: [] for name in trials}
+    for rep in range(repeats):
+        for name in (others if rep % 2 == 0 else others[::-1]):
+            first, second = (REFERENCE, name) if rep % 2 == 0 else (name, REFERENCE)
+            got = dict(zip((first, second), lockstep([trials[first], trials[second]], device)))
+            pairs[name].append((got[name], got[REFERENCE]))
+            pairs[REFERENCE].append((got[REFERENCE], got[REFERENCE]))
+    return pairs
+
+
+def ratio_rows(pairs: Mapping[str, list[tuple[dict[str, float], dict[str, float]]]],
+               entries: Mapping[str, Mapping[str, Any]], *, context_len: int, new_tokens: int,
+               device_type: str) -> list[dict[str, Any]]:
+    """One row per method at one context: summaries, CVs, and ratios to the reference sample of the same
+    pair (:func:`paired_rounds`)."""
+    if REFERENCE not in pairs:
+        raise ValueError(f"the benchmark needs the {REFERENCE!r} method: ratios are taken against it")
     rows = []
-    for run_id, got in samples.items():
+    for run_id, paired in pairs.items():
+        got, ref = [p[0] for p in paired], [p[1] for p in paired]
         entry = entries[run_id]
         memory = [entry["weights_bytes"] + (s["phase_peak_bytes"] if device_type == "cuda" else s["kv_live_bytes"])
                   for s in got]
@@ -123,11 +164,13 @@ def ratio_rows(samples: Mapping[str, list[dict[str, float]]], entries: Mapping[s
                 "decode_tokens_per_s": [s["decode_tokens_per_s"] for s in ref],
                 "peak_memory_bytes": ref_memory}
         for name, values in metrics.items():
-            # the same round's reference sample: load drift during a round falls on both
+            # the reference sample timed in lockstep with this one: the machine's drift falls on both
             ratios = [v / r for v, r in zip(values, refs[name])]
             row[name] = {**summarise(values), "cv": cv(values)}
             row[f"{name}_ratio"] = {"median": statistics.median(ratios), "mean": statistics.fmean(ratios),
-                                    "cv": cv(ratios), "n": len(ratios)}
+                                    "cv": cv(ratios), "n": len(ratios),
+                                    # relative standard error of the mean ratio: the width of what is reported
+                                    "se_rel": cv(ratios) / math.sqrt(len(ratios))}
         row["kv_live_bytes"] = statistics.median(s["kv_live_bytes"] for s in got)
         row["decode_ms_per_token"] = 1000.0 / row["decode_tokens_per_s"]["p50"]
         rows.append(row)
@@ -173,10 +216,10 @@ def run_bench(spec: Mapping[str, Any], out: str | Path, *, model_path: str | Pat
     for n in contexts:
         prompt = prompt_ids(tokenizer, texts, n).to(device)
         log(f"{spec['model']['name']}: {len(models)} methods at context {n}, {bench['repeats']} rounds")
-        trials = {key: (lambda b=b: time_one(b.model, b.method, b.params, prompt, new_tokens, device))
+        trials = {key: (lambda clock, b=b: time_one(b.model, b.method, b.params, prompt, new_tokens, device, clock))
                   for key, b in models.items()}
-        samples = interleaved(trials, repeats=int(bench["repeats"]), warmup=int(bench["warmup"]))
-        rows += ratio_rows(samples, entries, context_len=n, new_tokens=new_tokens, device_type=device_type)
+        pairs = paired_rounds(trials, repeats=int(bench["repeats"]), warmup=int(bench["warmup"]), device=device)
+        rows += ratio_rows(pairs, entries, context_len=n, new_tokens=new_tokens, device_type=device_type)
     info = device_info(device)
     result = {
         "schema": SCHEMA,
@@ -187,8 +230,10 @@ def run_bench(spec: Mapping[str, Any], out: str | Path, *, model_path: str | Pat
         "threads": int(threads),
         "reference": REFERENCE,
         "protocol": {"contexts": contexts, "new_tokens": new_tokens, "repeats": int(bench["repeats"]),
-                     "warmup": int(bench["warmup"]), "order": "interleaved, alternating each round",
-                     "ratio": "median over rounds of method / reference in the same round"},
+                     "warmup": int(bench["warmup"]),
+                     "order": "each method in lockstep with a reference generation (prefill, prefill, then "
+                              "decode steps in alternation); methods in alternating order each round",
+                     "ratio": "median over rounds of method / the reference sample of the same lockstep pair"},
         "code": code,
         "started_at": started,
         "wall_time_s": time.perf_counter() - t0,

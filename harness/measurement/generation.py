@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import threading
 import time
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
@@ -56,6 +57,107 @@ class StepClock(LogitsProcessor):
     def processors(self) -> LogitsProcessorList:
         """This clock as ``generate``'s ``logits_processor`` argument."""
         return LogitsProcessorList([self])
+
+
+class Baton:
+    """Turn-taking between generations run in threads: exactly one holds the baton at a time.
+
+    ``wait(i)`` blocks until it is participant ``i``'s turn (or every other one has finished);
+    ``pass_on(i)`` hands the turn to the next unfinished participant; ``finish(i)`` leaves.
+    With the threads blocked while not holding it, the generations run one step at a time in
+    alternation, never concurrently.
+    """
+
+    def __init__(self, participants: int):
+        if participants < 1:
+            raise ValueError(f"a baton needs at least one participant, got {participants!r}")
+        self._cond = threading.Condition()
+        self._turn = 0
+        self._done = [False] * participants
+
+    def _next(self, who: int) -> int:
+        n = len(self._done)
+        for step in range(1, n + 1):
+            if not self._done[(who + step) % n]:
+                return (who + step) % n
+        return who
+
+    def wait(self, who: int) -> None:
+        with self._cond:
+            self._cond.wait_for(lambda: self._turn == who or all(d for i, d in enumerate(self._done) if i != who))
+
+    def pass_on(self, who: int) -> None:
+        with self._cond:
+            self._turn = self._next(who)
+            self._cond.notify_all()
+
+    def finish(self, who: int) -> None:
+        with self._cond:
+            self._done[who] = True
+            self._turn = self._next(who)
+            self._cond.notify_all()
+
+
+class LockstepClock(StepClock):
+    """A :class:`StepClock` whose generation hands a :class:`Baton` on after every step.
+
+    Its clock runs only while its generation holds the baton, so :attr:`first_token_seconds` and
+    :attr:`decode_seconds` are the same quantities as a lone :class:`StepClock`'s, with the time
+    spent waiting for the other generations left out.
+    """
+
+    def __init__(self, baton: Baton, who: int, device: torch.device | str = "cpu"):
+        super().__init__(device)
+        self.baton, self.who = baton, who
+        self._active = 0.0
+        self._resumed = 0.0
+
+    def begin(self) -> "LockstepClock":
+        self._active, self._resumed = 0.0, super()._now()
+        self.stamps, self.start = [], 0.0
+        return self
+
+    def _now(self) -> float:  # active time: the real clock, paused while another generation runs
+        return self._active + (super()._now() - self._resumed)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        self._active = self._now()
+        self.stamps.append(self._active)
+        self.baton.pass_on(self.who)
+        self.baton.wait(self.who)
+        self._resumed = super()._now()
+        return scores
+
+
+def lockstep(runs: Sequence[Callable[[StepClock], Any]], device: torch.device | str = "cpu") -> list[Any]:
+    """Run ``runs`` (each ``run(clock)`` starts its clock, generates with it, returns its sample) in lockstep.
+
+    One thread per run; run 0 prefills first, then the generations alternate token by token, so
+    each decode step of one is timed next to a step of the others (a few milliseconds apart) and
+    drift of the machine between those falls on all alike. Returns the runs' results in order;
+    re-raises the first exception.
+    """
+    baton = Baton(len(runs))
+    results: list[Any] = [None] * len(runs)
+    errors: list[BaseException] = []
+
+    def worker(i: int) -> None:
+        try:
+            baton.wait(i)
+            results[i] = runs[i](LockstepClock(baton, i, device))
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            errors.append(exc)
+        finally:
+            baton.finish(i)
+
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(len(runs))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def generate_exactly(model, prompt: torch.Tensor, n: int, *, cache: Any = None,
