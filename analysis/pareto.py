@@ -2,7 +2,7 @@
 
 A configuration is a (model, method, params) with its runs averaged over seeds. Costs: the
 realized KV bytes per token, and the decode latency (ms per token, per device: CPU and GPU
-timings never share a front) from the interleaved benchmark job of each model
+timings never share a front) from the lockstep benchmark job of each model
 (``harness.measurement.bench``, at its longest context), never from the runs' own timings.
 """
 
@@ -217,7 +217,7 @@ def write_pareto(table: pd.DataFrame | str | Path, *, csv: str | Path, md: str |
         shown["device"] = [d if a == "latency" else "any" for a, d in zip(shown["axis"], shown["device"])]
         text = (f"# Pareto fronts ({quality} vs cost)\n\nNon-dominated configurations (mean over seeds) per "
                 "family; cost: realized KV bytes per token (axis kv) or decode ms per token on one device "
-                "(axis latency: the interleaved benchmark at its longest context, first seed's checkpoints)."
+                "(axis latency: the lockstep benchmark at its longest context, first seed's checkpoints)."
                 "\n\n" + to_markdown(shown.drop_duplicates()))
         if far is not None:
             rows = far[far["on_front"] & (far["axis"] == "kv")]

@@ -113,6 +113,8 @@ def read_bench(bench, table: pd.DataFrame | str | Path | None = None) -> pd.Data
                 "decode_ratio": ratio["decode_tokens_per_s"]["median"], "decode_ratio_cv": ratio["decode_tokens_per_s"]["cv"],
                 "prefill_ratio": ratio["prefill_ms"]["median"], "prefill_ratio_cv": ratio["prefill_ms"]["cv"],
                 "memory_ratio": ratio["peak_memory_bytes"]["median"], "memory_ratio_cv": ratio["peak_memory_bytes"]["cv"],
+                # relative standard error of the mean ratio (older JSONs: from cv and n)
+                "decode_ratio_se": _se_rel(ratio["decode_tokens_per_s"]), "prefill_ratio_se": _se_rel(ratio["prefill_ms"]),
             })
     out = pd.DataFrame(rows)
     if out.empty:
@@ -133,6 +135,10 @@ def read_bench(bench, table: pd.DataFrame | str | Path | None = None) -> pd.Data
                            ascending=[True, True, True, True, False], ignore_index=True)
 
 
+def _se_rel(ratio: dict) -> float:
+    return ratio["se_rel"] if "se_rel" in ratio else ratio["cv"] / math.sqrt(max(1, ratio["n"]))
+
+
 def _pct(value: float) -> str:
     return "–" if pd.isna(value) else f"{100 * value:.1f} %"
 
@@ -150,19 +156,24 @@ def perf_table(table: pd.DataFrame | str | Path, bench) -> tuple[pd.DataFrame, d
             "decode (tokens/s)": [f"{v:.1f}" for v in part["decode_tps"]],
             "decode × base": [f"{v:.3f}" for v in part["decode_ratio"]],
             "decode CV": [_pct(v) for v in part["decode_ratio_cv"]],
+            "decode SE": [_pct(v) for v in part["decode_ratio_se"]],
             "prefill (ms)": [f"{v:.2f}" for v in part["prefill_ms"]],
             "prefill × base": [f"{v:.3f}" for v in part["prefill_ratio"]],
             "prefill CV": [_pct(v) for v in part["prefill_ratio_cv"]],
+            "prefill SE": [_pct(v) for v in part["prefill_ratio_se"]],
             "peak memory (MiB)": [f"{v / 2**20:.2f}" for v in part["peak_memory_bytes"]],
             "memory × base": [f"{v:.3f}" for v in part["memory_ratio"]],
         })
         worst = float(part[["decode_ratio_cv", "prefill_ratio_cv"]].max().max())
+        worst_se = float(part["decode_ratio_se"].max())
         source = ", ".join(sorted(set(part["memory_source"])))
         texts[str(device)] = (
-            f"## {device}\n\nOne benchmark job per model, alone among the workflow's jobs: every method timed in alternation, "
-            f"{int(part['rounds'].max())} rounds of {int(part['new_tokens'].max())} new tokens; values are medians "
-            "over rounds, `× base` the median of each round's ratio to the base model in the same round, CV that "
-            f"ratio's coefficient of variation (largest here: {100 * worst:.1f} %). Peak memory: {source}.\n\n"
+            f"## {device}\n\nOne benchmark job per model, alone among the workflow's jobs: every method timed in lockstep "
+            f"with a base generation (decode steps in alternation), {int(part['new_tokens'].max())} new tokens a "
+            "generation; values are medians over rounds, `× base` the median ratio to the base sample of the same "
+            "pair, CV the per-pair ratio's coefficient of variation (largest here: "
+            f"{100 * worst:.1f} %), SE the relative standard error of the mean ratio, CV / √rounds (largest decode SE "
+            f"here: {100 * worst_se:.1f} %). Peak memory: {source}.\n\n"
             + to_markdown(shown.reset_index(drop=True)))
     return rows, texts
 
@@ -172,7 +183,7 @@ def write_perf(table: pd.DataFrame | str | Path, bench, *, csv: str | Path, md: 
     """Write the perf table (CSV, one Markdown with a section per device) and optionally its figure."""
     rows, texts = perf_table(table, bench)
     write_atomic(csv, rows.to_csv(index=False))
-    write_atomic(md, "# Costs per method, from the interleaved benchmark\n\n" + "\n".join(texts.values()))
+    write_atomic(md, "# Costs per method, from the lockstep benchmark\n\n" + "\n".join(texts.values()))
     if figure is not None:
         plot_perf(rows, figure)
     return rows
@@ -180,7 +191,7 @@ def write_perf(table: pd.DataFrame | str | Path, bench, *, csv: str | Path, md: 
 
 def plot_perf(rows: pd.DataFrame, out: str | Path) -> Path:
     """Decode throughput relative to the base model against realized KV bytes per token: one row of panels
-    per device x context, one panel per family; error bars one standard deviation of the per-round ratio."""
+    per device x context, one panel per family; error bars 1.96 relative standard errors of the mean ratio."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -201,7 +212,7 @@ def plot_perf(rows: pd.DataFrame, out: str | Path) -> Path:
             for method in sorted(part["method"].unique()):
                 pick = (part["method"] == method).to_numpy()
                 pts = part[pick]
-                ax.errorbar(kib[pick], pts["decode_ratio"], yerr=pts["decode_ratio"] * pts["decode_ratio_cv"],
+                ax.errorbar(kib[pick], pts["decode_ratio"], yerr=1.96 * pts["decode_ratio"] * pts["decode_ratio_se"],
                             color=method_style(method)[0], marker=method_style(method)[1], ls="none",
                             capsize=2, label=method_label(method))
             ax.axhline(1.0, color="grey", lw=0.8, ls="--")
@@ -212,7 +223,7 @@ def plot_perf(rows: pd.DataFrame, out: str | Path) -> Path:
             ax.grid(alpha=0.3)
     shared_legend(fig, axes.values())
     fig.suptitle("Decode throughput relative to the base model vs realized KV size\n"
-                 "(one interleaved benchmark job per model; median of per-round ratios ± 1 sd)")
+                 "(one benchmark job per model, each method in lockstep with the base; median ratio ± 1.96 SE)")
     return save_figure(fig, out, dpi=130)
 
 

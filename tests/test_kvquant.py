@@ -104,6 +104,30 @@ def test_live_bytes_equal_the_formula_whichever_way_tokens_arrive(bits, residual
         assert layer.keys.shape[-2] == (tokens % residual if residual else 0)
 
 
+@pytest.mark.parametrize("residual", [0, 5])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_reads_every_block_dequantized_and_the_window_in_full_precision(residual, dtype):
+    # what attention gets at every update, against the definition rebuilt from scratch: every quantized block
+    # so far dequantized (blocks quantized at this update still read in full precision), then the
+    # full-precision tokens; the cache keeps its dequantized past in reserved buffers, so pin it exactly
+    for chunks in ([23, 1, 1, 1, 1], [1] * 40, [7, 19, 1, 33]):  # the buffers grow past their first size
+        layer = QuantizedKVLayer(4, group_size=4, residual=residual)
+        gen = torch.Generator().manual_seed(1)
+        seen_k, seen_v = [], []
+        for n in chunks:
+            k, v = (torch.randn(2, 4, n, 8, generator=gen).to(dtype) for _ in range(2))
+            before = list(layer.blocks)
+            out_k, out_v = layer.update(k, v)
+            seen_k.append(k)
+            seen_v.append(v)
+            quantized = sum(b[0].shape[-2] for b in before)
+            want_k = torch.cat([layer._dequantize(b[0]) for b in before] + [torch.cat(seen_k, 2)[..., quantized:, :]], 2)
+            want_v = torch.cat([layer._dequantize(b[1]) for b in before] + [torch.cat(seen_v, 2)[..., quantized:, :]], 2)
+            assert torch.equal(out_k, want_k.to(dtype)) and torch.equal(out_v, want_v.to(dtype))
+        layer.reset()
+        assert layer._buf is None and layer._filled == 0 and layer._pending is None
+
+
 @pytest.mark.parametrize("name", ["kvquant", "kvquant+gqa"])
 def test_measured_equals_analytic_at_the_stated_context(name):
     """A run's measurement (prompt + generated tokens, as ``harness.orchestration.run.measure``) with a window."""

@@ -114,7 +114,8 @@ def paired_rounds(trials: Mapping[str, Callable[[StepClock | None], dict[str, fl
     alternation, so a ratio compares steps taken milliseconds apart. On this kind of machine the
     speed of a core wanders by 2x over tens of milliseconds, which no round-level interleaving
     cancels. Methods are visited in alternating order each round, and which of the pair prefills
-    first alternates too. ``trials[name](clock)`` returns one sample (``time_one``).
+    first alternates too. ``trials[name](clock)`` returns one sample (``time_one``; ``clock`` None = a lone
+    generation, as the warm-up runs).
     """
     from harness.measurement.generation import lockstep
 
@@ -123,9 +124,9 @@ def paired_rounds(trials: Mapping[str, Callable[[StepClock | None], dict[str, fl
     if REFERENCE not in trials:
         raise ValueError(f"the benchmark needs the {REFERENCE!r} method: ratios are taken against it")
     others = [name for name in trials if name != REFERENCE]
-    for name in others:
+    for name in trials:  # warm-up: each method's own generation, alone (its code paths and allocations)
         for _ in range(warmup):
-            lockstep([trials[REFERENCE], trials[name]], device)
+            trials[name](None)
     pairs: dict[str, list[tuple[dict[str, float], dict[str, float]]]] = {name: [] for name in trials}
     for rep in range(repeats):
         for name in (others if rep % 2 == 0 else others[::-1]):
