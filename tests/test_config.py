@@ -341,13 +341,26 @@ def test_grid_of_shipped_configs(tmp_path):
 def test_run_spec_holds_what_determines_the_run():
     cfg = load_config([DEFAULT])
     spec = run_spec(cfg, "opt__cpt__base__kv100__s0")
-    assert spec["model"] == {"name": "opt", "family": "opt", "size": "tiny", "pretrain": {"lr": 0.0005}}
+    assert spec["model"] == {"name": "opt", "family": "opt", "size": "tiny", "pretrain": {"lr": 0.0005},
+                             "cpt": {"lr": 0.0001}}
     assert spec["pretrain"] == {**cfg["pretrain"], "lr": 0.0005} and spec["tokenizer"] == cfg["tokenizer"]
     # only the eval keys a perplexity-only run reads (no instruct / zeroshot sections)
     assert spec["eval"] == {k: cfg["eval"][k] for k in ("text_set", "split", "seq_len", "batch_size", "max_tokens",
                                                          "longrange", "cache_chunk")}
     assert spec["seed"] == 0 and spec["budget"] == 1.0
-    assert spec["training"]["kind"] == "cpt" and spec["training"]["overrides"] == cfg["training"]["cpt"]["overrides"]
+    # the model's own CPT lr (models[].cpt) over the section's overrides; the rest of them as they are
+    assert spec["training"]["kind"] == "cpt"
+    assert spec["training"]["overrides"] == {**cfg["training"]["cpt"]["overrides"], "lr": 0.0001}
+    assert cfg["training"]["cpt"]["overrides"]["lr"] == 0.0005
+    assert run_spec(cfg, "llama3__cpt__gqa__kv50__s0")["training"]["overrides"]["lr"] == 0.0002
+    bare = copy.deepcopy(cfg)
+    del bare["models"][2]["cpt"]  # opt without its own: the section's lr
+    assert run_spec(bare, "opt__cpt__base__kv100__s0")["training"]["overrides"]["lr"] == 0.0005
+    for bad in ({"lr": 0}, {"lr": "fast"}, {"steps": 3}):
+        broken = copy.deepcopy(cfg)
+        broken["models"][2]["cpt"] = bad
+        with pytest.raises(ConfigError, match="models"):
+            validate_config(broken)
     assert spec["measure"] == cfg["measure"] and spec["evaluate"] == ["ppl"]
     # a hub model does not depend on the local pretraining recipe
     paper = load_config([DEFAULT, PAPER])

@@ -532,11 +532,13 @@ def training_spec(cfg: Mapping[str, Any], row: Mapping[str, Any]) -> dict:
     if row["training"] == "none":
         return {"kind": "none"}
     method, budget, params = architecture_of(row["method"], row["budget"], row["params"])
-    section = cfg["training"][row["training"]]
+    section = copy.deepcopy(cfg["training"][row["training"]])
+    if row["training"] == "cpt":  # the model's own CPT settings (models[].cpt) over the section's overrides
+        section["overrides"] = {**section["overrides"], **model_entry(cfg, row["model"]).get("cpt", {})}
     return {
         "kind": row["training"],
         "train_id": row["train_id"],
-        **copy.deepcopy(section),
+        **section,
         # the local copy of its data (null: the hub / cache; corpus and offline are built here)
         "dataset": copy.deepcopy(cfg["datasets"].get(section["data"])),
         "architecture": {"method": method, "budget": budget, "params": params},
