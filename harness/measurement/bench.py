@@ -180,7 +180,8 @@ def ratio_rows(pairs: Mapping[str, list[tuple[dict[str, float], dict[str, float]
 
 def run_bench(spec: Mapping[str, Any], out: str | Path, *, model_path: str | Path | None = None,
               corpus_dir: str | Path | None = None, code: str | None = None, threads: int = 1) -> dict:
-    """Build every run of ``spec["runs"]`` (one model), time them interleaved, write the JSON to ``out``."""
+    """Build every run of ``spec["runs"]`` (one model), time them against the base (:func:`paired_rounds`), write
+    the JSON to ``out``."""
     from harness.data.sets import load_eval_texts
     from harness.orchestration.provenance import device_info, resolve_device, utc_now
     from harness.orchestration.run import build
