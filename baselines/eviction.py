@@ -11,6 +11,11 @@ How it plugs into transformers 5.x (no patching of model code):
   hands them to the cache layer that was just updated, which scores its tokens
   and evicts down to the budget. Without an eviction cache the function is plain
   exact attention, so the switched model still trains and evaluates normally.
+  Probabilities are computed only for the queries the policy reads
+  (``EvictionPolicy.score_rows``: StreamingLLM none, TOVA the newest, SnapKV its
+  window, H2O all) when the chunk has no padding and no soft-capping; the output
+  then comes from SDPA, so a prompt prefill of those policies costs about what the
+  base model's does (no attention weights are returned on that path).
 * The layer reports the number of tokens *seen* as its sequence length (so
   positions and padding masks stay right) and asks transformers only for the
   mask of the current chunk; the mask over the kept past tokens is built from
@@ -81,6 +86,7 @@ from typing import Callable
 
 import torch
 from torch import nn
+import torch.nn.functional as F
 from transformers import AttentionInterface
 from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
@@ -238,11 +244,19 @@ class EvictionLayer(DynamicLayer):
         return visible
 
     def observe(self, probs: torch.Tensor, chunk_valid: torch.Tensor, position_ids: torch.Tensor | None) -> None:
-        """Take the chunk's attention probabilities ``[B, kv_heads, group, T, S]``, score and evict."""
+        """Take the chunk's attention probabilities ``[B, kv_heads, group, R, S]``, score and evict.
+
+        ``R``: the chunk's last ``R`` queries (all ``T`` of ``chunk_valid [B, T]``, or the policy's
+        :meth:`~baselines.policies.EvictionPolicy.score_rows` when the chunk has no padding).
+        """
         if not self.awaiting_attention:
             raise RuntimeError(f"eviction layer {self.layer_idx} got attention scores without an update")
         self.awaiting_attention = False
-        bsz, heads, _, length, total = probs.shape
+        bsz, heads, _, rows, total = probs.shape
+        length = chunk_valid.shape[-1]
+        if rows != length and (rows != self.policy.score_rows(length) or not bool(chunk_valid.all())):
+            raise ValueError(f"eviction layer {self.layer_idx} got {rows} of {length} query rows; the policy reads "
+                             f"{self.policy.score_rows(length)} (every row when the chunk has padding)")
         past = total - length
         policy = self.policy
         chunk_valid = chunk_valid.to(torch.bool)
@@ -256,7 +270,7 @@ class EvictionLayer(DynamicLayer):
             self.prompt_end = self.n_seen
             if length > 1:  # a prompt prefill, not token-by-token scoring
                 policy.check_prompt(int(chunk_valid.sum(-1).min()))
-        self.score = policy.update_scores(self.score, probs, chunk_valid)
+        self.score = policy.update_scores(self.score, probs, chunk_valid[:, length - rows:])
         self._evict(position_ids)
 
     def _evict(self, position_ids: torch.Tensor | None) -> None:
@@ -387,9 +401,19 @@ class PackedEvictionLayer(EvictionLayer):
 
 def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """Move RoPE-rotated ``keys`` ``[B, H, S, D]`` by ``delta`` ``[B, H, S]`` positions (Llama / Gemma half-split RoPE)."""
-    angles = delta.to(torch.float64)[..., None] * inv_freq.to(device=keys.device, dtype=torch.float64)
-    angles = torch.cat((angles, angles), dim=-1)
-    cos, sin = angles.cos(), angles.sin()
+    freq = inv_freq.to(device=keys.device, dtype=torch.float64)
+    lo, hi = (int(v) for v in torch.aminmax(delta))
+    if hi - lo + 1 < delta.numel():
+        # Few distinct shifts (StreamingLLM's steady state: 0 for the sinks, -1 for the rest): the cos / sin
+        # of each shift once, gathered per slot; the same float64 products, so the same values.
+        angles = torch.arange(lo, hi + 1, device=keys.device, dtype=torch.float64)[:, None] * freq
+        angles = torch.cat((angles, angles), dim=-1)
+        where = (delta - lo).long()
+        cos, sin = angles.cos()[where], angles.sin()[where]
+    else:
+        angles = delta.to(torch.float64)[..., None] * freq
+        angles = torch.cat((angles, angles), dim=-1)
+        cos, sin = angles.cos(), angles.sin()
     k = keys.to(torch.float64)
     half = k.shape[-1] // 2
     rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)
@@ -506,7 +530,24 @@ def eviction_attention(
     bsz = query.shape[0]
     chunk_mask = chunk_mask.expand(bsz, -1, -1, -1)
     chunk_valid = torch.diagonal(chunk_mask[:, 0], dim1=-2, dim2=-1)
+    past = key.shape[2] - length
     allowed = torch.cat([layer.past_visibility(length), chunk_mask.expand(-1, key.shape[1], -1, -1)], dim=-1)
+    rows = layer.policy.score_rows(length)
+    if rows < length and softcap is None and bool(chunk_valid.all()):
+        # The policy reads only the last `rows` queries' probabilities (StreamingLLM none, TOVA the newest,
+        # SnapKV its window): the output through SDPA, explicit probabilities for those rows alone. Every
+        # query sees itself (no padding), so no row is empty. Returns no attention weights.
+        heads_equal = past == 0 or key.shape[1] == 1 or bool((allowed == allowed[:, :1]).all())
+        mask = allowed[:, :1] if heads_equal else allowed.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+        output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+        if rows:
+            _, probs = grouped_attention(query[:, :, length - rows:], key, value, allowed[:, :, length - rows:],
+                                         scaling, softcap)
+        else:
+            probs = query.new_empty((bsz, key.shape[1], query.shape[1] // key.shape[1], 0, key.shape[2]),
+                                    dtype=torch.float32)
+        layer.observe(probs, chunk_valid, position_ids)
+        return output.transpose(1, 2).contiguous(), None
     output, probs = grouped_attention(query, key, value, allowed, scaling, softcap)
     layer.observe(probs, chunk_valid, position_ids)
     return output, probs.flatten(1, 2)

@@ -84,6 +84,14 @@ class EvictionPolicy:
     def check_prompt(self, shortest: int) -> None:
         """ValueError when a prefill's shortest prompt (``shortest`` real tokens) is too short for the policy."""
 
+    def score_rows(self, length: int) -> int:
+        """How many of a chunk's last queries :meth:`update_scores` reads, of ``length`` (the base: none).
+
+        An eviction cache may hand it the probabilities of those trailing rows only (and ``chunk_valid``
+        cut to them); a chunk with padding always gets every row.
+        """
+        return 0
+
     def update_scores(self, score: torch.Tensor, probs: torch.Tensor, chunk_valid: torch.Tensor) -> torch.Tensor:
         """Scores after one chunk's attention (the base: scores unchanged).
 
@@ -157,6 +165,9 @@ class H2O(EvictionPolicy):
 
     name = "h2o"
 
+    def score_rows(self, length: int) -> int:
+        return length  # every query's attention accumulates
+
     def update_scores(self, score, probs, chunk_valid):
         return score + self._weights(probs, chunk_valid).sum(dim=(2, 3))
 
@@ -203,6 +214,10 @@ class SnapKV(EvictionPolicy):
                 f"SnapKV observation window ({self.window} tokens) is longer than the prompt ({shortest} tokens)"
             )
 
+    def score_rows(self, length: int) -> int:
+        # the observation window; a prompt chunk (> 1 query) is pooled, so a cut chunk keeps at least 2 rows
+        return length if self.window < 2 else min(self.window, length)
+
     def update_scores(self, score, probs, chunk_valid):
         bsz, heads, _, length, total = probs.shape
         weights = self._weights(probs, chunk_valid)
@@ -223,6 +238,9 @@ class TOVA(EvictionPolicy):
     """The newest query's attention, averaged over heads; the lowest tokens go."""
 
     name = "tova"
+
+    def score_rows(self, length: int) -> int:
+        return min(1, length)  # the newest query
 
     def update_scores(self, score, probs, chunk_valid):
         bsz, heads, _, length, total = probs.shape

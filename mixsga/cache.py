@@ -546,6 +546,12 @@ class MixSGALayer(CacheLayerMixin):
             return []
         return [self.index_buf[b, :n] for b, n in enumerate(self.ntok.tolist())]
 
+    def sample_index(self, sample: int) -> torch.Tensor:
+        """One sample's ``index`` entry (a view), without building every sample's."""
+        if not self.is_initialized:
+            raise IndexError(f"sample {sample}: the layer stores nothing yet")
+        return self.index_buf[sample, : int(self.ntok[sample])]
+
     @property
     def stores(self) -> list[list[torch.Tensor]]:
         """Per sample and expert, the filled K/V ``[2, H_kv / g_e, n, d]`` (views into the buffers)."""
@@ -578,7 +584,7 @@ class MixSGALayer(CacheLayerMixin):
         (length = ``num_tokens(sample)``) or a 1-D tensor of token indices. Positions
         (``get_seq_length``) are unchanged, as for any token-eviction cache.
         """
-        idx = self.index[sample]
+        idx = self.sample_index(sample)
         n = idx.numel()
         keep = torch.as_tensor(keep, device=idx.device)
         if keep.dtype != torch.bool:
@@ -743,7 +749,7 @@ class MixSGALayer(CacheLayerMixin):
         """
         heads, nq, dim = query.shape
         query = query * scaling
-        idx = self.index[b]
+        idx = self.sample_index(b)
         counts = self.counts[b].tolist()
         logits, values, masks, where = [], [], [], []
         for e in self.experts:
@@ -834,7 +840,7 @@ class MixSGACache(Cache):
 
     def expert_index(self, layer_idx: int, sample: int = 0) -> torch.Tensor:
         """The per-token expert index of one layer and sample, in token order (uint8)."""
-        return self.layers[layer_idx].index[sample]
+        return self.layers[layer_idx].sample_index(sample)
 
     def keep_tokens(self, keep: torch.Tensor, layer_idx: int | None = None, sample: int = 0) -> None:
         """Drop tokens from every expert store (all layers, or one): see ``MixSGALayer.keep_tokens``."""

@@ -140,9 +140,14 @@ class MixSGAEvictionCache(MixSGACache):
     @staticmethod
     def token_costs(layer: MixSGALayer) -> torch.Tensor:
         """Bytes one token costs in each expert of ``layer``: pooled K and V plus its index entry, ``[E]``."""
+        key = (layer.dtype, layer.device)  # built once per layer and storage: called per sample and step
+        cached = getattr(layer, "_token_costs", None)
+        if cached is not None and cached[0] == key:
+            return cached[1]
         unit = 2 * layer.head_dim * dtype_bytes(layer.dtype)
         costs = [unit * (layer.num_kv_heads // g) + INDEX_DTYPE.itemsize for g in layer.group_sizes]
-        return torch.tensor(costs, dtype=torch.long, device=layer.device)
+        layer._token_costs = (key, torch.tensor(costs, dtype=torch.long, device=layer.device))
+        return layer._token_costs[1]
 
     def _state(self, layer: MixSGALayer, b: int) -> SampleState:
         states = self.states[layer.layer_idx]
@@ -154,7 +159,7 @@ class MixSGAEvictionCache(MixSGACache):
     def _observe(self, layer: MixSGALayer, b: int, probs: torch.Tensor) -> None:
         """Score sample ``b``'s tokens with this chunk's ``probs`` ``[H_q, q, n]`` and evict to the budget."""
         policy, st = self.policy, self._state(layer, b)
-        idx = layer.index[b]
+        idx = layer.sample_index(b)
         n, q = idx.numel(), probs.shape[1]
         device = idx.device
         new = torch.arange(st.seen, st.seen + q, device=device)
@@ -199,7 +204,7 @@ class MixSGAEvictionCache(MixSGACache):
         delta = target - st.rope_pos
         if not bool(delta.any()):
             return
-        idx, row = layer.index[b], layer.stores[b]
+        idx, row = layer.sample_index(b), layer.stores[b]
         for e in layer.experts:
             store = row[e]
             if store.shape[2] == 0:

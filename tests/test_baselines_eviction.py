@@ -239,3 +239,52 @@ def test_cache_without_eviction_attention_fails_loudly():
     cache = EvictionCache(model.config, EvictionPolicy("h2o", 0.5))
     with pytest.raises(RuntimeError, match="kv_eviction"):
         model(ids, past_key_values=cache, use_cache=True)
+
+
+@pytest.mark.parametrize("family", ("llama", "opt"))
+@pytest.mark.parametrize("method", ("streamingllm", "snapkv", "tova", "h2o"))
+def test_probabilities_of_the_rows_a_policy_reads_give_what_every_row_gives(family, method, monkeypatch):
+    # An unpadded chunk computes its output through SDPA and explicit probabilities only for the
+    # rows the policy reads (EvictionPolicy.score_rows); forcing every row must change nothing.
+    from baselines.policies import POLICIES
+
+    model = tiny_model(family)
+    ids = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(1))
+    policy = EvictionPolicy(method, 0.4, window=6)
+    assert policy.score_rows(40) == {"streamingllm": 0, "snapkv": 6, "tova": 1, "h2o": 40}[method]
+
+    def run():
+        cache = eviction_cache_factory(model, policy)()
+        out = model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=cache,
+                             output_scores=True, return_dict_in_generate=True)
+        return out, cache
+
+    fast, fast_cache = run()
+    monkeypatch.setattr(POLICIES[method], "score_rows", lambda self, length: length)
+    full, full_cache = run()
+    assert torch.equal(fast.sequences, full.sequences)
+    for a, b in zip(fast.scores, full.scores):
+        assert torch.allclose(a, b, atol=1e-5)
+    for a, b in zip(fast_cache.layers, full_cache.layers):
+        assert torch.equal(a.slots, b.slots) and torch.equal(a.valid, b.valid)
+        assert torch.allclose(a.score, b.score, atol=1e-6) and torch.allclose(a.keys, b.keys, atol=1e-5)
+
+
+def test_rotate_keys_gives_the_same_values_with_few_distinct_shifts():
+    from baselines.eviction import rotate_keys
+
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(2, 3, 50, 8, generator=gen)
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, 8, 2, dtype=torch.float32) / 8))
+
+    def direct(delta):  # the rotation written out, every slot's angles computed
+        angles = delta.to(torch.float64)[..., None] * inv_freq.to(torch.float64)
+        angles = torch.cat((angles, angles), dim=-1)
+        k = keys.to(torch.float64)
+        rotated = torch.cat((-k[..., 4:], k[..., :4]), dim=-1)
+        return (k * angles.cos() + rotated * angles.sin()).to(keys.dtype)
+
+    few = torch.where(torch.arange(50) < 4, 0, -1).expand(2, 3, 50)  # StreamingLLM's steady state
+    many = torch.randint(-400, 400, (2, 3, 50), generator=gen)
+    for delta in (few, many, torch.full((2, 3, 50), 7)):
+        assert torch.equal(rotate_keys(keys, delta, inv_freq), direct(delta))

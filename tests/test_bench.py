@@ -212,12 +212,13 @@ def test_benchmark_job_writes_ratios_and_cvs_and_the_perf_table_reads_them(tiny,
     assert data["schema"] == 1 and data["model"] == "llama3" and data["family"] == "llama3" and data["seed"] == 1
     assert data["code"] == "abc" and data["device"].startswith("cpu: ") and data["reference"] == "base"
     assert data["protocol"]["contexts"] == [24, 40] and data["protocol"]["repeats"] == 5
+    assert data["protocol"]["group"] == spec["bench"]["group"] == 3  # the schema's default
     rows = data["rows"]
     assert len(rows) == 4 * 2 and {(r["method"], r["context_len"]) for r in rows} == {
         (m, n) for m in ("base", "gqa", "mixsga", "h2o") for n in (24, 40)}
     for row in rows:
-        # every round pairs each of the 3 other methods with a fresh base generation
-        n = 5 * 3 if row["method"] == "base" else 5
+        # every round runs the 3 other methods in groups of `group`, each beside a fresh base generation
+        n = 5 * -(-3 // spec["bench"]["group"]) if row["method"] == "base" else 5
         for metric in ("prefill_ms", "decode_tokens_per_s", "peak_memory_bytes"):
             assert row[metric]["n"] == n and row[metric]["p50"] > 0 and 0 <= row[metric]["cv"] < 10
             ratio = row[f"{metric}_ratio"]
@@ -258,3 +259,38 @@ def test_a_grid_without_base_is_timed_against_the_untrained_base_model():
     assert spec["runs"][0] == {"run_id": None, "method": "base", "budget": 1.0, "params": {},
                                "training": {"kind": "none"}, "trained": None}
     assert spec["runs"][1]["trained"].startswith("work/trained/llama3__cpt__gqa")
+
+
+def test_paired_rounds_share_one_reference_generation_per_group(monkeypatch):
+    import harness.measurement.generation as generation
+    from harness.measurement.bench import paired_rounds
+
+    calls = []
+
+    def fake_lockstep(runs, device="cpu"):
+        calls.append([run.__name__ for run in runs])
+        return [{"call": len(calls), "who": run.__name__} for run in runs]
+
+    monkeypatch.setattr(generation, "lockstep", fake_lockstep)
+
+    def trial(name):
+        def run(clock):
+            return {"warm": name}
+        run.__name__ = name
+        return run
+
+    names = ["base", "a", "b", "c", "d", "e"]
+    pairs = paired_rounds({n: trial(n) for n in names}, repeats=2, warmup=0, group=3)
+    # round 0: base first, then a group of 3; round 1: reversed order, base last
+    assert calls == [["base", "a", "b", "c"], ["base", "d", "e"], ["e", "d", "c", "base"], ["b", "a", "base"]]
+    for name in "abcde":
+        assert len(pairs[name]) == 2
+        for got, ref in pairs[name]:  # each ratio is to the reference sample of its own lockstep call
+            assert got["who"] == name and ref["who"] == "base" and ref["call"] == got["call"]
+    assert len(pairs["base"]) == 4  # one entry per group
+    assert calls[:2] == [["base", "a", "b", "c"], ["base", "d", "e"]]
+    calls.clear()
+    paired_rounds({n: trial(n) for n in names[:3]}, repeats=1, warmup=0)  # group 1: a base generation each
+    assert calls == [["base", "a"], ["base", "b"]]
+    with pytest.raises(ValueError, match="group"):
+        paired_rounds({n: trial(n) for n in names}, repeats=1, warmup=0, group=0)

@@ -3,9 +3,9 @@
 ``python -m harness.measurement.bench --spec JSON --out PATH`` builds every listed run of one
 model (its trained checkpoint through ``Method.load_trained``, as the run job builds it:
 ``harness.orchestration.run.build``) and times each method *in lockstep* with the base model
-(:func:`paired_rounds`): per round, every method's generation runs beside a fresh base
-generation, prefill after prefill, then one decode step of each in alternation
-(``harness.measurement.generation.lockstep``). One sample is one generation of ``new_tokens``
+(:func:`paired_rounds`): per round, the methods' generations run in groups of ``perf.group``,
+each group beside one fresh base generation, prefill after prefill, then one decode step of
+each in turn (``harness.measurement.generation.lockstep``). One sample is one generation of ``new_tokens``
 (``generate_exactly``) timed from inside by a step clock that runs only while its generation
 holds the turn: prefill = to the first token's logits, decode tokens/s = the ``new_tokens - 1``
 tokens produced from the cache over their summed step times. Why lockstep: on a shared 2-core
@@ -14,7 +14,7 @@ decode steps run at 3 ms, then 7 ms), so two methods timed even one generation a
 by 20-35 %; steps timed milliseconds apart see the same machine.
 
 The output reports, per method and context, the raw summaries with their coefficients of
-variation and the ratios to the base sample *of the same pair*: the median of the per-round
+variation and the ratios to the base sample *of the same lockstep group*: the median of the per-round
 ratios, their CV and the relative standard error of their mean (``se_rel``). Peak memory per method is its
 weights plus, on a GPU, the allocator peak above the phase's start; on a CPU, where the process'
 memory is shared by every model loaded here, plus the live K/V bytes of the decode cache
@@ -44,6 +44,8 @@ from harness.measurement.measure import summarise
 SCHEMA = 1
 #: The method every ratio is taken against.
 REFERENCE = "base"
+#: Tokens a warm-up generation produces (its prefill and cached steps run each code path once; untimed).
+WARMUP_TOKENS = 4
 
 
 def log(message: str) -> None:
@@ -106,21 +108,27 @@ def time_one(model, method, params, prompt: torch.Tensor, new_tokens: int, devic
 
 
 def paired_rounds(trials: Mapping[str, Callable[[StepClock | None], dict[str, float]]], *, repeats: int,
-                  warmup: int = 1, device: str = "cpu") -> dict[str, list[tuple[dict[str, float], dict[str, float]]]]:
+                  warmup: int = 1, device: str = "cpu",
+                  group: int = 1) -> dict[str, list[tuple[dict[str, float], dict[str, float]]]]:
     """Every method timed in lockstep with the reference: ``{name: [(sample, reference sample), ...]}``.
 
-    Each round pairs every other method with a fresh reference generation; the pair runs through
-    :func:`~harness.measurement.generation.lockstep`, prefill after prefill, then decode steps in
-    alternation, so a ratio compares steps taken milliseconds apart. On this kind of machine the
-    speed of a core wanders by 2x over tens of milliseconds, which no round-level interleaving
-    cancels. Methods are visited in alternating order each round, and which of the pair prefills
-    first alternates too. ``trials[name](clock)`` returns one sample (``time_one``; ``clock`` None = a lone
-    generation, as the warm-up runs).
+    Each round splits the other methods into groups of ``group`` and runs each group beside one
+    fresh reference generation through :func:`~harness.measurement.generation.lockstep`: prefills
+    one after the other, then one decode step of each in turn, so a ratio compares steps taken
+    milliseconds apart. On this kind of machine the speed of a core wanders by 2x over tens of
+    milliseconds, which no round-level interleaving cancels. ``group`` > 1 shares one reference
+    generation among that many methods (fewer reference generations, at ``group + 1`` steps a
+    turn instead of 2). Methods are visited in alternating order each round, and whether the
+    reference prefills first or last alternates too. ``trials[name](clock)`` returns one sample
+    (``time_one``; ``clock`` None = a lone generation, as the warm-up runs). The reference's own
+    list holds one (sample, sample) entry per group.
     """
     from harness.measurement.generation import lockstep
 
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats!r}")
+    if group < 1:
+        raise ValueError(f"group must be >= 1, got {group!r}")
     if REFERENCE not in trials:
         raise ValueError(f"the benchmark needs the {REFERENCE!r} method: ratios are taken against it")
     others = [name for name in trials if name != REFERENCE]
@@ -129,10 +137,13 @@ def paired_rounds(trials: Mapping[str, Callable[[StepClock | None], dict[str, fl
             trials[name](None)
     pairs: dict[str, list[tuple[dict[str, float], dict[str, float]]]] = {name: [] for name in trials}
     for rep in range(repeats):
-        for name in (others if rep % 2 == 0 else others[::-1]):
-            first, second = (REFERENCE, name) if rep % 2 == 0 else (name, REFERENCE)
-            got = dict(zip((first, second), lockstep([trials[first], trials[second]], device)))
-            pairs[name].append((got[name], got[REFERENCE]))
+        order = others if rep % 2 == 0 else others[::-1]
+        for start in range(0, len(order), group):
+            chunk = order[start:start + group]
+            names = [REFERENCE, *chunk] if rep % 2 == 0 else [*chunk, REFERENCE]
+            got = dict(zip(names, lockstep([trials[n] for n in names], device)))
+            for name in chunk:
+                pairs[name].append((got[name], got[REFERENCE]))
             pairs[REFERENCE].append((got[REFERENCE], got[REFERENCE]))
     return pairs
 
@@ -218,9 +229,13 @@ def run_bench(spec: Mapping[str, Any], out: str | Path, *, model_path: str | Pat
     for n in contexts:
         prompt = prompt_ids(tokenizer, texts, n).to(device)
         log(f"{spec['model']['name']}: {len(models)} methods at context {n}, {bench['repeats']} rounds")
-        trials = {key: (lambda clock, b=b: time_one(b.model, b.method, b.params, prompt, new_tokens, device, clock))
+        # clock None is the warm-up, a lone generation: prefill and a few cached steps warm every code path
+        trials = {key: (lambda clock, b=b: time_one(b.model, b.method, b.params, prompt,
+                                                    new_tokens if clock is not None else min(new_tokens, WARMUP_TOKENS),
+                                                    device, clock))
                   for key, b in models.items()}
-        pairs = paired_rounds(trials, repeats=int(bench["repeats"]), warmup=int(bench["warmup"]), device=device)
+        pairs = paired_rounds(trials, repeats=int(bench["repeats"]), warmup=int(bench["warmup"]), device=device,
+                              group=int(bench.get("group", 1)))
         rows += ratio_rows(pairs, entries, context_len=n, new_tokens=new_tokens, device_type=device_type)
     info = device_info(device)
     result = {
@@ -232,10 +247,11 @@ def run_bench(spec: Mapping[str, Any], out: str | Path, *, model_path: str | Pat
         "threads": int(threads),
         "reference": REFERENCE,
         "protocol": {"contexts": contexts, "new_tokens": new_tokens, "repeats": int(bench["repeats"]),
-                     "warmup": int(bench["warmup"]),
-                     "order": "each method in lockstep with a reference generation (prefill, prefill, then "
-                              "decode steps in alternation); methods in alternating order each round",
-                     "ratio": "median over rounds of method / the reference sample of the same lockstep pair"},
+                     "warmup": int(bench["warmup"]), "group": int(bench.get("group", 1)),
+                     "order": "each group of `group` methods in lockstep with one reference generation (prefills "
+                              "one after the other, then one decode step of each in turn); methods in "
+                              "alternating order each round",
+                     "ratio": "median over rounds of method / the reference sample of the same lockstep group"},
         "code": code,
         "started_at": started,
         "wall_time_s": time.perf_counter() - t0,
