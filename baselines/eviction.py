@@ -403,17 +403,15 @@ def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor)
     """Move RoPE-rotated ``keys`` ``[B, H, S, D]`` by ``delta`` ``[B, H, S]`` positions (Llama / Gemma half-split RoPE)."""
     freq = inv_freq.to(device=keys.device, dtype=torch.float64)
     lo, hi = (int(v) for v in torch.aminmax(delta))
-    if hi - lo + 1 < delta.numel():
-        # Few distinct shifts (StreamingLLM's steady state: 0 for the sinks, -1 for the rest): the cos / sin
-        # of each shift once, gathered per slot; the same float64 products, so the same values.
-        angles = torch.arange(lo, hi + 1, device=keys.device, dtype=torch.float64)[:, None] * freq
-        angles = torch.cat((angles, angles), dim=-1)
-        where = (delta - lo).long()
-        cos, sin = angles.cos()[where], angles.sin()[where]
-    else:
-        angles = delta.to(torch.float64)[..., None] * freq
-        angles = torch.cat((angles, angles), dim=-1)
-        cos, sin = angles.cos(), angles.sin()
+    # Few distinct shifts (StreamingLLM's steady state: 0 for the sinks, -1 for the rest): the cos / sin of
+    # each shift once, gathered per slot; the same float64 products, so the same values.
+    few = hi - lo + 1 < delta.numel()
+    shifts = torch.arange(lo, hi + 1, device=keys.device, dtype=torch.float64) if few else delta.to(torch.float64)
+    angles = shifts[..., None] * freq
+    angles = torch.cat((angles, angles), dim=-1)
+    cos, sin = angles.cos(), angles.sin()
+    if few:
+        cos, sin = cos[delta - lo], sin[delta - lo]
     k = keys.to(torch.float64)
     half = k.shape[-1] // 2
     rotated = torch.cat((-k[..., half:], k[..., :half]), dim=-1)

@@ -46,6 +46,7 @@ reordered (beam search).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
@@ -81,6 +82,14 @@ class SampleState:
     seen_bytes: int = 0  # bytes the plain mixSGA cache would hold for them (sliding layer: the window's)
     prompt_end: int | None = None
     recent: torch.Tensor | None = None  # sliding layer: costs of the last W - 1 tokens seen, oldest first
+
+
+@functools.lru_cache(maxsize=64)  # read per sample, layer and step: built once per layer shape and storage
+def _token_costs(head_dim: int, kv_heads: int, group_sizes: tuple[int, ...], dtype: torch.dtype,
+                 device: torch.device) -> torch.Tensor:
+    unit = 2 * head_dim * dtype_bytes(dtype)
+    costs = [unit * (kv_heads // g) + INDEX_DTYPE.itemsize for g in group_sizes]
+    return torch.tensor(costs, dtype=torch.long, device=device)
 
 
 def keep_within_bytes(rank: torch.Tensor, valid: torch.Tensor, cost: torch.Tensor, budget: int) -> torch.Tensor:
@@ -140,14 +149,7 @@ class MixSGAEvictionCache(MixSGACache):
     @staticmethod
     def token_costs(layer: MixSGALayer) -> torch.Tensor:
         """Bytes one token costs in each expert of ``layer``: pooled K and V plus its index entry, ``[E]``."""
-        key = (layer.dtype, layer.device)  # built once per layer and storage: called per sample and step
-        cached = getattr(layer, "_token_costs", None)
-        if cached is not None and cached[0] == key:
-            return cached[1]
-        unit = 2 * layer.head_dim * dtype_bytes(layer.dtype)
-        costs = [unit * (layer.num_kv_heads // g) + INDEX_DTYPE.itemsize for g in layer.group_sizes]
-        layer._token_costs = (key, torch.tensor(costs, dtype=torch.long, device=layer.device))
-        return layer._token_costs[1]
+        return _token_costs(layer.head_dim, layer.num_kv_heads, tuple(layer.group_sizes), layer.dtype, layer.device)
 
     def _state(self, layer: MixSGALayer, b: int) -> SampleState:
         states = self.states[layer.layer_idx]

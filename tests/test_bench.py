@@ -288,7 +288,6 @@ def test_paired_rounds_share_one_reference_generation_per_group(monkeypatch):
         for got, ref in pairs[name]:  # each ratio is to the reference sample of its own lockstep call
             assert got["who"] == name and ref["who"] == "base" and ref["call"] == got["call"]
     assert len(pairs["base"]) == 4  # one entry per group
-    assert calls[:2] == [["base", "a", "b", "c"], ["base", "d", "e"]]
     calls.clear()
     paired_rounds({n: trial(n) for n in names[:3]}, repeats=1, warmup=0)  # group 1: a base generation each
     assert calls == [["base", "a"], ["base", "b"]]

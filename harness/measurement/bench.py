@@ -221,7 +221,7 @@ def run_bench(spec: Mapping[str, Any], out: str | Path, *, model_path: str | Pat
                         "params": built.params, "weights_bytes": weight_bytes(built.model)}
         built.base = None  # only the model under test stays in memory
     texts = load_eval_texts(spec["eval"], corpus_dir, spec.get("datasets"))
-    new_tokens = int(bench["new_tokens"])
+    new_tokens, group = int(bench["new_tokens"]), int(bench.get("group", 1))
     contexts = resolve_contexts(bench["context_lengths"], window=int(spec["window"]), positions=positions,
                                 new_tokens=new_tokens)
     device_type = torch.device(device).type
@@ -235,7 +235,7 @@ def run_bench(spec: Mapping[str, Any], out: str | Path, *, model_path: str | Pat
                                                     device, clock))
                   for key, b in models.items()}
         pairs = paired_rounds(trials, repeats=int(bench["repeats"]), warmup=int(bench["warmup"]), device=device,
-                              group=int(bench.get("group", 1)))
+                              group=group)
         rows += ratio_rows(pairs, entries, context_len=n, new_tokens=new_tokens, device_type=device_type)
     info = device_info(device)
     result = {
@@ -247,7 +247,7 @@ def run_bench(spec: Mapping[str, Any], out: str | Path, *, model_path: str | Pat
         "threads": int(threads),
         "reference": REFERENCE,
         "protocol": {"contexts": contexts, "new_tokens": new_tokens, "repeats": int(bench["repeats"]),
-                     "warmup": int(bench["warmup"]), "group": int(bench.get("group", 1)),
+                     "warmup": int(bench["warmup"]), "group": group,
                      "order": "each group of `group` methods in lockstep with one reference generation (prefills "
                               "one after the other, then one decode step of each in turn); methods in "
                               "alternating order each round",
