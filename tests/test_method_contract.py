@@ -21,6 +21,7 @@ import torch
 from baselines.testing import tiny_config, tiny_model
 from conftest import REPO_ROOT
 from harness.methods import SPECS, Method, get_method, get_spec
+from harness.methods.stacked import StackedSpec
 from harness.orchestration.config import ConfigError, validate_config
 
 NAMES = list(SPECS)
@@ -55,6 +56,15 @@ def test_specs_are_torch_free():
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     done = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+
+
+def test_methods_are_told_apart_in_figures():
+    # every figure colours by method: two methods sharing a colour read as one (stacked eviction
+    # takes its policy's colour on purpose and its inner method's marker, so the pair stays unique)
+    styles = {name: (spec.color, spec.marker) for name, spec in SPECS.items()}
+    assert len(set(styles.values())) == len(styles), styles
+    own = {name: spec.color for name, spec in SPECS.items() if not isinstance(spec, StackedSpec)}
+    assert len(set(own.values())) == len(own), own
 
 
 @pytest.mark.parametrize("name", NAMES)
