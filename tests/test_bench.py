@@ -293,3 +293,40 @@ def test_paired_rounds_share_one_reference_generation_per_group(monkeypatch):
     assert calls == [["base", "a"], ["base", "b"]]
     with pytest.raises(ValueError, match="group"):
         paired_rounds({n: trial(n) for n in names}, repeats=1, warmup=0, group=0)
+
+
+def test_bracketing_prefill_closes_each_group_and_interpolates_the_reference(monkeypatch):
+    import harness.measurement.generation as generation
+    from harness.measurement.bench import paired_rounds
+
+    calls = []
+
+    def fake_lockstep(runs, device="cpu"):
+        calls.append([run.__name__ for run in runs])
+        # the machine slows down steadily: each prefill of a group takes 10 % longer than its cost
+        return [{"who": run.__name__, "prefill_ms": run.cost * (1 + 0.1 * i), "decode_tokens_per_s": 1.0}
+                for i, run in enumerate(runs)]
+
+    monkeypatch.setattr(generation, "lockstep", fake_lockstep)
+
+    def trial(name, cost):
+        def run(clock):
+            return {}
+        run.__name__, run.cost = name, cost
+        return run
+
+    trials = {"base": trial("base", 100.0), "a": trial("a", 50.0), "b": trial("b", 50.0), "c": trial("c", 50.0)}
+    bracket = trial("bracket", 100.0)  # the reference's prefill alone
+    pairs = paired_rounds(trials, repeats=2, warmup=0, group=3, bracket=bracket)
+    # the reference generation at one end of each group, the bracketing prefill at the other
+    assert calls == [["base", "a", "b", "c", "bracket"], ["bracket", "c", "b", "a", "base"]]
+    for name in "abc":  # the drift cancels: every method's prefill is half its interpolated reference
+        assert [got["prefill_ms"] / ref["prefill_ms"] for got, ref in pairs[name]] == pytest.approx([0.5, 0.5])
+        assert all(got["who"] == name and ref["who"] == "base" for got, ref in pairs[name])
+    assert [r["prefill_ms"] for _, r in pairs["base"]] == pytest.approx([100.0, 140.0])  # its own samples: as timed
+    # without the bracket the same drift falls on the methods by their place in the group
+    calls.clear()
+    plain = paired_rounds(trials, repeats=1, warmup=0, group=3)
+    assert calls == [["base", "a", "b", "c"]]
+    assert [plain[n][0][0]["prefill_ms"] / plain[n][0][1]["prefill_ms"] for n in "abc"] == pytest.approx(
+        [0.55, 0.6, 0.65])

@@ -44,6 +44,8 @@ from harness.measurement.measure import summarise
 SCHEMA = 1
 #: The method every ratio is taken against.
 REFERENCE = "base"
+#: The key of the bracketing reference prefill in a lockstep group (no run id looks like it).
+_BRACKET = "<reference prefill>"
 #: Tokens a warm-up generation produces (its prefill and cached steps run each code path once; untimed).
 WARMUP_TOKENS = 4
 
@@ -100,16 +102,18 @@ def time_one(model, method, params, prompt: torch.Tensor, new_tokens: int, devic
     clock = (clock or StepClock(dev)).begin()
     out = generate_exactly(model, prompt, new_tokens, cache=cache, logits_processor=clock.processors())
     sample = {"prefill_ms": clock.first_token_seconds * 1000.0,
-              "decode_tokens_per_s": (new_tokens - 1) / clock.decode_seconds,
               "kv_live_bytes": float(method.live_bytes(cache if cache is not None else out.past_key_values))}
+    if new_tokens > 1:  # one token: a prefill alone (the bracketing reference prefill of paired_rounds)
+        sample["decode_tokens_per_s"] = (new_tokens - 1) / clock.decode_seconds
     if dev.type == "cuda":
         sample["phase_peak_bytes"] = float(torch.cuda.max_memory_allocated(dev) - start)
     return sample
 
 
 def paired_rounds(trials: Mapping[str, Callable[[StepClock | None], dict[str, float]]], *, repeats: int,
-                  warmup: int = 1, device: str = "cpu",
-                  group: int = 1) -> dict[str, list[tuple[dict[str, float], dict[str, float]]]]:
+                  warmup: int = 1, device: str = "cpu", group: int = 1,
+                  bracket: Callable[[StepClock], dict[str, float]] | None = None,
+                  ) -> dict[str, list[tuple[dict[str, float], dict[str, float]]]]:
     """Every method timed in lockstep with the reference: ``{name: [(sample, reference sample), ...]}``.
 
     Each round splits the other methods into groups of ``group`` and runs each group beside one
@@ -122,6 +126,13 @@ def paired_rounds(trials: Mapping[str, Callable[[StepClock | None], dict[str, fl
     reference prefills first or last alternates too. ``trials[name](clock)`` returns one sample
     (``time_one``; ``clock`` None = a lone generation, as the warm-up runs). The reference's own
     list holds one (sample, sample) entry per group.
+
+    ``bracket``: a reference prefill alone (``time_one`` of one token), run at the other end of
+    each group from the reference generation, so that the group's prefills sit between two
+    reference prefills. Each method's reference ``prefill_ms`` is then the linear interpolation
+    of the two at the method's place in the group: a prefill is one long call that lockstep
+    cannot interleave, and the machine's drift between the first and the last prefill of a group
+    would otherwise fall on the methods by their place.
     """
     from harness.measurement.generation import lockstep
 
@@ -140,11 +151,18 @@ def paired_rounds(trials: Mapping[str, Callable[[StepClock | None], dict[str, fl
         order = others if rep % 2 == 0 else others[::-1]
         for start in range(0, len(order), group):
             chunk = order[start:start + group]
-            names = [REFERENCE, *chunk] if rep % 2 == 0 else [*chunk, REFERENCE]
-            got = dict(zip(names, lockstep([trials[n] for n in names], device)))
+            tail = [_BRACKET] if bracket is not None else []
+            names = [REFERENCE, *chunk, *tail] if rep % 2 == 0 else [*tail, *chunk, REFERENCE]
+            got = dict(zip(names, lockstep([bracket if n == _BRACKET else trials[n] for n in names], device)))
+            ref = got[REFERENCE]
             for name in chunk:
-                pairs[name].append((got[name], got[REFERENCE]))
-            pairs[REFERENCE].append((got[REFERENCE], got[REFERENCE]))
+                paired_ref = ref
+                if bracket is not None:
+                    # the reference prefill interpolated to this method's place between the group's two
+                    at = abs(names.index(name) - names.index(REFERENCE)) / (len(names) - 1)
+                    paired_ref = {**ref, "prefill_ms": (1 - at) * ref["prefill_ms"] + at * got[_BRACKET]["prefill_ms"]}
+                pairs[name].append((got[name], paired_ref))
+            pairs[REFERENCE].append((ref, ref))
     return pairs
 
 
@@ -222,6 +240,7 @@ def run_bench(spec: Mapping[str, Any], out: str | Path, *, model_path: str | Pat
         built.base = None  # only the model under test stays in memory
     texts = load_eval_texts(spec["eval"], corpus_dir, spec.get("datasets"))
     new_tokens, group = int(bench["new_tokens"]), int(bench.get("group", 1))
+    bracketed = bool(bench.get("bracket", False))
     contexts = resolve_contexts(bench["context_lengths"], window=int(spec["window"]), positions=positions,
                                 new_tokens=new_tokens)
     device_type = torch.device(device).type
@@ -234,8 +253,11 @@ def run_bench(spec: Mapping[str, Any], out: str | Path, *, model_path: str | Pat
                                                     new_tokens if clock is not None else min(new_tokens, WARMUP_TOKENS),
                                                     device, clock))
                   for key, b in models.items()}
+        ref = models[REFERENCE]
+        bracket = (lambda clock, b=ref: time_one(b.model, b.method, b.params, prompt, 1, device, clock)) \
+            if bracketed else None
         pairs = paired_rounds(trials, repeats=int(bench["repeats"]), warmup=int(bench["warmup"]), device=device,
-                              group=group)
+                              group=group, bracket=bracket)
         rows += ratio_rows(pairs, entries, context_len=n, new_tokens=new_tokens, device_type=device_type)
     info = device_info(device)
     result = {
@@ -247,11 +269,14 @@ def run_bench(spec: Mapping[str, Any], out: str | Path, *, model_path: str | Pat
         "threads": int(threads),
         "reference": REFERENCE,
         "protocol": {"contexts": contexts, "new_tokens": new_tokens, "repeats": int(bench["repeats"]),
-                     "warmup": int(bench["warmup"]), "group": group,
+                     "warmup": int(bench["warmup"]), "group": group, "bracket": bracketed,
                      "order": "each group of `group` methods in lockstep with one reference generation (prefills "
                               "one after the other, then one decode step of each in turn); methods in "
-                              "alternating order each round",
-                     "ratio": "median over rounds of method / the reference sample of the same lockstep group"},
+                              "alternating order each round"
+                              + ("; a reference prefill alone closes each group's prefills" if bracketed else ""),
+                     "ratio": "median over rounds of method / the reference sample of the same lockstep group"
+                              + ("; prefill: to the reference prefill interpolated between the group's two at the "
+                                 "method's place" if bracketed else "")},
         "code": code,
         "started_at": started,
         "wall_time_s": time.perf_counter() - t0,
