@@ -5,7 +5,9 @@ model (its trained checkpoint through ``Method.load_trained``, as the run job bu
 ``harness.orchestration.run.build``) and times each method *in lockstep* with the base model
 (:func:`paired_rounds`): per round, the methods' generations run in groups of ``perf.group``,
 each group beside one fresh base generation, prefill after prefill, then one decode step of
-each in turn (``harness.measurement.generation.lockstep``). One sample is one generation of ``new_tokens``
+each in turn (``harness.measurement.generation.lockstep``); with ``perf.bracket`` a base prefill
+alone closes each group's prefills, and prefill ratios are to the two base prefills interpolated
+at the method's place. One sample is one generation of ``new_tokens``
 (``generate_exactly``) timed from inside by a step clock that runs only while its generation
 holds the turn: prefill = to the first token's logits, decode tokens/s = the ``new_tokens - 1``
 tokens produced from the cache over their summed step times. Why lockstep: on a shared 2-core
