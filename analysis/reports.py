@@ -151,6 +151,8 @@ def perf_table(table: pd.DataFrame | str | Path, bench) -> tuple[pd.DataFrame, d
     for device, part in rows.groupby("device", sort=True):
         shown = pd.DataFrame({
             "family": part["family"], "context": part["context_len"].astype(int), "method": part["method"],
+            # two runs of one method at one budget (e.g. mixSGA with a straight-through router) differ here
+            "variant": part["variant"].fillna("–"),
             "ratio": part["ratio"].fillna("–"),
             "budget": [f"{100 * b:g} %" if not pd.isna(b) else "–" for b in part["budget_nominal"]],
             "decode (tokens/s)": [f"{v:.1f}" for v in part["decode_tps"]],

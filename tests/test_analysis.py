@@ -364,6 +364,8 @@ def test_perf_reads_the_benchmark_and_never_mixes_devices(grid):
     assert gqa["decode_ratio"] == pytest.approx(1.2 / 1.0) and gqa["decode_ratio_cv"] == pytest.approx(0.0, abs=1e-12)
     assert gqa["decode_tps_cv"] > 0.05  # the drift is in the raw samples, not in the ratio
     assert "| 1.200 |" in texts["cpu: test cpu"] and "0.0 %" in texts["cpu: test cpu"]
+    # a variant column tells apart two runs of one method at one budget (e.g. a straight-through router)
+    assert "| family | context | method | variant | ratio |" in texts["cpu: test cpu"]
     # the runs' own timings are not read: a record's tokens/s never reaches the table
     assert not set(summary["decode_tps"]) & set(grid["decode_tps_mean"].dropna())
     with pytest.raises(ValueError, match="without a record"):

@@ -241,23 +241,24 @@ def run_bench(spec: Mapping[str, Any], out: str | Path, *, model_path: str | Pat
                         "params": built.params, "weights_bytes": weight_bytes(built.model)}
         built.base = None  # only the model under test stays in memory
     texts = load_eval_texts(spec["eval"], corpus_dir, spec.get("datasets"))
-    new_tokens, group = int(bench["new_tokens"]), int(bench.get("group", 1))
-    bracketed = bool(bench.get("bracket", False))
+    # group / bracket: the config schema's defaults are in cfg["perf"] already (bench_spec copies it)
+    new_tokens, group, bracketed = int(bench["new_tokens"]), int(bench["group"]), bool(bench["bracket"])
     contexts = resolve_contexts(bench["context_lengths"], window=int(spec["window"]), positions=positions,
                                 new_tokens=new_tokens)
     device_type = torch.device(device).type
+
+    def timed(b, prompt: torch.Tensor, tokens: int) -> Callable[[StepClock | None], dict[str, float]]:
+        """One generation of ``tokens`` by ``b``; clock None is the warm-up, a lone generation (prefill and
+        a few cached steps warm every code path)."""
+        return lambda clock: time_one(b.model, b.method, b.params, prompt,
+                                      tokens if clock is not None else min(tokens, WARMUP_TOKENS), device, clock)
+
     rows = []
     for n in contexts:
         prompt = prompt_ids(tokenizer, texts, n).to(device)
         log(f"{spec['model']['name']}: {len(models)} methods at context {n}, {bench['repeats']} rounds")
-        # clock None is the warm-up, a lone generation: prefill and a few cached steps warm every code path
-        trials = {key: (lambda clock, b=b: time_one(b.model, b.method, b.params, prompt,
-                                                    new_tokens if clock is not None else min(new_tokens, WARMUP_TOKENS),
-                                                    device, clock))
-                  for key, b in models.items()}
-        ref = models[REFERENCE]
-        bracket = (lambda clock, b=ref: time_one(b.model, b.method, b.params, prompt, 1, device, clock)) \
-            if bracketed else None
+        trials = {key: timed(b, prompt, new_tokens) for key, b in models.items()}
+        bracket = timed(models[REFERENCE], prompt, 1) if bracketed else None  # a reference prefill alone
         pairs = paired_rounds(trials, repeats=int(bench["repeats"]), warmup=int(bench["warmup"]), device=device,
                               group=group, bracket=bracket)
         rows += ratio_rows(pairs, entries, context_len=n, new_tokens=new_tokens, device_type=device_type)
