@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Sequence
 
+from harness.allocator import tune_allocator
+
 
 
 def _set_threads(threads: int) -> None:
@@ -282,6 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point; bad input exits with status 2 and a one-line reason instead of a traceback."""
     args = build_parser().parse_args(argv)
+    tune_allocator()  # before any model is built: freed host memory is reused, not page-faulted afresh
     try:
         args.func(args)
     except (ValueError, FileNotFoundError) as exc:

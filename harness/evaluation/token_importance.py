@@ -287,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--out", required=True, help="output JSON path")
     args = parser.parse_args(argv)
+    from harness.allocator import tune_allocator
+
+    tune_allocator()  # as every harness job (harness.allocator)
     result = figure1(args.model, text_set=args.text_set, text_path=args.text_path, split=args.split,
                      seq_tokens=args.seq_tokens, doc_index=args.doc_index, batch_size=args.batch_size,
                      device=args.device, dtype=args.dtype)

@@ -37,6 +37,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 
+from harness.allocator import allocator_settings, tune_allocator
 from harness.atomic import write_json_atomic
 from harness.measurement.footprint import prompt_ids
 from harness.measurement.generation import StepClock, generate_exactly
@@ -270,6 +271,7 @@ def run_bench(spec: Mapping[str, Any], out: str | Path, *, model_path: str | Pat
         "seed": int(spec["seed"]),
         "device": f"{info.get('type')}: {info.get('name')}",
         "threads": int(threads),
+        "allocator": allocator_settings(),
         "reference": REFERENCE,
         "protocol": {"contexts": contexts, "new_tokens": new_tokens, "repeats": int(bench["repeats"]),
                      "warmup": int(bench["warmup"]), "group": group, "bracket": bracketed,
@@ -301,6 +303,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--code", help="code hash of this job (recorded)")
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
+    tune_allocator()  # as every harness job (harness.allocator): prefills do not page-fault their memory afresh
     try:
         run_bench(json.loads(args.spec), args.out, model_path=args.model, corpus_dir=args.corpus, code=args.code,
                   threads=args.threads)

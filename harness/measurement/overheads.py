@@ -429,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output JSON path")
     args = parser.parse_args(argv)
+    from harness.allocator import tune_allocator
+
+    tune_allocator()  # as every harness job (harness.allocator)
     split = lambda text: tuple(s for s in text.split(",") if s)  # noqa: E731
     result = overheads(zoo=args.zoo or None, families=split(args.families), paper_models=split(args.paper_models),
                        time_paper_models=split(args.time_paper_models),

@@ -10,6 +10,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Mapping
 
+from harness.allocator import allocator_settings
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 #: Distributions whose versions can change a number in a record.
@@ -129,6 +131,7 @@ def collect_provenance(
         "hostname": socket.gethostname(),
         "device": device_info(device),
         "seed": int(seed),
+        "allocator": allocator_settings(),
         "dataset_fingerprint": dict(dataset_fingerprint) if dataset_fingerprint is not None else None,
         "started_at": started_at,
         "finished_at": finished_at or utc_now(),

@@ -130,6 +130,8 @@ RECORD_SCHEMA: dict = {
                     "seed": {"type": "integer", "minimum": 0},
                     "dataset_fingerprint": {"type": ["object", "null"]},
                     "code": {"type": ["string", "null"]},
+                    # glibc malloc settings the job ran with (harness.allocator); absent in older records
+                    "allocator": {"type": "object"},
                     "started_at": {"type": "string", "format": "date-time"},
                     "finished_at": {"type": "string", "format": "date-time"},
                 },
