@@ -158,6 +158,32 @@ def test_live_bytes_beyond_a_sliding_window_equal_the_analytic_bytes(name):
         assert live == base_kv_bytes(config, tokens, torch.float32) * ids.shape[0]
 
 
+_EVICTING = [n for n in NAMES  # token eviction on the base model (stacked and quantized caches count differently)
+             if get_spec(n).evicts and not get_spec(n).quantizes and not isinstance(get_spec(n), StackedSpec)]
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize("name", _EVICTING)
+def test_eviction_live_bytes_equal_the_analytic_bytes_when_keep_x_n_is_not_whole(name, family):
+    """``analytic_bytes`` counts what each layer really keeps, ``floor(keep x n)`` tokens, not ``keep x n``."""
+    from kvledger import base_kv_bytes
+
+    model = tiny_model(family, **({"sliding_window": WINDOW} if family == "gemma2" else {}))
+    config = copy.deepcopy(model.config)
+    method = get_method(name)
+    params = method.params_for_budget(config, 0.25)
+    model = method.apply(model, params).eval()
+    tokens = PROMPT + 3  # 0.25 x 43 = 10.75: every layer keeps 10 (a sliding one: floor(0.25 x (W - 1)))
+    ids = torch.randint(3, 97, (1, tokens - 1), generator=torch.Generator().manual_seed(0))
+    cache = method.new_cache(model, params)
+    with torch.no_grad():
+        out = model(ids, past_key_values=cache, use_cache=True)
+        model(out.logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)  # one decode step
+    analytic = method.analytic_bytes(config, params, tokens, torch.float32)
+    assert method.live_bytes(cache) == analytic
+    assert analytic < 0.25 * base_kv_bytes(config, tokens, torch.float32)
+
+
 @pytest.fixture(scope="module")
 def tokenizer(tiny_tokenizer):
     """A tokenizer to save beside the checkpoints (the loader reads one); its vocabulary is not the model's."""

@@ -90,7 +90,7 @@ class AdaKV(Redistributed):
     query_aware = True  # both allowed policies select by queries' attention
     default_knob = DEFAULT_ALPHA
 
-    def cache_hooks(self, model, params):
+    def cache_hooks(self, config, params):
         return {"heads": AdaptiveHeads(params["alpha"])}
 
 

@@ -113,6 +113,17 @@ class Eviction(Method):
 
         return float(params["keep"]) * full_kv_bytes_per_token(config, dtype)
 
+    def layer_budget(self, config, params):
+        """Tokens each layer keeps (``baselines.policies.UniformBudget`` API): ``floor(keep x`` what the base stores
+        there ``)``, the evicting cache's own default."""
+        from baselines.policies import UniformBudget
+        from kvledger import layer_windows
+
+        return UniformBudget(float(params["keep"]), windows=layer_windows(config))
+
+    def analytic_bytes(self, config, params, tokens, dtype="float32"):
+        return budget_bytes(config, self.layer_budget(config, params), tokens, dtype)
+
     def prepare(self, model, params):
         from baselines.eviction import enable_eviction_attention
 
@@ -132,6 +143,22 @@ class Eviction(Method):
 
 
 SPECS = tuple(EvictionSpec(name) for name in POLICY_STYLE)
+
+
+def budget_bytes(config, budget, tokens: int, dtype: Any = "float32") -> float:
+    """Exactly what an evicting cache holds for one sample of ``tokens`` tokens: per layer the tokens ``budget``
+    keeps there (``floor``ed, so a non-integer ``keep x n`` costs no fraction of a token), at the base model's
+    K/V bytes per token and layer. The budget's share of the base, ``keep``, is only what this tends to."""
+    import torch
+
+    from kvledger import full_kv_bytes_per_token, kv_shape
+
+    if int(tokens) <= 0:
+        raise ValueError(f"tokens must be positive, got {tokens!r}")
+    layers = kv_shape(config).num_layers
+    seen = torch.tensor([int(tokens)])
+    kept = sum(int(budget.tokens(layer, seen)) for layer in range(layers))
+    return float(kept * (full_kv_bytes_per_token(config, dtype) // layers))
 
 
 class RedistributedSpec(MethodSpec):
@@ -184,15 +211,23 @@ class Redistributed(Method):
         # the same total as uniform eviction at this keep, only redistributed
         return self.scorer(params).analytic_bytes_per_token(config, params["eviction"], dtype)
 
+    def analytic_bytes(self, config, params, tokens, dtype="float32"):
+        # layer-wise budgets (PyramidKV) count per layer; head-wise ones (AdaKV) keep the uniform layer total
+        budget = self.cache_hooks(config, params).get("budget")
+        if budget is None:
+            budget = self.scorer(params).layer_budget(config, params["eviction"])
+        return budget_bytes(config, budget, tokens, dtype)
+
     def prepare(self, model, params):
         return self.scorer(params).prepare(model, params["eviction"])
 
-    def cache_hooks(self, model, params: dict) -> dict:
-        """``budget=`` (layer-wise) and / or ``heads=`` (head-wise) hooks for the evicting cache."""
+    def cache_hooks(self, config, params: dict) -> dict:
+        """``budget=`` (layer-wise) and / or ``heads=`` (head-wise) hooks for the evicting cache of a ``config``'s
+        model."""
         raise NotImplementedError
 
     def new_cache(self, model, params):
-        return self.scorer(params).new_cache(model, params["eviction"], **self.cache_hooks(model, params))
+        return self.scorer(params).new_cache(model, params["eviction"], **self.cache_hooks(model.config, params))
 
     def live_bytes(self, cache) -> int:
         return int(cache.kv_bytes())

@@ -120,11 +120,11 @@ class PyramidKV(Redistributed):
 
     default_knob = DEFAULT_BETA
 
-    def cache_hooks(self, model, params):
+    def cache_hooks(self, config, params):
         from kvledger import kv_shape, layer_windows
 
-        keep, layers = float(params["eviction"]["keep"]), kv_shape(model.config).num_layers
-        return {"budget": PyramidBudget(keep, params["beta"], layers, windows=layer_windows(model.config))}
+        keep, layers = float(params["eviction"]["keep"]), kv_shape(config).num_layers
+        return {"budget": PyramidBudget(keep, params["beta"], layers, windows=layer_windows(config))}
 
 
 SPECS = (PyramidKVSpec(),)
