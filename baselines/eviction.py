@@ -98,7 +98,8 @@ from baselines.policies import METHODS, POLICIES, QUERY_AWARE, EqualHeads, Evict
 ATTENTION_NAME = "kv_eviction"
 __all__ = ["ATTENTION_NAME", "METHODS", "POLICIES", "QUERY_AWARE", "EvictionCache", "EvictionLayer", "EvictionPolicy",
            "UniformBudget", "capacity", "enable_eviction_attention", "eviction_cache_factory", "forward_in_chunks",
-           "grouped_attention", "rope_inv_freq", "rotate_keys", "EqualHeads", "PackedEvictionLayer"]
+           "grouped_attention", "rope_inv_freq", "rotate_keys", "EqualHeads", "PackedEvictionLayer",
+           "uniform_budget"]
 
 _PENDING = threading.local()
 
@@ -418,6 +419,12 @@ def rotate_keys(keys: torch.Tensor, delta: torch.Tensor, inv_freq: torch.Tensor)
     return (k * cos + rotated * sin).to(keys.dtype)
 
 
+def uniform_budget(config, keep: float) -> UniformBudget:
+    """A cache's default layer budgets: every layer of ``config``'s model keeps ``floor(keep x`` what the base stores
+    there ``)`` (a sliding-window layer: of its window's tokens)."""
+    return UniformBudget(keep, windows=layer_windows(config))
+
+
 class EvictionCache(Cache):
     """A cache of :class:`EvictionLayer` for every decoder layer of a model config.
 
@@ -431,7 +438,7 @@ class EvictionCache(Cache):
         layers = int(text.num_hidden_layers)
         types = getattr(text, "layer_types", None) or ["full_attention"] * layers
         window = getattr(text, "sliding_window", None)
-        budget = budget if budget is not None else UniformBudget(policy.keep, windows=layer_windows(text))
+        budget = budget if budget is not None else uniform_budget(config, policy.keep)
         heads = heads if heads is not None else EqualHeads()
         layer_class = PackedEvictionLayer if heads.ragged else EvictionLayer  # ragged heads are stored packed
         built = [

@@ -96,9 +96,9 @@ def _child(family: str, context: int, prefills: int, steps: int) -> dict:
     return result
 
 
-def _run_child(setting: str, args) -> dict:
+def _run_child(setting: str, family: str, args) -> dict:
     env = {**os.environ, "MIXSGA_MALLOC": "system" if setting == "system" else "tuned"}
-    cmd = [sys.executable, __file__, "--child", args.family_now, "--context", str(args.context),
+    cmd = [sys.executable, __file__, "--child", family, "--context", str(args.context),
            "--prefills", str(args.prefills), "--steps", str(args.steps)]
     out = subprocess.run(cmd, env=env, check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -114,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="results/bench/allocator.json")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.prefills < 2:
+        parser.error("--prefills must be >= 2 (the spread of single prefills needs two)")
     if args.child:
         print(json.dumps(_child(args.child, args.context, args.prefills, args.steps)))
         return 0
@@ -122,11 +124,10 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     families = {}
     for family in args.families.split(","):
-        args.family_now = family
         runs = {"system": [], "tuned": []}
         for p in range(args.pairs):
             for setting in (("system", "tuned") if p % 2 == 0 else ("tuned", "system")):
-                runs[setting].append(_run_child(setting, args))
+                runs[setting].append(_run_child(setting, family, args))
                 print(f"{family}: pair {p + 1}/{args.pairs} {setting} done", file=sys.stderr)
         rows = {}
         for name, _ in METHODS:
@@ -144,8 +145,8 @@ def main(argv: list[str] | None = None) -> int:
                           "seconds": {s: [m["seconds"] for m in got[s]] for s in got},
                           "identical_logits": same}
             print(f"{family} {name}: prefill {1e3 * med['system']:.1f} -> {1e3 * med['tuned']:.1f} ms "
-                  f"({med['tuned'] / med['system']:.3f}x), CV {100 * cv['system']:.1f} -> {100 * cv['tuned']:.1f} %, faults {faults['system']:.0f} -> {faults['tuned']:.0f}, "
-                  f"identical logits: {same}", file=sys.stderr)
+                  f"({med['tuned'] / med['system']:.3f}x), CV {100 * cv['system']:.1f} -> {100 * cv['tuned']:.1f} %, "
+                  f"faults {faults['system']:.0f} -> {faults['tuned']:.0f}, identical logits: {same}", file=sys.stderr)
         families[family] = {"rows": rows, "allocator": runs["tuned"][0]["allocator"]}
     import torch
 

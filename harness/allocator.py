@@ -5,9 +5,11 @@ By default glibc serves large blocks (above a dynamic threshold of 128 KiB to 32
 allocates large temporaries page-faults its memory afresh on every call. PyTorch's CPU allocator
 is glibc's ``malloc``, so this is what an explicit-attention prefill pays on every forward pass:
 measured at 1,024 tokens (``benchmarks/allocator.py``, ``results/bench/allocator.json``), 131,080
-minor page faults per H2O prefill of the tiny Llama 3 and 42 % of its time, and 17-25 % of every
-Gemma 2 prefill (eager soft-capped attention materialises its logits). Serving stacks avoid it (a caching allocator on CUDA; jemalloc / tcmalloc on CPU, as
-PyTorch's CPU performance guide recommends); we keep glibc and tell it to keep what it has:
+minor page faults per H2O prefill of the tiny Llama 3 and 42 % of its time, and 17-50 % of every
+Gemma 2 prefill (eager soft-capped attention materialises its logits). Inside the cost benchmark
+job the gain shows on Gemma 2's eviction prefills (``results/probe_perf_alloc/``). Serving stacks
+avoid it (a caching allocator on CUDA; jemalloc / tcmalloc on CPU, as PyTorch's CPU performance
+guide recommends); we keep glibc and tell it to keep what it has:
 no ``mmap`` for any size (``M_MMAP_MAX`` 0) and no trimming (``M_TRIM_THRESHOLD`` at its maximum),
 so memory freed by one forward pass is reused by the next. Results do not change (the same
 arithmetic on the same values); the resident set stays at the process's high-water mark.

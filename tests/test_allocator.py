@@ -29,8 +29,9 @@ assert tune_allocator() == applied  # idempotent
 torch.manual_seed(0)
 model = AutoModelForCausalLM.from_config(build_config("llama3", "tiny", VocabOnly(512, bos_token_id=2, eos_token_id=1)),
                                          dtype=torch.float32).eval()
-method = get_method("h2o")  # an explicit-attention prefill: 64 MiB of probabilities a layer, [1, 4, 4, 1024, 1024] float32,
+# an explicit-attention prefill: 64 MiB of probabilities a layer, [1, 4, 4, 1024, 1024] float32,
 # above the 32 MiB up to which glibc's default would stop mmap-ing blocks once freed
+method = get_method("h2o")
 params = method.params_for_budget(copy.deepcopy(model.config), 0.25)
 model = method.apply(model, params)
 ids = torch.randint(3, 512, (1, 1024), generator=torch.Generator().manual_seed(0))

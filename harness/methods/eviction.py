@@ -114,12 +114,10 @@ class Eviction(Method):
         return float(params["keep"]) * full_kv_bytes_per_token(config, dtype)
 
     def layer_budget(self, config, params):
-        """Tokens each layer keeps (``baselines.policies.UniformBudget`` API): ``floor(keep x`` what the base stores
-        there ``)``, the evicting cache's own default."""
-        from baselines.policies import UniformBudget
-        from kvledger import layer_windows
+        """Tokens each layer keeps (``baselines.policies.UniformBudget`` API): the evicting cache's own default."""
+        from baselines.eviction import uniform_budget
 
-        return UniformBudget(float(params["keep"]), windows=layer_windows(config))
+        return uniform_budget(config, float(params["keep"]))
 
     def analytic_bytes(self, config, params, tokens, dtype="float32"):
         return budget_bytes(config, self.layer_budget(config, params), tokens, dtype)
