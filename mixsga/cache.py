@@ -61,8 +61,11 @@ Token eviction can be stacked on top: ``MixSGACache.set_observer`` hands a polic
 each chunk's attention probabilities over the stored tokens in token order (prefill
 and decode), and ``MixSGACache.keep_tokens`` drops tokens from every expert store
 given a keep mask or keep indices in token order (``mixsga.eviction`` builds
-budgeted eviction on these two). Sliding-window decode after eviction counts the
-last W *kept* tokens.
+budgeted eviction on these two). A decode step can be observed for the whole batch
+at once (``MixSGALayer.batch_observer``: ``[B, H_q, N]`` token-order probabilities
+from one gather) and compacted at once (``MixSGALayer.keep_tokens_batch``: per expert
+one stable sort of the slots). Sliding-window decode after eviction counts the last
+W *kept* tokens.
 """
 
 from __future__ import annotations
@@ -137,6 +140,10 @@ class MixSGALayer(CacheLayerMixin):
         # of the sample's real chunk queries over its stored tokens in token order (set by
         # ``MixSGACache.set_observer``; token-eviction policies score tokens with it).
         self.observer = None
+        # Optional ``batch_observer(layer, probs)``: a whole decode step at once, ``probs``
+        # ``[B, H_q, N]`` in token order (zero past each sample's stored tokens; N >= every
+        # sample's count). Set beside ``observer``, it replaces the per-sample calls of a decode step.
+        self.batch_observer = None
         self.layer_idx = -1
         # CPU batch-1 fast path (module docstring): host copies of counts[0] and of the sample's
         # expert index (its length is ntok[0]), exact while not None; every other path that changes
@@ -607,6 +614,44 @@ class MixSGALayer(CacheLayerMixin):
         self.index_buf[sample, : kept_idx.numel()] = kept_idx
         self.ntok[sample] = kept_idx.numel()
 
+    def keep_tokens_batch(self, keep: torch.Tensor) -> None:
+        """``keep_tokens`` for every sample at once: ``keep`` ``[B, N]`` bool in token order.
+
+        ``N`` must cover every sample's stored tokens (columns past a sample's count are
+        ignored). On the device: per expert one stable sort moves each sample's kept slots
+        to the front of its store, in order; the host bounds stay upper bounds.
+        """
+        batch, width = keep.shape
+        if batch != self.batch_size or width < self._tok_bound:
+            raise ValueError(f"keep mask of shape {tuple(keep.shape)} does not cover the stores' "
+                             f"{self.batch_size} samples x {self._tok_bound} tokens")
+        self._exact = None
+        n = self._tok_bound
+        stored = torch.arange(n, device=self.device) < self.ntok[:, None]
+        keep = keep[:, :n] & stored
+        idx = self.index_buf[:, :n].long()
+        for e in self.experts:
+            lim = min(self._bound[e], self.buffers[e].shape[3])
+            if lim == 0:
+                continue
+            mine = (idx == e) & stored
+            slot = torch.where(mine, mine.long().cumsum(1) - 1, lim)  # the token's slot; others to a spare column
+            kept = torch.zeros((batch, lim + 1), dtype=torch.bool, device=self.device)
+            kept.scatter_(1, slot, keep & mine)
+            kept = kept[:, :lim]
+            order = torch.argsort((~kept).to(torch.uint8), dim=1, stable=True)  # kept slots first, in order
+            buf = self.buffers[e]
+            shape = (2, batch, buf.shape[2], lim, buf.shape[4])
+            buf[:, :, :, :lim].copy_(buf[:, :, :, :lim].gather(3, order.view(1, batch, 1, lim, 1).expand(shape)))
+            count = kept.sum(1)
+            filled = torch.arange(lim, device=self.device) < count[:, None]
+            bias = torch.zeros(filled.shape, dtype=self.dtype, device=self.device).masked_fill_(~filled, float("-inf"))
+            self.biases[e][:, :, :lim].copy_(bias[:, None, :].expand(batch, buf.shape[2], lim))
+            self.counts[:, e] = count
+        order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)
+        self.index_buf[:, :n].copy_(self.index_buf[:, :n].gather(1, order))
+        self.ntok.copy_(keep.sum(1))
+
     def num_tokens(self, sample: int = 0) -> int:
         return int(self.ntok[sample]) if self.is_initialized else 0
 
@@ -701,37 +746,48 @@ class MixSGALayer(CacheLayerMixin):
         keys = [self.buffers[e][0, :, :, : self._bound[e]] for e in experts]
         values = [self.buffers[e][1, :, :, : self._bound[e]] for e in experts]
         lengths = self.counts if len(experts) == len(self.group_sizes) else self.counts[:, experts]
+        active_starts = starts
         if starts is not None and len(experts) != len(self.group_sizes):
-            starts = starts[:, experts]
+            active_starts = starts[:, experts]
         if self.observer is None:
-            return decode_attention(query, keys, values, lengths, starts, scaling, softcap, self._backend,
+            return decode_attention(query, keys, values, lengths, active_starts, scaling, softcap, self._backend,
                                     empty_rows=False)
         probs: list[torch.Tensor] = []
-        out = decode_attention_torch(query, keys, values, lengths, starts, scaling, softcap, probs_out=probs)
+        out = decode_attention_torch(query, keys, values, lengths, active_starts, scaling, softcap, probs_out=probs)
         self._observe_step(probs[0], [k.shape[2] for k in keys], starts)
         return out
 
     def _observe_step(self, probs: torch.Tensor, widths: list[int], starts: torch.Tensor | None) -> None:
-        """Hand the observer each sample's decode probabilities re-ordered to token order."""
-        offsets = [0]
-        for w in widths:
-            offsets.append(offsets[-1] + w)
-        counts = self.counts.tolist()
-        first = starts.tolist() if starts is not None else None
-        for b, idx in enumerate(self.index):
-            cols, where = [], []
-            for i, e in enumerate(self.experts):
-                lo = first[b][e] if first is not None else 0
-                hi = counts[b][e]
-                if hi <= lo:
-                    continue
-                cols.append(torch.arange(offsets[i] + lo, offsets[i] + hi, device=probs.device))
-                pos = (idx == e).nonzero().squeeze(1)
-                where.append(pos[lo:hi])
-            full = probs.new_zeros(probs.shape[1], 1, idx.numel())
-            if cols:
-                full[:, 0, torch.cat(where)] = probs[b][:, torch.cat(cols)]
-            self.observer(self, b, full)
+        """Hand the observer the decode probabilities ``[B, H_q, sum(widths)]`` re-ordered to token order."""
+        full = self._token_order(probs, widths, starts)
+        if self.batch_observer is not None:
+            self.batch_observer(self, full)
+            return
+        for b, n in enumerate(self.ntok.tolist()):
+            self.observer(self, b, full[b, :, None, :n])
+
+    def _token_order(self, probs: torch.Tensor, widths: list[int], starts: torch.Tensor | None) -> torch.Tensor:
+        """``probs`` over the expert stores' slots (expert blocks of ``widths``) as ``[B, H_q, N]`` in token order.
+
+        One gather: token t of sample b (expert e, the s-th of e's tokens) reads column
+        ``offset_e + s``; zero past the sample's stored tokens and, on a sliding layer,
+        before the window (``starts``).
+        """
+        n = self._tok_bound
+        experts = len(self.group_sizes)
+        first, start = [0] * experts, 0
+        for e, w in zip(self.experts, widths):
+            first[e], start = start, start + w
+        offsets = torch.tensor(first, dtype=torch.long, device=probs.device)
+        idx = self.index_buf[:, :n].long()
+        stored = torch.arange(n, device=probs.device) < self.ntok[:, None]  # [B, N]
+        hot = (idx[..., None] == torch.arange(experts, device=probs.device)) & stored[..., None]  # [B, N, E]
+        slot = (hot.cumsum(1) - 1).gather(2, idx[..., None]).squeeze(2)  # s: the token's slot in its store
+        inside = stored if starts is None else stored & (slot >= starts.gather(1, idx))
+        col = torch.where(inside, offsets[idx] + slot, 0)
+        heads = probs.shape[1]
+        full = probs.gather(2, col[:, None, :].expand(-1, heads, -1))
+        return torch.where(inside[:, None, :], full, 0)
 
     def _attend_chunk(
         self,
