@@ -13,9 +13,10 @@ How it plugs into transformers 5.x (no patching of model code):
   exact attention, so the switched model still trains and evaluates normally.
   Probabilities are computed only for the queries the policy reads
   (``EvictionPolicy.score_rows``: StreamingLLM none, TOVA the newest, SnapKV its
-  window, H2O all) when a prompt chunk has no padding and no soft-capping; the output
-  then comes from SDPA, so a prompt prefill of those policies costs about what the
-  base model's does (no attention weights are returned on that path).
+  window, H2O all) when a prompt chunk has no padding; the output then comes from SDPA
+  (soft-capped logits, Gemma 2: from ``hfconvert.softcap_attention``, the base model's
+  own fused kernel), so a prompt prefill of those policies costs about what the base
+  model's does (no attention weights are returned on that path).
 * The layer reports the number of tokens *seen* as its sequence length (so
   positions and padding masks stay right) and asks transformers only for the
   mask of the current chunk; the mask over the kept past tokens is built from
@@ -92,6 +93,7 @@ from transformers.cache_utils import Cache, DynamicLayer
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
 from baselines.attention import decoder_layers
+from hfconvert.softcap_attention import softcap_attention_forward
 from kvledger import layer_windows
 from baselines.policies import METHODS, POLICIES, QUERY_AWARE, EqualHeads, EvictionPolicy, UniformBudget, capacity
 
@@ -538,15 +540,27 @@ def eviction_attention(
     past = key.shape[2] - length
     allowed = torch.cat([layer.past_visibility(length), chunk_mask.expand(-1, key.shape[1], -1, -1)], dim=-1)
     rows = layer.policy.score_rows(length)
-    if 1 < length and rows < length and softcap is None and bool(chunk_valid.all()):
+    fast = 1 < length and rows < length and bool(chunk_valid.all())
+    if fast:
+        heads_equal = past == 0 or key.shape[1] == 1 or bool((allowed == allowed[:, :1]).all())
+        fast = softcap is None or (heads_equal and query.dtype == torch.float32)  # one mask for the fused kernel
+    if fast:
         # A prompt chunk whose policy reads only the last `rows` queries' probabilities (StreamingLLM none,
         # TOVA the newest, SnapKV its window): the output through SDPA, explicit probabilities for those
-        # rows alone (2.3-3.9x faster prefill, benchmarks/eviction_rows.py). A one-query decode step gains
-        # nothing (measured: 0.95-0.99x for StreamingLLM), so it stays explicit. Every query sees itself
-        # (no padding), so no row is empty. Returns no attention weights.
-        heads_equal = past == 0 or key.shape[1] == 1 or bool((allowed == allowed[:, :1]).all())
-        mask = allowed[:, :1] if heads_equal else allowed.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
-        output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
+        # rows alone (2.3-3.9x faster prefill, benchmarks/eviction_rows.py). Soft-capped logits (Gemma 2)
+        # take the fused soft-capped attention instead of SDPA (hfconvert.softcap_attention, the function
+        # transformers' eager Gemma 2 attention computes). A one-query decode step gains nothing (measured:
+        # 0.95-0.99x for StreamingLLM), so it stays explicit. Every query sees itself (no padding), so no
+        # row is empty. Returns no attention weights.
+        if softcap is not None:
+            additive = torch.zeros(allowed[:, :1].shape, dtype=query.dtype, device=query.device)
+            additive.masked_fill_(~allowed[:, :1], torch.finfo(query.dtype).min)
+            output, _ = softcap_attention_forward(module, query, key, value, additive, scaling=scaling,
+                                                  softcap=softcap, sliding_window=sliding_window)
+            output = output.transpose(1, 2)  # back to [B, H, T, D], as SDPA's
+        else:
+            mask = allowed[:, :1] if heads_equal else allowed.repeat_interleave(query.shape[1] // key.shape[1], dim=1)
+            output = F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=True)
         if rows:
             _, probs = grouped_attention(query[:, :, length - rows:], key, value, allowed[:, :, length - rows:],
                                          scaling, softcap)

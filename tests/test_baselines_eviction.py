@@ -241,14 +241,17 @@ def test_cache_without_eviction_attention_fails_loudly():
         model(ids, past_key_values=cache, use_cache=True)
 
 
-@pytest.mark.parametrize("family", ("llama", "opt"))
+@pytest.mark.parametrize("family", ("llama", "opt", "gemma2"))
 @pytest.mark.parametrize("method", ("streamingllm", "snapkv", "tova", "h2o"))
 def test_probabilities_of_the_rows_a_policy_reads_give_what_every_row_gives(family, method, monkeypatch):
-    # An unpadded chunk computes its output through SDPA and explicit probabilities only for the
-    # rows the policy reads (EvictionPolicy.score_rows); forcing every row must change nothing.
+    # An unpadded chunk computes its output through SDPA (Gemma 2: the fused soft-capped attention) and
+    # explicit probabilities only for the rows the policy reads (EvictionPolicy.score_rows); forcing
+    # every row must change nothing. Gemma 2's tiny window (8) is shorter than the prompt.
     from baselines.policies import POLICIES
 
-    model = tiny_model(family)
+    model = tiny_model(family, **({"sliding_window": 8} if family == "gemma2" else {}))
+    if family == "gemma2":
+        assert model.config.attn_logit_softcapping and "sliding_attention" in model.config.layer_types
     ids = torch.randint(3, 97, (2, 40), generator=torch.Generator().manual_seed(1))
     policy = EvictionPolicy(method, 0.4, window=6)
     assert policy.score_rows(40) == {"streamingllm": 0, "snapkv": 6, "tova": 1, "h2o": 40}[method]
