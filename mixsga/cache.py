@@ -629,16 +629,11 @@ class MixSGALayer(CacheLayerMixin):
         n = self._tok_bound
         stored = torch.arange(n, device=self.device) < self.ntok[:, None]
         keep = keep[:, :n] & stored
-        idx = self.index_buf[:, :n].long()
         for e in self.experts:
-            lim = min(self._bound[e], self.buffers[e].shape[3])
+            kept = self.expert_slots(e, keep, stored)
+            lim = kept.shape[1]
             if lim == 0:
                 continue
-            mine = (idx == e) & stored
-            slot = torch.where(mine, mine.long().cumsum(1) - 1, lim)  # the token's slot; others to a spare column
-            kept = torch.zeros((batch, lim + 1), dtype=torch.bool, device=self.device)
-            kept.scatter_(1, slot, keep & mine)
-            kept = kept[:, :lim]
             order = torch.argsort((~kept).to(torch.uint8), dim=1, stable=True)  # kept slots first, in order
             buf = self.buffers[e]
             shape = (2, batch, buf.shape[2], lim, buf.shape[4])
@@ -651,6 +646,19 @@ class MixSGALayer(CacheLayerMixin):
         order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)
         self.index_buf[:, :n].copy_(self.index_buf[:, :n].gather(1, order))
         self.ntok.copy_(keep.sum(1))
+
+    def expert_slots(self, e: int, values: torch.Tensor, tokens: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
+        """Per-token ``values`` ``[b, N]`` (token order) moved to expert ``e``'s store slots, ``[b, lim]``.
+
+        ``tokens`` ``[b, N]`` marks the tokens to move (each sample's stored ones, or fewer);
+        slots no marked token of ``e`` fills hold zero. ``lim`` is the host bound of ``e``'s
+        fills; ``rows`` selects samples.
+        """
+        lim = min(self._bound[e], self.buffers[e].shape[3])
+        mine = (self.index_buf[rows, : values.shape[1]].long() == e) & tokens
+        slot = torch.where(mine, mine.long().cumsum(1) - 1, lim)  # the token's slot; others to a spare column
+        out = values.new_zeros((values.shape[0], lim + 1))
+        return out.scatter_(1, slot, torch.where(mine, values, values.new_zeros(())))[:, :lim]
 
     def num_tokens(self, sample: int = 0) -> int:
         return int(self.ntok[sample]) if self.is_initialized else 0

@@ -334,18 +334,12 @@ class MixSGAEvictionCache(MixSGACache):
         delta = torch.where(inside, target - st.rope_pos[rows, :width], 0)
         if not bool(delta.any()):
             return
-        idx = layer.index_buf[rows, :width].long()
         for e in layer.experts:
+            shift = layer.expert_slots(e, delta, inside, rows)
+            lim = shift.shape[1]
+            if lim == 0 or not bool(shift.any()):
+                continue
             buf = layer.buffers[e]
-            lim = min(layer._bound[e], buf.shape[3])
-            if lim == 0:
-                continue
-            mine = (idx == e) & inside
-            slot = torch.where(mine, mine.long().cumsum(1) - 1, lim)  # the token's slot; others to a spare column
-            shift = torch.zeros((delta.shape[0], lim + 1), dtype=torch.long, device=delta.device)
-            shift = shift.scatter_(1, slot, torch.where(mine, delta, 0))[:, :lim]
-            if not bool(shift.any()):
-                continue
             keys = buf[0, rows, :, :lim]
             buf[0, rows, :, :lim] = self.rotate(keys, shift[:, None, :].expand(-1, keys.shape[1], -1))
         st.rope_pos[rows, :width] = torch.where(inside, target, st.rope_pos[rows, :width])
