@@ -498,13 +498,8 @@ class MixSGALayer(CacheLayerMixin):
             lim = min(self._bound[e], cap)
             if lim == 0:
                 continue
-            slots = torch.arange(lim, device=self.device)
-            src = (slots + gone[:, e : e + 1]).clamp_max(cap - 1)  # [B, lim]
-            shape = (2, batch, buf.shape[2], lim, buf.shape[4])
-            buf[:, :, :, :lim].copy_(buf.gather(3, src.view(1, batch, 1, lim, 1).expand(shape)))
-            filled = slots < (self.counts[:, e] - gone[:, e])[:, None]
-            bias = torch.zeros(filled.shape, dtype=self.dtype, device=self.device).masked_fill_(~filled, float("-inf"))
-            self.biases[e][:, :, :lim].copy_(bias[:, None, :].expand(batch, buf.shape[2], lim))
+            src = (torch.arange(lim, device=self.device) + gone[:, e : e + 1]).clamp_max(cap - 1)  # [B, lim]
+            self._gather_slots(e, src, self.counts[:, e] - gone[:, e])
         self.counts -= gone
         cap = self.index_buf.shape[1]
         src = (torch.arange(n, device=self.device) + drop[:, None]).clamp_max(cap - 1)
@@ -614,12 +609,14 @@ class MixSGALayer(CacheLayerMixin):
         self.index_buf[sample, : kept_idx.numel()] = kept_idx
         self.ntok[sample] = kept_idx.numel()
 
-    def keep_tokens_batch(self, keep: torch.Tensor) -> None:
+    def keep_tokens_batch(self, keep: torch.Tensor) -> torch.Tensor:
         """``keep_tokens`` for every sample at once: ``keep`` ``[B, N]`` bool in token order.
 
         ``N`` must cover every sample's stored tokens (columns past a sample's count are
         ignored). On the device: per expert one stable sort moves each sample's kept slots
-        to the front of its store, in order; the host bounds stay upper bounds.
+        to the front of its store, in order; the host bounds stay upper bounds. Returns the
+        token-order permutation applied, ``[B, n]`` (kept tokens first, in order; ``n`` the
+        host bound of the stored tokens), for bookkeeping aligned with the index.
         """
         batch, width = keep.shape
         if batch != self.batch_size or width < self._tok_bound:
@@ -631,21 +628,26 @@ class MixSGALayer(CacheLayerMixin):
         keep = keep[:, :n] & stored
         for e in self.experts:
             kept = self.expert_slots(e, keep, stored)
-            lim = kept.shape[1]
-            if lim == 0:
+            if kept.shape[1] == 0:
                 continue
-            order = torch.argsort((~kept).to(torch.uint8), dim=1, stable=True)  # kept slots first, in order
-            buf = self.buffers[e]
-            shape = (2, batch, buf.shape[2], lim, buf.shape[4])
-            buf[:, :, :, :lim].copy_(buf[:, :, :, :lim].gather(3, order.view(1, batch, 1, lim, 1).expand(shape)))
             count = kept.sum(1)
-            filled = torch.arange(lim, device=self.device) < count[:, None]
-            bias = torch.zeros(filled.shape, dtype=self.dtype, device=self.device).masked_fill_(~filled, float("-inf"))
-            self.biases[e][:, :, :lim].copy_(bias[:, None, :].expand(batch, buf.shape[2], lim))
+            self._gather_slots(e, torch.argsort((~kept).to(torch.uint8), dim=1, stable=True), count)
             self.counts[:, e] = count
         order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)
         self.index_buf[:, :n].copy_(self.index_buf[:, :n].gather(1, order))
         self.ntok.copy_(keep.sum(1))
+        return order
+
+    def _gather_slots(self, e: int, src: torch.Tensor, count: torch.Tensor) -> None:
+        """Expert ``e``'s first ``lim`` slots of every sample read from its slots ``src`` ``[B, lim]``
+        (one gather, in place); slots ``[0, count[b])`` are marked filled, the rest empty."""
+        buf = self.buffers[e]
+        batch, lim = src.shape
+        shape = (2, batch, buf.shape[2], lim, buf.shape[4])
+        buf[:, :, :, :lim].copy_(buf.gather(3, src.view(1, batch, 1, lim, 1).expand(shape)))
+        filled = torch.arange(lim, device=self.device) < count[:, None]
+        bias = torch.zeros(filled.shape, dtype=self.dtype, device=self.device).masked_fill_(~filled, float("-inf"))
+        self.biases[e][:, :, :lim].copy_(bias[:, None, :].expand(batch, buf.shape[2], lim))
 
     def expert_slots(self, e: int, values: torch.Tensor, tokens: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         """Per-token ``values`` ``[b, N]`` (token order) moved to expert ``e``'s store slots, ``[b, lim]``.

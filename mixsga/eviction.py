@@ -314,8 +314,7 @@ class MixSGAEvictionCache(MixSGACache):
             st.score[:, :width] = score
             st.lens = ntok.clone()
         else:
-            layer.keep_tokens_batch(keep)
-            order = torch.argsort((~keep).to(torch.uint8), dim=1, stable=True)  # kept first, in token order
+            order = layer.keep_tokens_batch(keep)  # kept first, in token order (keep lies within `stored`)
             st.lens = keep.sum(1)
             inside = columns < st.lens[:, None]
             st.score[:, :width] = torch.where(inside, score.gather(1, order), 0.0)
